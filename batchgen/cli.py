@@ -1,0 +1,97 @@
+"""Command line: ``python -m batchgen <command>``.
+
+Exit codes: 0 ok; 1 the work ran but something in it failed (a row, a shard, a check);
+2 bad input (spec, model directory, arguments) reported before any work started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-token-ids", type=_int_list, default=[])
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--logprobs", action="store_true")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """One-off generation: every --prompt/--prompt-ids runs in one continuous batch."""
+    from batchgen.checkpoint import CheckpointError
+    from batchgen.engine import LLM, SamplingParams
+
+    prompts: list = list(args.prompt) + list(args.prompt_ids)
+    if not prompts:
+        print("error: give at least one --prompt or --prompt-ids", file=sys.stderr)
+        return 2
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos,
+            logprobs=args.logprobs,
+        )
+        llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.chat:
+        if llm.tokenizer is None:
+            print(f"error: --chat needs {args.model}/tokenizer.model", file=sys.stderr)
+            return 2
+        prompts = [llm.tokenizer.encode_chat_prompt(p, system=args.system) if isinstance(p, str) else p
+                   for p in prompts]
+    outs = llm.generate(prompts, params)
+    for prompt, out in zip(list(args.prompt) + list(args.prompt_ids), outs):
+        if args.json:
+            rec = {"prompt": prompt, "token_ids": out.token_ids, "text": out.text,
+                   "finish_reason": out.finish_reason, "error": out.error,
+                   "prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(out.token_ids)}
+            if args.logprobs:
+                rec["logprobs"] = out.logprobs
+            print(json.dumps(rec, ensure_ascii=False))
+        elif out.ok:
+            print(out.text if out.text is not None and llm.tokenizer is not None else " ".join(map(str, out.token_ids)))
+        else:
+            print(f"error: {out.error}", file=sys.stderr)
+    return 0 if all(o.ok for o in outs) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchgen", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate from one or more prompts (one batch)")
+    g.add_argument("--model", required=True, help="model directory (Meta or HF layout)")
+    g.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    g.add_argument("--prompt-ids", action="append", default=[], type=_int_list,
+                   help="prompt token ids, comma-separated, BOS included (repeatable)")
+    _add_sampling_args(g)
+    g.add_argument("--chat", action="store_true", help="wrap text prompts in the Llama-2-chat format")
+    g.add_argument("--system", default=None, help="system prompt for --chat")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,188 @@
+"""The engine loop: admit requests, schedule a step, run it, finish what is done.
+
+Usage::
+
+    llm = LLM("/models/llama-2-7b")
+    outs = llm.generate(["The capital of France is"], SamplingParams(max_tokens=16))
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from batchgen.engine.kv_cache import BlockManager, allocate_kv_cache, bytes_per_block
+from batchgen.engine.request import CompletionOutput, Request, SamplingParams
+from batchgen.engine.runner import ModelRunner
+from batchgen.engine.scheduler import Scheduler
+from batchgen.model import Transformer, default_device, resolve_dtype
+from batchgen.tokenizer import IncrementalDecoder, Tokenizer, load_tokenizer
+
+Prompt = Union[str, Sequence[int]]
+
+# LLaMA's </s>; used when a model ships no tokenizer.
+DEFAULT_EOS_ID = 2
+
+
+def default_kv_cache_bytes(device: torch.device) -> int:
+    """A budget for the KV cache when the caller gives none.
+
+    GPU: 90% of the memory still free once weights are loaded. CPU: 2 GiB, which holds
+    thousands of tokens for models that are practical on a CPU at all.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return 2 << 30
+
+
+class LLM:
+    """A model, its tokenizer, a paged KV cache and the continuous-batching loop around them."""
+
+    def __init__(self, model_dir: Optional[Union[str, Path]] = None, *, model: Optional[Transformer] = None,
+                 tokenizer: Optional[Tokenizer] = None, dtype: str = "auto", device: Optional[str] = None,
+                 kv_cache_bytes: Optional[int] = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
+                 world_size: int = 1, rank: int = 0) -> None:
+        """Load ``model_dir`` (Meta or HF layout) or wrap an already built ``model``."""
+        self.device = torch.device(device) if device else default_device()
+        if model is None:
+            if model_dir is None:
+                raise ValueError("give a model directory or a model")
+            from batchgen.checkpoint import load_model
+
+            model = load_model(model_dir, dtype=dtype, device=self.device, world_size=world_size, rank=rank)
+            if tokenizer is None:
+                tokenizer = load_tokenizer(model_dir)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_id if tokenizer is not None else DEFAULT_EOS_ID
+        self.max_model_len = model.args.max_seq_len
+        cache_dtype = next(model.parameters()).dtype
+
+        budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(self.device)
+        per_block = bytes_per_block(model, block_size, cache_dtype)
+        # Never more blocks than max_num_seqs full-length sequences could use.
+        blocks_cap = max_num_seqs * -(-self.max_model_len // block_size)
+        num_blocks = min(budget // per_block, blocks_cap)
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget of {budget} bytes holds no block of {per_block} bytes")
+        allocate_kv_cache(model, num_blocks, block_size, cache_dtype, self.device)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens or max(self.max_model_len, 2048))
+        self.runner = ModelRunner(model, self.blocks, self.device)
+        self._ids = itertools.count()
+        self._decoders: dict[str, IncrementalDecoder] = {}
+        self._finished: list[CompletionOutput] = []
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """How many tokens the KV cache holds in all."""
+        return self.blocks.num_blocks * self.blocks.block_size
+
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: Optional[str] = None) -> str:
+        """Queue a prompt (text, or token ids including any BOS). Bad prompts finish at once as errors."""
+        rid = request_id if request_id is not None else str(next(self._ids))
+        error = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                error = "this model has no tokenizer.model: give prompt token ids"
+                ids: list[int] = []
+            else:
+                ids = self.tokenizer.encode(prompt, bos=True)
+        else:
+            ids = [int(t) for t in prompt]
+        vocab = self.model.args.vocab_size
+        if error is None and not ids:
+            error = "empty prompt"
+        elif error is None and any(t < 0 or t >= vocab for t in ids):
+            error = f"prompt token id out of range [0, {vocab})"
+        elif error is None and len(ids) >= self.max_model_len:
+            if params.truncate_prompt:
+                keep = max(1, self.max_model_len - params.max_tokens)
+                ids = ids[-keep:]
+            else:
+                error = f"prompt_too_long: {len(ids)} tokens, the context holds {self.max_model_len}"
+        req = Request(rid, ids, params, self.max_model_len, self.device)
+        if error is None and self.blocks.blocks_needed(req.max_total_len) > self.blocks.num_blocks:
+            error = f"prompt_too_long: {req.max_total_len} tokens do not fit the KV cache ({self.kv_cache_tokens} tokens)"
+        if error is not None:
+            req.finish_reason, req.error, req.text = "error", error, ""
+            self._finished.append(req.to_output())
+            return rid
+        if self.tokenizer is not None:
+            self._decoders[rid] = IncrementalDecoder(self.tokenizer)
+        self.scheduler.add(req)
+        return rid
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._finished)
+
+    def step(self) -> list[CompletionOutput]:
+        """Run one scheduled step; return the requests that finished (in any order)."""
+        reqs, is_prefill = self.scheduler.schedule()
+        if reqs:
+            tokens, logprobs = self.runner.run(reqs, is_prefill)
+            for i, (req, tok) in enumerate(zip(reqs, tokens)):
+                req.token_ids.append(tok)
+                if req.params.logprobs and logprobs is not None:
+                    req.logprobs.append(logprobs[i])
+                self._check_finished(req, tok)
+        done, self._finished = self._finished, []
+        return done
+
+    def _check_finished(self, req: Request, tok: int) -> None:
+        p = req.params
+        reason = None
+        if (tok == self.eos_id and not p.ignore_eos) or tok in p.stop_token_ids:
+            reason = "stop"
+            # The stop token is generated but, like EOS in every reference, not part of the text.
+        decoder = self._decoders.get(req.request_id)
+        if decoder is not None and reason is None:
+            before = len(decoder.text)
+            decoder.add(tok)
+            if p.stop:
+                cut = find_stop(decoder.text, p.stop, before)
+                if cut is not None:
+                    req.text = decoder.text[:cut]
+                    reason = "stop"
+        if reason is None and len(req) >= req.max_total_len:
+            reason = "length"
+        if reason is None:
+            return
+        if decoder is not None and not req.text:
+            req.text = decoder.text
+        req.finish_reason = reason
+        self._decoders.pop(req.request_id, None)
+        self.scheduler.finish(req)
+        self._finished.append(req.to_output())
+
+    def generate(self, prompts: Sequence[Prompt], params: Union[SamplingParams, Sequence[SamplingParams]] = SamplingParams()
+                 ) -> list[CompletionOutput]:
+        """Run all prompts to completion as one continuously batched job; outputs in input order."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        order = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        results: dict[str, CompletionOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                results[out.request_id] = out
+        return [results[rid] for rid in order]
+
+
+def find_stop(text: str, stops: Sequence[str], new_from: int) -> Optional[int]:
+    """Index where the earliest stop string starts in ``text``, looking only where it could be new.
+
+    A stop string can span tokens, so the search starts ``len(stop) - 1`` characters before the
+    text this token added.
+    """
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, new_from - len(s) + 1))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best

@@ -1,0 +1,125 @@
+"""A request's parameters and its state as it moves through the engine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request. ``temperature == 0`` means greedy.
+
+    ``seed`` fixes the request's own random stream: its draws never depend on which other
+    requests share the batch. ``seed=None`` draws a fresh seed.
+    """
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    truncate_prompt: bool = False  # too-long prompt: keep its last tokens instead of erroring
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass
+class CompletionOutput:
+    """The result of one request. ``finish_reason`` is ``stop``, ``length`` or ``error``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: Optional[str]
+    finish_reason: str
+    error: Optional[str] = None
+    logprobs: Optional[list[float]] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.finish_reason != "error"
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    """One sequence's mutable state: its tokens, its KV blocks and its random stream."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 max_model_len: int, device: torch.device) -> None:
+        self.request_id = request_id
+        self.params = params
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)  # prompt + generated so far
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        # Tokens whose K/V are in the cache. Reset to 0 on preemption (the prompt and what was
+        # generated so far are recomputed in one prefill when the request is rescheduled).
+        self.num_cached = 0
+        # Stop at the context length even if max_tokens asks for more.
+        self.max_total_len = min(len(prompt_token_ids) + params.max_tokens, max_model_len)
+        self.logprobs: list[float] = []
+        self.finish_reason: Optional[str] = None
+        self.error: Optional[str] = None
+        self.text = ""
+        self.generator: Optional[torch.Generator] = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            if params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(params.seed)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def to_output(self) -> CompletionOutput:
+        return CompletionOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            token_ids=self.output_token_ids,
+            text=self.text,
+            finish_reason=self.finish_reason or "error",
+            error=self.error,
+            logprobs=list(self.logprobs) if self.params.logprobs else None,
+        )

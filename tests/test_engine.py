@@ -1,0 +1,162 @@
+"""The continuous-batching engine against a cache-free reference loop on the same model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchgen.engine import LLM, SamplingParams
+from batchgen.engine.engine import find_stop
+from batchgen.engine.kv_cache import bytes_per_block
+from batchgen.model import ModelArgs, Transformer
+
+
+def _model(n_kv_heads: int = 2, seed: int = 0, max_seq_len: int = 128) -> Transformer:
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=n_kv_heads, vocab_size=300,
+                     multiple_of=16, max_seq_len=max_seq_len)
+    model = Transformer(args).eval()
+    # Sharper logits than the default init: random models are full of near-ties, and a tie
+    # decided by the last bit of a different summation order is not what these tests are about.
+    with torch.no_grad():
+        model.output.weight.mul_(8)
+    return model
+
+
+def _reference_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    toks = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            toks.append(int(model.logits_full(torch.tensor([toks]))[0, -1].argmax()))
+    return toks[len(prompt):]
+
+
+def _prompts(n: int, seed: int = 1, lo: int = 1, hi: int = 40) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 300, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    return _model()
+
+
+@pytest.mark.parametrize("n_kv_heads", [8, 2])  # MHA and GQA
+def test_continuous_batching_matches_reference(n_kv_heads: int) -> None:
+    model = _model(n_kv_heads)
+    prompts = _prompts(10)
+    max_tokens = [3, 17, 1, 25, 9, 30, 2, 12, 20, 5]
+    # max_num_seqs < number of prompts: slots are refilled as rows finish.
+    llm = LLM(model=model, device="cpu", max_num_seqs=4)
+    outs = llm.generate(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])
+    for p, m, o in zip(prompts, max_tokens, outs):
+        assert o.finish_reason == "length"
+        assert o.token_ids == _reference_greedy(model, p, m)
+        assert o.prompt_token_ids == p
+
+
+def test_preemption_under_a_small_cache_keeps_tokens_exact(model: Transformer) -> None:
+    prompts = _prompts(8, seed=3, lo=10, hi=30)
+    per_block = bytes_per_block(model, 16, torch.float32)
+    llm = LLM(model=model, device="cpu", kv_cache_bytes=per_block * 6, max_num_seqs=8)
+    assert llm.blocks.num_blocks == 6
+    outs = llm.generate(prompts, SamplingParams(max_tokens=30, ignore_eos=True))
+    assert llm.scheduler.num_preemptions > 0
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == _reference_greedy(model, p, 30)
+    assert llm.blocks.num_free == 6  # every block came back
+
+
+def test_batch_invariance_of_greedy_tokens(model: Transformer) -> None:
+    prompts = _prompts(12, seed=5)
+    llm = LLM(model=model, device="cpu")
+    batched = llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))
+    for p, b in zip(prompts, batched):
+        alone = llm.generate([p], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+        assert alone.token_ids == b.token_ids
+
+
+def test_seeded_sampling_does_not_depend_on_batch(model: Transformer) -> None:
+    prompts = _prompts(6, seed=7)
+    sp = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=11, ignore_eos=True)
+    llm = LLM(model=model, device="cpu")
+    alone = llm.generate([prompts[0]], sp)[0].token_ids
+    others = [SamplingParams(max_tokens=m, temperature=0.8, seed=i) for i, m in enumerate([5, 30, 2, 9, 14])]
+    mixed = llm.generate(prompts, [sp] + others)[0].token_ids
+    assert alone == mixed
+    other_seed = llm.generate([prompts[0]], SamplingParams(max_tokens=20, temperature=1.0, seed=12, ignore_eos=True))
+    assert other_seed[0].token_ids != alone
+    # Sampling really samples: at temperature 1 it leaves the greedy path.
+    assert alone != llm.generate([prompts[0]], SamplingParams(max_tokens=20, ignore_eos=True))[0].token_ids
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model: Transformer) -> None:
+    prompts = _prompts(4, seed=9)
+    llm = LLM(model=model, device="cpu")
+    greedy = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))]
+    k1 = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=1.5, top_k=1, seed=1, ignore_eos=True))
+    p0 = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=1.5, top_p=1e-6, seed=1, ignore_eos=True))
+    assert [o.token_ids for o in k1] == greedy
+    assert [o.token_ids for o in p0] == greedy
+
+
+def test_logprobs_are_the_chosen_tokens_log_softmax(model: Transformer) -> None:
+    prompt = _prompts(1, seed=13)[0]
+    llm = LLM(model=model, device="cpu")
+    out = llm.generate([prompt], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=True))[0]
+    seq = prompt + out.token_ids
+    with torch.inference_mode():
+        lp = torch.log_softmax(model.logits_full(torch.tensor([seq]))[0], dim=-1)
+    expected = [float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(out.token_ids)]
+    assert out.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_eos_and_stop_token_ids_finish_with_stop(model: Transformer) -> None:
+    prompt = _prompts(1, seed=15)[0]
+    llm = LLM(model=model, device="cpu")
+    free = llm.generate([prompt], SamplingParams(max_tokens=20, ignore_eos=True))[0].token_ids
+    stop_tok = free[5]
+    first = free.index(stop_tok)
+    out = llm.generate([prompt], SamplingParams(max_tokens=20, stop_token_ids=[stop_tok]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == free[: first + 1]
+    llm.eos_id = stop_tok  # the same token as EOS: stops unless ignore_eos
+    assert llm.generate([prompt], SamplingParams(max_tokens=20))[0].token_ids == free[: first + 1]
+    assert llm.generate([prompt], SamplingParams(max_tokens=20, ignore_eos=True))[0].token_ids == free
+
+
+def test_prompt_too_long_is_a_row_error_or_truncated() -> None:
+    model = _model(max_seq_len=64)
+    llm = LLM(model=model, device="cpu")
+    long_prompt = list(range(3, 103))  # 100 tokens > 64
+    ok_prompt = [5, 6, 7]
+    outs = llm.generate([long_prompt, ok_prompt], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert outs[0].finish_reason == "error" and outs[0].error.startswith("prompt_too_long")
+    assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 4
+    trunc = llm.generate([long_prompt], SamplingParams(max_tokens=4, ignore_eos=True, truncate_prompt=True))[0]
+    assert trunc.finish_reason == "length" and len(trunc.token_ids) == 4
+    assert trunc.prompt_token_ids == long_prompt[-60:]
+    assert trunc.token_ids == _reference_greedy(model, long_prompt[-60:], 4)
+    # Generation stops at the context length even when max_tokens asks for more.
+    near = llm.generate([list(range(3, 63))], SamplingParams(max_tokens=50, ignore_eos=True))[0]
+    assert near.finish_reason == "length" and len(near.token_ids) == 4
+
+
+def test_bad_prompts_are_row_errors(model: Transformer) -> None:
+    llm = LLM(model=model, device="cpu")
+    outs = llm.generate([[], [5, 999], "text without a tokenizer", [5, 6]], SamplingParams(max_tokens=2))
+    assert [o.finish_reason for o in outs[:3]] == ["error"] * 3
+    assert "empty" in outs[0].error and "out of range" in outs[1].error and "tokenizer" in outs[2].error
+    assert outs[3].ok
+
+
+def test_find_stop_spans_tokens() -> None:
+    assert find_stop("hello wor", ["world"], 6) is None
+    assert find_stop("hello world", ["world"], 9) == 6  # "ld" was new; the match started earlier
+    assert find_stop("a\n\nb", ["\n\n", "b"], 2) == 1
+
+
+def test_sampling_params_are_validated() -> None:
+    for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(stop=[""])):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
