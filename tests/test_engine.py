@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from batchgen.engine import LLM, SamplingParams
-from batchgen.engine.engine import find_stop
 from batchgen.engine.kv_cache import bytes_per_block
 from batchgen.model import ModelArgs, Transformer
 
@@ -150,13 +149,33 @@ def test_bad_prompts_are_row_errors(model: Transformer) -> None:
     assert outs[3].ok
 
 
-def test_find_stop_spans_tokens() -> None:
-    assert find_stop("hello wor", ["world"], 6) is None
-    assert find_stop("hello world", ["world"], 9) == 6  # "ld" was new; the match started earlier
-    assert find_stop("a\n\nb", ["\n\n", "b"], 2) == 1
-
-
 def test_sampling_params_are_validated() -> None:
     for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(stop=[""])):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_text_and_stop_strings_with_the_real_tokenizer(shared_dir) -> None:
+    from batchgen.tokenizer import Tokenizer
+
+    tok = Tokenizer(shared_dir / "tokenizers" / "llama" / "tokenizer.model")
+    torch.manual_seed(3)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=32000, multiple_of=16,
+                                  max_seq_len=128)).eval()
+    llm = LLM(model=model, tokenizer=tok, device="cpu")
+    prompts = ["Once upon a time", "Der Bär 🐻 sagt", "日本語のテキスト"]
+    free = llm.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True))
+    for out in free:
+        assert out.text == tok.decode(out.token_ids)
+    # A stop string made of the end of one token's text and the start of the next.
+    text, ids = free[0].text, free[0].token_ids
+    pieces = [tok.decode(ids[:k]) for k in range(len(ids) + 1)]
+    k = next(k for k in range(5, len(ids)) if len(pieces[k]) - len(pieces[k - 1]) >= 2
+             and len(pieces[k + 1]) - len(pieces[k]) >= 2)
+    stop = pieces[k + 1][len(pieces[k]) - 1: len(pieces[k]) + 1]
+    assert len(stop) == 2
+    cut = text.find(stop)
+    out = llm.generate([prompts[0]], SamplingParams(max_tokens=40, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == text[:cut]
+    assert len(out.token_ids) < len(ids)

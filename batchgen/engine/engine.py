@@ -19,7 +19,7 @@ from batchgen.engine.request import CompletionOutput, Request, SamplingParams
 from batchgen.engine.runner import ModelRunner
 from batchgen.engine.scheduler import Scheduler
 from batchgen.model import Transformer, default_device, resolve_dtype
-from batchgen.tokenizer import IncrementalDecoder, Tokenizer, load_tokenizer
+from batchgen.tokenizer import IncrementalDecoder, StopStringMatcher, Tokenizer, load_tokenizer
 
 Prompt = Union[str, Sequence[int]]
 
@@ -46,8 +46,11 @@ class LLM:
                  tokenizer: Optional[Tokenizer] = None, dtype: str = "auto", device: Optional[str] = None,
                  kv_cache_bytes: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
-                 world_size: int = 1, rank: int = 0) -> None:
-        """Load ``model_dir`` (Meta or HF layout) or wrap an already built ``model``."""
+                 max_model_len: Optional[int] = None, world_size: int = 1, rank: int = 0) -> None:
+        """Load ``model_dir`` (Meta or HF layout) or wrap an already built ``model``.
+
+        ``max_model_len`` caps the context below the checkpoint's ``max_seq_len`` (to save KV cache).
+        """
         self.device = torch.device(device) if device else default_device()
         if model is None:
             if model_dir is None:
@@ -60,7 +63,7 @@ class LLM:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_id if tokenizer is not None else DEFAULT_EOS_ID
-        self.max_model_len = model.args.max_seq_len
+        self.max_model_len = min(max_model_len or model.args.max_seq_len, model.args.max_seq_len)
         cache_dtype = next(model.parameters()).dtype
 
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(self.device)
@@ -75,7 +78,7 @@ class LLM:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens or max(self.max_model_len, 2048))
         self.runner = ModelRunner(model, self.blocks, self.device)
         self._ids = itertools.count()
-        self._decoders: dict[str, IncrementalDecoder] = {}
+        self._streams: dict[str, tuple[IncrementalDecoder, Optional[StopStringMatcher]]] = {}
         self._finished: list[CompletionOutput] = []
 
     @property
@@ -114,9 +117,18 @@ class LLM:
             self._finished.append(req.to_output())
             return rid
         if self.tokenizer is not None:
-            self._decoders[rid] = IncrementalDecoder(self.tokenizer)
+            matcher = StopStringMatcher(params.stop) if params.stop else None
+            self._streams[rid] = (IncrementalDecoder(self.tokenizer), matcher)
         self.scheduler.add(req)
         return rid
+
+    def abort_all(self) -> None:
+        """Drop every queued and running request and free their blocks (an abandoned shard)."""
+        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.finish(req)
+        self.scheduler.waiting.clear()
+        self._streams.clear()
+        self._finished = []
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._finished)
@@ -138,25 +150,29 @@ class LLM:
         p = req.params
         reason = None
         if (tok == self.eos_id and not p.ignore_eos) or tok in p.stop_token_ids:
-            reason = "stop"
             # The stop token is generated but, like EOS in every reference, not part of the text.
-        decoder = self._decoders.get(req.request_id)
-        if decoder is not None and reason is None:
-            before = len(decoder.text)
-            decoder.add(tok)
-            if p.stop:
-                cut = find_stop(decoder.text, p.stop, before)
-                if cut is not None:
-                    req.text = decoder.text[:cut]
-                    reason = "stop"
+            reason = "stop"
+        stream = self._streams.get(req.request_id)
+        if stream is not None and reason is None:
+            decoder, matcher = stream
+            chunk = decoder.add(tok)
+            if matcher is not None and matcher.feed(chunk) is not None:
+                reason = "stop"
         if reason is None and len(req) >= req.max_total_len:
             reason = "length"
         if reason is None:
             return
-        if decoder is not None and not req.text:
-            req.text = decoder.text
+        if stream is not None:
+            decoder, matcher = stream
+            tail = decoder.finish()  # bytes held back for an unfinished character
+            if matcher is None:
+                req.text = decoder.text
+            else:
+                if not matcher.stopped and tail and matcher.feed(tail) is not None:
+                    reason = "stop"
+                req.text = matcher.text
         req.finish_reason = reason
-        self._decoders.pop(req.request_id, None)
+        self._streams.pop(req.request_id, None)
         self.scheduler.finish(req)
         self._finished.append(req.to_output())
 
@@ -173,16 +189,3 @@ class LLM:
                 results[out.request_id] = out
         return [results[rid] for rid in order]
 
-
-def find_stop(text: str, stops: Sequence[str], new_from: int) -> Optional[int]:
-    """Index where the earliest stop string starts in ``text``, looking only where it could be new.
-
-    A stop string can span tokens, so the search starts ``len(stop) - 1`` characters before the
-    text this token added.
-    """
-    best = None
-    for s in stops:
-        i = text.find(s, max(0, new_from - len(s) + 1))
-        if i != -1 and (best is None or i < best):
-            best = i
-    return best
