@@ -49,7 +49,7 @@ class LLM:
                  max_model_len: Optional[int] = None, world_size: int = 1, rank: int = 0) -> None:
         """Load ``model_dir`` (Meta or HF layout) or wrap an already built ``model``.
 
-        ``max_model_len`` caps the context below the checkpoint's ``max_seq_len`` (to save KV cache).
+        ``max_model_len`` sets the context length (default: the checkpoint's ``max_seq_len``).
         """
         self.device = torch.device(device) if device else default_device()
         if model is None:
@@ -63,7 +63,12 @@ class LLM:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_id if tokenizer is not None else DEFAULT_EOS_ID
-        self.max_model_len = min(max_model_len or model.args.max_seq_len, model.args.max_seq_len)
+        if max_model_len and max_model_len != model.args.max_seq_len:
+            # Meta's params.json records no context length (2048 is assumed): let the job set it.
+            # RoPE is computed, not learned, so the tables are simply rebuilt for the new length.
+            model.args.max_seq_len = max_model_len
+            model._rope = None
+        self.max_model_len = model.args.max_seq_len
         cache_dtype = next(model.parameters()).dtype
 
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(self.device)
