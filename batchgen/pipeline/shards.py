@@ -1,0 +1,510 @@
+"""Input side of a job: find the Parquet files, cut them into shards, check them, build prompts.
+
+Everything here goes through ``pyarrow.fs``, so local paths, ``s3://`` and ``gs://`` behave the
+same. Planning reads only Parquet footers; validation reads only the id column.
+
+A *shard* is a run of whole row groups of one file, about ``shard_rows`` rows long; a row group
+bigger than ``2 * shard_rows`` is split by row ranges. Its id is derived from the file's path
+relative to the input root and its row-group/row range, so planning the same input twice (from
+any machine, at any place the input is mounted) gives the same ids: that is what resume relies on.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from batchgen.pipeline.spec import InputSpec, JobSpec, SpecError, check_sampling_value, is_uri, row_seed
+
+#: Environment variables that point ``s3://`` at another endpoint (MinIO, moto...), first wins.
+S3_ENDPOINT_ENV = ("BATCHGEN_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_GLOB_CHARS = "*?["
+_INT_OVERRIDES = {"max_tokens", "top_k", "seed"}
+
+
+# --------------------------------------------------------------------------------------- filesystems
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The ``pyarrow.fs`` filesystem and in-filesystem path for a local path or URI.
+
+    Local relative paths are taken against the CWD (see :mod:`batchgen.pipeline.spec`). For
+    ``s3://`` an endpoint from ``BATCHGEN_S3_ENDPOINT``/``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``
+    (e.g. ``http://127.0.0.1:9000``) overrides AWS; credentials come from the usual AWS variables.
+    """
+    if not is_uri(uri) or uri.startswith("file://"):
+        local = uri.removeprefix("file://")
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        path = (parsed.netloc + parsed.path).rstrip("/")
+        endpoint = next((os.environ[k] for k in S3_ENDPOINT_ENV if os.environ.get(k)), None)
+        if endpoint:
+            return _s3_with_endpoint(endpoint, _aws_region()), path
+        return _s3_for_bucket(parsed.netloc), path
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs, path.rstrip("/") or path
+
+
+def _aws_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def _s3_with_endpoint(endpoint: str, region: str) -> pafs.S3FileSystem:
+    # Not cached: it is cheap (no network) and must pick up credentials set after import (tests).
+    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    # Path-style addressing (arrow's default with an endpoint override) is what MinIO/moto expect.
+    return pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme, region=region)
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_for_bucket(bucket: str) -> pafs.FileSystem:
+    # Cached per bucket: without a region in the URI, from_uri asks AWS where the bucket lives.
+    return pafs.FileSystem.from_uri(f"s3://{bucket}")[0]
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """``base`` and ``parts`` joined with ``/`` (URIs) or ``os.path.join`` (local paths)."""
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(base, *parts)
+
+
+# --------------------------------------------------------------------------------------- listing
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input Parquet file and what its footer says (read once, when listing)."""
+
+    uri: str  # openable with resolve_filesystem
+    relpath: str  # relative to the input root, '/'-separated; the basis of shard ids
+    size: int
+    row_group_rows: tuple[int, ...]
+    schema: pa.Schema = field(compare=False)
+    footer_digest: str  # sha256 of the footer's contents (row counts, offsets, statistics)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.row_group_rows)
+
+
+def list_input_files(input_spec: InputSpec) -> list[InputFile]:
+    """The Parquet files of ``input.path``, sorted by path, with their footers read.
+
+    ``input.path`` is a file, a directory (every ``*.parquet`` below it; names starting with ``.``
+    or ``_`` are skipped like ``pyarrow.dataset`` does), or a glob (``*``, ``?``, ``[...]`` within a
+    path segment, ``**`` across segments; ``.``/``_`` names only where the pattern spells them out).
+
+    Raises:
+        SpecError: ``input.path: ...`` when nothing matches or a file is not readable Parquet.
+    """
+    uri = input_spec.path
+    if any(c in uri for c in _GLOB_CHARS):
+        root_uri, found = _glob(uri)
+    else:
+        fs, path = resolve_filesystem(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise SpecError("input.path", f"no such file or directory: {uri}")
+        if info.type == pafs.FileType.File:
+            # Its name alone is the relative path, so its shard ids do not depend on where it lies.
+            return [_read_footer(uri, path.rsplit("/", 1)[-1], info.size)]
+        root_uri, found = uri, _list_parquet(fs, path)
+        if not found:
+            raise SpecError("input.path", f"no *.parquet files under {uri}")
+    found.sort()
+    return [_read_footer(join_uri(root_uri, rel), rel, size) for rel, size in found]
+
+
+def _list_parquet(fs: pafs.FileSystem, root: str) -> list[tuple[str, int]]:
+    """``(relative path, size)`` of every visible ``*.parquet`` below ``root``."""
+    found = []
+    for item in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        rel = _relative(item.path, root)
+        if (item.type == pafs.FileType.File and rel.lower().endswith(".parquet")
+                and not any(p.startswith((".", "_")) for p in rel.split("/"))):
+            found.append((rel, item.size))
+    return found
+
+
+def _relative(path: str, root: str) -> str:
+    return path[len(root):].lstrip("/") if path.startswith(root) else path
+
+
+def _glob(uri: str) -> tuple[str, list[tuple[str, int]]]:
+    """Split ``uri`` at the last ``/`` before its first glob character, list below, match the rest."""
+    first = min(uri.index(c) for c in _GLOB_CHARS if c in uri)
+    cut = uri.rfind("/", 0, first)
+    root_uri, pattern = (uri[:cut + 1], uri[cut + 1:]) if cut >= 0 else ("./", uri)
+    fs, root = resolve_filesystem(root_uri)
+    regex = _glob_regex(pattern)
+    selector = pafs.FileSelector(root, recursive="/" in pattern, allow_not_found=True)
+    literal = set(pattern.split("/"))
+    found = []
+    for item in fs.get_file_info(selector):
+        rel = _relative(item.path, root)
+        # As in a directory, '.'/'_' names are skipped, unless the pattern spells them out.
+        hidden = any(p.startswith((".", "_")) and p not in literal for p in rel.split("/"))
+        if item.type == pafs.FileType.File and not hidden and regex.match(rel):
+            found.append((rel, item.size))
+    if not found:
+        raise SpecError("input.path", f"pattern {uri!r} matched no files")
+    return root_uri, found
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and (end := pattern.find("]", i + 2)) != -1:
+            body = pattern[i + 1:end]
+            body = "^" + body[1:] if body.startswith("!") else body
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _read_footer(uri: str, relpath: str, size: int) -> InputFile:
+    fs, path = resolve_filesystem(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+            schema = meta.schema.to_arrow_schema()
+    except (OSError, pa.ArrowException) as exc:
+        raise SpecError("input.path", f"{uri}: not a readable Parquet file ({exc})") from None
+    digest = hashlib.sha256(json.dumps(meta.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+    rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    return InputFile(uri=uri, relpath=relpath, size=size, row_group_rows=rows, schema=schema,
+                     footer_digest=digest)
+
+
+def input_fingerprint(files: Sequence[InputFile]) -> str:
+    """sha256 of every file's relative path, size and footer: changes when any file is added,
+    removed or rewritten, but not when the whole input is copied elsewhere (mtimes are ignored)."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.relpath):
+        h.update(f"{f.relpath}\x1f{f.size}\x1f{f.footer_digest}\n".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------- shards
+
+@dataclass(frozen=True)
+class Shard:
+    """A unit of work: rows ``[row_offset, row_offset + num_rows)`` of the concatenation of
+    ``row_groups`` of the file ``path`` (``row_offset`` is non-zero only for a split row group)."""
+
+    shard_id: str
+    path: str
+    relpath: str
+    row_groups: tuple[int, ...]
+    row_offset: int
+    num_rows: int
+    row_start: int  # index in the file of the shard's first row
+
+
+def _make_shard(f: InputFile, groups: tuple[int, ...], offset: int, rows: int, split: bool) -> Shard:
+    start = sum(f.row_group_rows[:groups[0]]) + offset
+    if split:
+        key = f"{f.relpath}:rg{groups[0]}:rows{offset}-{offset + rows}"
+        label = f"rg{groups[0]}-r{offset}-{offset + rows}"
+    else:
+        key = f"{f.relpath}:rg{groups[0]}-{groups[-1]}"
+        label = f"rg{groups[0]}" if len(groups) == 1 else f"rg{groups[0]}-{groups[-1]}"
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", f.relpath.rsplit("/", 1)[-1].removesuffix(".parquet"))
+    stem = stem.lstrip("._-")[:48] or "part"
+    shard_id = f"{stem}-{label}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    return Shard(shard_id=shard_id, path=f.uri, relpath=f.relpath, row_groups=groups, row_offset=offset,
+                 num_rows=rows, row_start=start)
+
+
+def plan_shards(input_spec: InputSpec, shard_rows: int, files: Sequence[InputFile] | None = None) -> list[Shard]:
+    """Cut the input into shards of about ``shard_rows`` rows (Parquet footers only).
+
+    Consecutive row groups of a file are joined while the run stays within ``shard_rows``; a row
+    group of up to ``2 * shard_rows`` rows is a shard on its own, a bigger one is split into
+    ``ceil(rows / shard_rows)`` near-equal row ranges. Empty row groups are skipped.
+    """
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+    files = list_input_files(input_spec) if files is None else files
+    shards: list[Shard] = []
+    for f in files:
+        run: list[int] = []
+        run_rows = 0
+
+        def flush() -> None:
+            nonlocal run, run_rows
+            if run:
+                shards.append(_make_shard(f, tuple(run), 0, run_rows, split=False))
+            run, run_rows = [], 0
+
+        for g, n in enumerate(f.row_group_rows):
+            if n == 0:
+                continue
+            if n > 2 * shard_rows:
+                flush()
+                pieces = math.ceil(n / shard_rows)
+                offset = 0
+                for k in range(pieces):
+                    size = n // pieces + (1 if k < n % pieces else 0)
+                    shards.append(_make_shard(f, (g,), offset, size, split=True))
+                    offset += size
+                continue
+            if run and run_rows + n > shard_rows:
+                flush()
+            run.append(g)
+            run_rows += n
+        flush()
+    ids = [s.shard_id for s in shards]
+    if len(set(ids)) != len(ids):  # only a sha256 prefix collision could cause this
+        raise RuntimeError("shard id collision; please report this input layout")
+    return shards
+
+
+def read_shard(shard: Shard, columns: Sequence[str]) -> pa.Table:
+    """The shard's rows, only ``columns``, in file order.
+
+    Raises:
+        RuntimeError: when the file no longer has the planned rows (it changed after planning).
+    """
+    fs, path = resolve_filesystem(shard.path)
+    with fs.open_input_file(path) as f:
+        table = pq.ParquetFile(f).read_row_groups(list(shard.row_groups), columns=list(columns))
+    if table.num_rows < shard.row_offset + shard.num_rows:
+        raise RuntimeError(f"{shard.path} changed since the job was planned: row groups {shard.row_groups} "
+                           f"have {table.num_rows} rows, expected at least {shard.row_offset + shard.num_rows}")
+    return table.slice(shard.row_offset, shard.num_rows)
+
+
+# --------------------------------------------------------------------------------------- validation
+
+@dataclass(frozen=True)
+class InputReport:
+    """What :func:`validate_input` found: the files, row count, and the types the output needs."""
+
+    files: tuple[InputFile, ...]
+    num_rows: int
+    id_type: pa.DataType
+    keep_types: dict[str, pa.DataType]
+    fingerprint: str
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+            or pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t))
+
+
+def _type_problem(kind: str, t: pa.DataType) -> str | None:
+    """Why a column of type ``t`` cannot play role ``kind`` (None when it can)."""
+    base = t.value_type if pa.types.is_dictionary(t) else t
+    if kind == "id" and not (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
+        return f"has type {t}; an id column must be integer or string"
+    if kind == "text" and not (_is_text(base) or pa.types.is_integer(base) or pa.types.is_floating(base)
+                               or pa.types.is_decimal(base) or pa.types.is_boolean(base)):
+        return f"has type {t}; only text and number columns can go into a prompt"
+    if kind == "int" and not pa.types.is_integer(t):
+        return f"has type {t}; this override needs an integer column"
+    if kind == "number" and not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        return f"has type {t}; this override needs a numeric column"
+    return None
+
+
+def _column_roles(spec: JobSpec) -> list[tuple[str, str, str]]:
+    """``(field_path, column, kind)`` for every column the job reads."""
+    inp = spec.input
+    roles = [("input.id_column", inp.id_column, "id")]
+    text_field = "input.prompt_column" if inp.prompt_column is not None else "input.template"
+    roles += [(text_field, c, "text") for c in inp.text_columns()]
+    roles += [("input.keep_columns", c, "keep") for c in inp.keep_columns]
+    roles += [(f"sampling.overrides.{name}", c, "int" if name in _INT_OVERRIDES else "number")
+              for name, c in spec.sampling.overrides.items()]
+    return roles
+
+
+def validate_input(spec: JobSpec, files: Sequence[InputFile] | None = None) -> InputReport:
+    """Check the input against the spec before any work is scheduled.
+
+    Every needed column must exist in every file with a usable type (the id, keep columns: the
+    same type in all files), and ids must be non-null and unique over the whole dataset; only the
+    id column is read.
+
+    Raises:
+        SpecError: all problems found, e.g. ``input.template: column 'txt' not in data/x.parquet
+            (columns: id, text)`` or ``input.id_column: duplicate ids: 'a17' (part-0.parquet,
+            part-3.parquet) (1 duplicate)``.
+    """
+    files = tuple(list_input_files(spec.input) if files is None else files)
+    errors: list[tuple[str, str]] = []
+    for field_path, column, kind in _column_roles(spec):
+        missing = [f for f in files if column not in f.schema.names]
+        if missing:
+            names = missing[0].schema.names
+            shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+            more = f" and {len(missing) - 1} more file(s)" if len(missing) > 1 else ""
+            errors.append((field_path, f"column {column!r} not in {missing[0].uri}{more} (columns: {shown})"))
+            continue
+        first = files[0].schema.field(column).type
+        problem = _type_problem(kind, first)
+        if problem:
+            errors.append((field_path, f"column {column!r} {problem} (in {files[0].uri})"))
+            continue
+        if kind in ("id", "keep"):  # the output schema holds one type per column
+            other = next((f for f in files if f.schema.field(column).type != first), None)
+            if other is not None:
+                errors.append((field_path, f"column {column!r} is {first} in {files[0].relpath} but "
+                                           f"{other.schema.field(column).type} in {other.relpath}"))
+    if errors:
+        raise SpecError(errors)
+    _check_ids(spec.input.id_column, files)
+    id_type = files[0].schema.field(spec.input.id_column).type
+    keep_types = {c: files[0].schema.field(c).type for c in spec.input.keep_columns}
+    return InputReport(files=files, num_rows=sum(f.num_rows for f in files), id_type=id_type,
+                       keep_types=keep_types, fingerprint=input_fingerprint(files))
+
+
+def _check_ids(id_column: str, files: Sequence[InputFile]) -> None:
+    tables = []
+    for i, f in enumerate(files):
+        fs, path = resolve_filesystem(f.uri)
+        ids = pq.read_table(path, columns=[id_column], filesystem=fs).column(0)
+        if ids.null_count:
+            rows = pc.indices_nonzero(ids.is_null()).to_pylist()
+            shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            raise SpecError("input.id_column", f"{len(rows)} null id(s) in {f.relpath} (rows {shown})")
+        tables.append(pa.table({"id": ids, "file": pa.nulls(len(ids), pa.int32()).fill_null(i)}))
+    if not tables:
+        return
+    # use_threads=False keeps groups in order of first appearance, so the examples are stable.
+    groups = pa.concat_tables(tables).group_by("id", use_threads=False).aggregate(
+        [("file", "count"), ("file", "distinct")])
+    dupes = groups.filter(pc.greater(groups["file_count"], 1))
+    if dupes.num_rows == 0:
+        return
+    examples = []
+    for row in dupes.slice(0, 5).to_pylist():
+        where = [files[i].relpath for i in sorted(row["file_distinct"])]
+        examples.append(f"{row['id']!r} ({', '.join(where)})" if len(where) > 1
+                        else f"{row['id']!r} ({row['file_count']} rows in {where[0]})")
+    more = ", ..." if dupes.num_rows > 5 else ""
+    raise SpecError("input.id_column", f"duplicate ids: {', '.join(examples)}{more} "
+                                       f"({dupes.num_rows} duplicate{'s' if dupes.num_rows > 1 else ''})")
+
+
+# --------------------------------------------------------------------------------------- prompts
+
+@dataclass
+class PromptRow:
+    """One row ready for the engine; poison rows carry ``error`` and no prompt, never an exception.
+
+    ``overrides`` holds the row's validated sampling overrides (only non-null cells). ``seed`` is
+    the row's own seed, :func:`~batchgen.pipeline.spec.row_seed` of (the seed override or
+    ``sampling.seed``, row id): seed the row's generator with it directly. Chat wrapping is the
+    engine's job (``spec.input.chat`` / ``spec.input.system``): ``prompt`` is the raw user text.
+    """
+
+    row_id: int | str
+    prompt: str | None
+    error: str | None
+    overrides: dict[str, int | float] = field(default_factory=dict)
+    seed: int = 0
+
+
+def _text_cells(column: pa.ChunkedArray, name: str) -> list[tuple[str | None, str | None]]:
+    """Each cell of ``column`` as ``(text, None)`` or ``(None, why not)``."""
+    t = column.type
+    if pa.types.is_dictionary(t):
+        column, t = column.cast(t.value_type), t.value_type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        # Decode ourselves: Parquet does not guarantee valid UTF-8 in string columns either.
+        column, t = column.cast(pa.large_string()).cast(pa.large_binary()), pa.large_binary()
+    values = column.to_pylist()
+    if _is_text(t):
+        out: list[tuple[str | None, str | None]] = []
+        for v in values:
+            if v is None:
+                out.append((None, f"column {name!r} is null"))
+                continue
+            try:
+                out.append((v.decode("utf-8"), None))
+            except UnicodeDecodeError as exc:
+                out.append((None, f"column {name!r} is not valid UTF-8 ({exc.reason} at byte {exc.start})"))
+        return out
+    problem = _type_problem("text", t)
+    if problem:
+        return [(None, f"column {name!r} {problem}")] * len(values)
+    return [(None, f"column {name!r} is null") if v is None else (str(v), None) for v in values]
+
+
+def build_prompts(table: pa.Table, spec: JobSpec) -> list[PromptRow]:
+    """Render every row of ``table`` (from :func:`read_shard`) into a :class:`PromptRow`.
+
+    Text comes from ``input.prompt_column`` or the template; numbers are formatted with ``str()``.
+    Null, empty or whitespace-only prompts, null template cells, invalid UTF-8 and out-of-range
+    sampling overrides become per-row errors.
+    """
+    inp = spec.input
+    ids = table.column(inp.id_column).to_pylist()
+    cells = {c: _text_cells(table.column(c), c) for c in inp.text_columns()}
+    parts = inp.template_parts()
+    override_values = {name: table.column(col).to_pylist() for name, col in spec.sampling.overrides.items()}
+    rows: list[PromptRow] = []
+    for i, row_id in enumerate(ids):
+        error: str | None = None
+        prompt: str | None = None
+        if row_id is None:
+            error = f"id column {inp.id_column!r} is null"
+        elif inp.prompt_column is not None:
+            prompt, error = cells[inp.prompt_column][i]
+            if prompt is not None and not prompt.strip():
+                prompt, error = None, f"column {inp.prompt_column!r} is empty"
+        else:
+            pieces = []
+            for literal, col in parts:
+                pieces.append(literal)
+                if col is not None:
+                    text, error = cells[col][i]
+                    if error:
+                        error = f"template {error}"
+                        break
+                    pieces.append(text)
+            if error is None:
+                prompt = "".join(pieces)
+                if not prompt.strip():
+                    prompt, error = None, "the rendered template is empty"
+        overrides: dict[str, int | float] = {}
+        for name, values in override_values.items():
+            if values[i] is None or error:
+                continue
+            try:
+                overrides[name] = check_sampling_value(name, values[i])
+            except ValueError as exc:
+                prompt, error = None, f"override from column {spec.sampling.overrides[name]!r}: {exc}"
+        seed = row_seed(int(overrides.get("seed", spec.sampling.seed)), row_id) if row_id is not None else 0
+        rows.append(PromptRow(row_id=row_id, prompt=prompt, error=error, overrides=overrides, seed=seed))
+    return rows

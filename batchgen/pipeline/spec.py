@@ -1,0 +1,493 @@
+"""The job spec: a YAML (or JSON) file validated by pydantic models.
+
+Every section forbids unknown keys, so a typo (``max_token:``) is an error, not a silently
+ignored setting. All problems are reported as a :class:`SpecError` whose lines read
+``field.path: what is wrong``.
+
+Relative paths. ``model.path``, ``model.tokenizer``, ``input.path`` and ``output.path`` are kept
+exactly as written and are resolved against the *current working directory of the process that
+opens them* (see :func:`resolve_path`). That is the directory ``python -m batchgen run`` is started
+in and, under ``ray job submit --working-dir .``, the unpacked working dir that the driver and
+every replica run in. Keeping them as written also keeps :func:`spec_fingerprint` unchanged when
+the same job directory is unpacked at a different place, so a resumed job is not refused. A
+driver that ships the spec to processes with another CWD calls :meth:`JobSpec.with_resolved_paths`
+first.
+
+This module imports neither ray nor pyarrow: the engine side may use :func:`row_seed`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import string
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+#: Output columns written next to the id and keep columns; input columns may not use these names.
+RESULT_COLUMNS: tuple[str, ...] = (
+    "completion", "finish_reason", "prompt_tokens", "completion_tokens", "error", "logprobs",
+)
+#: Sampling fields that a row may override from one of its (numeric) columns.
+OVERRIDABLE = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+OverrideName = Literal["max_tokens", "temperature", "top_p", "top_k", "seed"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class SpecError(Exception):
+    """A job spec (or its input/output) is invalid; ``errors`` holds ``(field_path, message)`` pairs."""
+
+    def __init__(self, errors: Sequence[tuple[str, str]] | str, message: str | None = None,
+                 source: str | None = None) -> None:
+        # SpecError("input.path", "no such file") is the common single-error form.
+        if isinstance(errors, str):
+            errors = [(errors, message or "")]
+        self.errors: list[tuple[str, str]] = list(errors)
+        self.source = source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        lines = [f"{path}: {msg}" if path else msg for path, msg in self.errors]
+        if self.source:
+            return f"invalid job spec {self.source}:\n" + "\n".join("  " + line for line in lines)
+        return "\n".join(lines)
+
+
+def _field_error(field: str, message: str) -> PydanticCustomError:
+    """A model-level validation error that points at ``field`` (relative to the model) instead of
+    at the model itself; :func:`_convert` appends the field to the error location."""
+    # The message travels in the context, never in the template, so braces in it are not formatted.
+    return PydanticCustomError("batchgen_field", "{message}", {"batchgen_field": field, "message": message})
+
+
+# --------------------------------------------------------------------------------------- template
+
+def parse_template(template: str) -> list[tuple[str, str | None]]:
+    """Split a prompt template into ``(literal_text, column_or_None)`` parts.
+
+    Only plain ``{column}`` placeholders are accepted (``{{``/``}}`` are literal braces); attribute
+    or index access, positional fields, ``!r`` conversions and format specs are rejected, because
+    rendering is a plain concatenation and must never reach into Python objects.
+
+    Raises:
+        ValueError: with a message naming the offending placeholder.
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:  # unbalanced braces
+        raise ValueError(f"malformed template: {exc} (write literal braces as '{{{{' and '}}}}')") from None
+    parts: list[tuple[str, str | None]] = []
+    pending = ""  # Formatter splits literal text at every '{{', so join the pieces back up
+    for literal, field, spec, conversion in parsed:
+        pending += literal
+        if field is None:
+            continue
+        shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if not field.isidentifier():
+            raise ValueError(f"placeholder {shown} is not a plain column name; use {{column}} with a "
+                             "column whose name is a Python identifier")
+        if conversion or spec:
+            raise ValueError(f"placeholder {shown} has a conversion or format spec; only {{{field}}} is allowed")
+        parts.append((pending, field))
+        pending = ""
+    if pending:
+        parts.append((pending, None))
+    if not any(field for _, field in parts):
+        raise ValueError("template has no {column} placeholders, so every row would get the same prompt")
+    return parts
+
+
+# --------------------------------------------------------------------------------------- models
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Section):
+    """Which checkpoint to run and how the engine holds it."""
+
+    path: str = Field(min_length=1, description="Meta (params.json) or HF (config.json) layout dir")
+    tokenizer: str | None = Field(None, description="tokenizer.model; default: found next to the checkpoint")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tensor_parallel: int = Field(1, ge=1)
+    max_seq_len: int | None = Field(None, ge=1, description="context length; default: from the checkpoint")
+    kv_cache_memory_gb: float | None = Field(None, gt=0, allow_inf_nan=False)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+
+
+class InputSpec(_Section):
+    """Where the rows are and how a row becomes a prompt."""
+
+    path: str = Field(min_length=1)
+    id_column: str = Field(min_length=1)
+    prompt_column: str | None = Field(None, min_length=1)
+    template: str | None = None
+    chat: bool = False
+    system: str | None = None
+    keep_columns: list[str] = Field(default_factory=list)
+    truncate_prompt: bool = False
+
+    @field_validator("template")
+    @classmethod
+    def _check_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_template(value)
+        return value
+
+    @field_validator("keep_columns")
+    @classmethod
+    def _check_keep(cls, value: list[str]) -> list[str]:
+        dupes = sorted({c for c in value if value.count(c) > 1})
+        if dupes:
+            raise ValueError(f"listed more than once: {', '.join(map(repr, dupes))}")
+        reserved = [c for c in value if c in RESULT_COLUMNS]
+        if reserved:
+            raise ValueError(f"{', '.join(map(repr, reserved))} would clash with an output column "
+                             f"({', '.join(RESULT_COLUMNS)})")
+        return value
+
+    @model_validator(mode="after")
+    def _check_prompt_source(self) -> "InputSpec":
+        if (self.prompt_column is None) == (self.template is None):
+            got = "both are set" if self.template is not None else "neither is set"
+            raise _field_error("prompt_column", f"set exactly one of prompt_column or template ({got})")
+        if self.system is not None and not self.chat:
+            raise _field_error("system", "a system prompt needs chat: true")
+        if self.id_column in RESULT_COLUMNS:
+            raise _field_error("id_column", f"{self.id_column!r} would clash with an output column")
+        if self.id_column in self.keep_columns:
+            raise _field_error("keep_columns", f"the id column {self.id_column!r} is always kept; "
+                                               "do not list it")
+        return self
+
+    def template_parts(self) -> list[tuple[str, str | None]]:
+        """The parsed template (see :func:`parse_template`); empty when ``prompt_column`` is used."""
+        return parse_template(self.template) if self.template is not None else []
+
+    def text_columns(self) -> list[str]:
+        """Columns whose cells end up in the prompt text, in order of first use."""
+        if self.prompt_column is not None:
+            return [self.prompt_column]
+        return list(dict.fromkeys(f for _, f in self.template_parts() if f))
+
+
+class SamplingSpec(_Section):
+    """How tokens are drawn; every row's draws derive from ``(seed, row id)``."""
+
+    max_tokens: int = Field(128, gt=0)
+    temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    seed: int = Field(0, ge=0, lt=2**63)
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    overrides: dict[OverrideName, Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=dict, description="sampling field -> numeric input column with per-row values")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, value: Any) -> Any:
+        # `stop: "\n"` is the natural way to write a single stop string.
+        return [value] if isinstance(value, str) else value
+
+
+class OutputSpec(_Section):
+    """Where results go and what to do with earlier results there."""
+
+    path: str = Field(min_length=1)
+    mode: Literal["resume", "overwrite", "error_if_exists"] = "resume"
+
+
+class ExecutionSpec(_Section):
+    """How the work is spread over replicas; none of this changes the results."""
+
+    replicas: int | Literal["auto"] = "auto"
+    shard_rows: int = Field(1000, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    lease_timeout_s: float = Field(600.0, gt=0, allow_inf_nan=False)
+    heartbeat_s: float = Field(10.0, gt=0, allow_inf_nan=False)
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _check_replicas(cls, value: Any) -> Any:
+        # A plain union would report one confusing error per member; say it once.
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be 'auto' or an integer >= 1, got {value!r}")
+
+    @model_validator(mode="after")
+    def _check_heartbeat(self) -> "ExecutionSpec":
+        if self.heartbeat_s >= self.lease_timeout_s:
+            raise _field_error("heartbeat_s", f"must be less than lease_timeout_s ({self.lease_timeout_s:g}), "
+                                              "or every lease would expire between heartbeats")
+        return self
+
+
+class JobSpec(_Section):
+    """A whole job: ``name``, ``model``, ``input``, ``sampling``, ``output``, ``execution``."""
+
+    name: str = "job"
+    model: ModelSpec
+    input: InputSpec
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    output: OutputSpec
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError("use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
+
+    @model_validator(mode="after")
+    def _check_overrides(self) -> "JobSpec":
+        for name, column in self.sampling.overrides.items():
+            if column == self.input.id_column:
+                raise _field_error(f"sampling.overrides.{name}", f"{column!r} is the id column")
+        return self
+
+    def input_columns(self) -> list[str]:
+        """Every input column a shard needs: id, prompt text, keep and override columns (no repeats)."""
+        cols = [self.input.id_column, *self.input.text_columns(), *self.input.keep_columns,
+                *self.sampling.overrides.values()]
+        return list(dict.fromkeys(cols))
+
+    def with_resolved_paths(self, base: str | os.PathLike[str] | None = None) -> "JobSpec":
+        """A copy whose relative local paths are absolute (against ``base`` or the CWD)."""
+        model = self.model.model_copy(update={
+            "path": resolve_path(self.model.path, base),
+            "tokenizer": None if self.model.tokenizer is None else resolve_path(self.model.tokenizer, base),
+        })
+        return self.model_copy(update={
+            "model": model,
+            "input": self.input.model_copy(update={"path": resolve_path(self.input.path, base)}),
+            "output": self.output.model_copy(update={"path": resolve_path(self.output.path, base)}),
+        })
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+def is_uri(path: str) -> bool:
+    """True for ``scheme://...`` paths (s3, gs, file, ...), which are never made relative to the CWD."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
+
+
+def resolve_path(path: str, base: str | os.PathLike[str] | None = None) -> str:
+    """``path`` with ``~`` expanded and, if local and relative, joined to ``base`` (default: the CWD).
+
+    URIs are returned unchanged. A trailing slash is kept, since for ``input.path`` it is harmless
+    and for globs it is part of the pattern.
+    """
+    if is_uri(path):
+        return path
+    expanded = os.path.expanduser(path)
+    if os.path.isabs(expanded):
+        return expanded
+    return os.path.join(os.fspath(base) if base is not None else os.getcwd(), expanded)
+
+
+def row_seed(seed: int, row_id: int | str) -> int:
+    """The seed of one row's random draws: a stable 63-bit hash of ``(seed, row id)``.
+
+    Independent of batching, replica and attempt, so a retried shard samples the same tokens.
+    Integer and string ids hash differently (``5`` vs ``"5"``).
+    """
+    tag = "i" if isinstance(row_id, int) else "s"
+    digest = hashlib.sha256(f"{seed}\x1f{tag}\x1f{row_id}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+_SAMPLING_ADAPTERS: dict[str, TypeAdapter] = {
+    name: TypeAdapter(Annotated[SamplingSpec.model_fields[name].annotation,
+                                *SamplingSpec.model_fields[name].metadata])
+    for name in OVERRIDABLE
+}
+
+
+def check_sampling_value(name: str, value: Any) -> int | float:
+    """Validate one per-row override value with the same bounds as the spec field ``name``.
+
+    Raises:
+        ValueError: naming the field and what is wrong (e.g. ``max_tokens: Input should be greater than 0``).
+    """
+    try:
+        return _SAMPLING_ADAPTERS[name].validate_python(value)
+    except ValidationError as exc:
+        raise ValueError(f"{name}={value!r}: {exc.errors()[0]['msg']}") from None
+
+
+def result_fields(spec: JobSpec) -> dict[str, Any]:
+    """The spec fields that change what a job produces (model identity, input, sampling).
+
+    Values equal to their defaults are left out, so writing a default explicitly, or a new field
+    with a default in a later version, does not change the fingerprint.
+    """
+    return {
+        "model": spec.model.model_dump(include={"path", "tokenizer", "dtype", "max_seq_len"},
+                                       exclude_defaults=True),
+        "input": spec.input.model_dump(exclude_defaults=True),
+        "sampling": spec.sampling.model_dump(exclude_defaults=True),
+    }
+
+
+def spec_fingerprint(spec: JobSpec) -> str:
+    """sha256 (hex) of the canonical JSON of :func:`result_fields` (not name/output/execution)."""
+    payload = {"v": 1, **result_fields(spec)}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------- loading
+
+def _section_model(loc: Sequence[str]) -> type[BaseModel] | None:
+    """The pydantic model reached by following field names ``loc`` from :class:`JobSpec`."""
+    model: type[BaseModel] = JobSpec
+    for name in loc:
+        field = model.model_fields.get(name)
+        if field is None:
+            return None
+        found = _model_in(field.annotation)
+        if found is None:
+            return None
+        model = found
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _unknown_field_message(model: type[BaseModel] | None, name: str) -> str:
+    if model is None:
+        return "unknown field"
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown field; {hint}allowed: {', '.join(allowed)}"
+
+
+def _format_loc(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        if part == "[key]":  # pydantic marks dict-key errors this way; the key itself is already there
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _convert(exc: ValidationError, source: str | None = None) -> SpecError:
+    """Turn a pydantic ``ValidationError`` into a :class:`SpecError` with dotted field paths."""
+    errors: list[tuple[str, str]] = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "batchgen_field":
+            loc += err["ctx"]["batchgen_field"].split(".")
+        elif err["type"] == "extra_forbidden":
+            msg = _unknown_field_message(_section_model([str(p) for p in loc[:-1]]), str(loc[-1]))
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        errors.append((_format_loc(loc), msg))
+    return SpecError(errors, source=source)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``--set key.sub=value`` to the raw spec dict (value parsed by ``yaml.safe_load``).
+
+    The key path must name a field of the spec (free-form keys are allowed only inside
+    ``sampling.overrides``); anything else is a :class:`SpecError`.
+    """
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise SpecError("--set", f"expected key.path=value, got {assignment!r}")
+    parts = key.split(".")
+    model: type[BaseModel] | None = JobSpec
+    node = data
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[: i + 1])
+        if model is None:  # inside a free-form dict: any key is fine, pydantic checks the values
+            field_model = None
+        elif part not in model.model_fields:
+            raise SpecError(prefix, f"{_unknown_field_message(model, part)} (in --set {assignment})")
+        else:
+            field_model = _model_in(model.model_fields[part].annotation)
+        if i == len(parts) - 1:
+            try:
+                node[part] = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise SpecError(key, f"cannot parse --set value {raw!r}: {exc}") from None
+            return
+        is_dict_field = model is not None and typing.get_origin(model.model_fields[part].annotation) is dict
+        if field_model is None and not is_dict_field:
+            raise SpecError(prefix, f"is a value, not a section (in --set {assignment})")
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(prefix, f"is {type(child).__name__} in the spec file, not a section")
+        node, model = child, field_model
+
+
+def _parse_text(text: str, path: Path) -> Any:
+    try:
+        if path.suffix.lower() == ".json" or (path.suffix.lower() not in (".yaml", ".yml")
+                                              and text.lstrip().startswith("{")):
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError("", f"cannot parse {path}: {exc}") from None
+
+
+def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobSpec:
+    """Read, override and validate a job spec file.
+
+    ``overrides`` are ``key.path=value`` strings (the CLI's ``--set``), applied before validation.
+    ``name`` defaults to the file name without its extension.
+
+    Raises:
+        SpecError: listing every problem as ``field.path: message``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError("", f"cannot read job spec {path}: {exc}") from None
+    data = _parse_text(text, path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError("", f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    if "name" not in data:
+        data["name"] = re.sub(r"[^A-Za-z0-9._-]", "-", path.stem).lstrip("._-") or "job"
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _convert(exc, source=str(path)) from None
+
+
+def validate_spec(data: dict[str, Any], source: str | None = None) -> JobSpec:
+    """Validate an already-parsed spec dict, raising :class:`SpecError` instead of pydantic's error."""
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _convert(exc, source=source) from None

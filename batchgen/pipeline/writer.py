@@ -1,0 +1,371 @@
+"""Output side of a job: the Parquet results, published so that readers never see half a file.
+
+Layout under ``output.path``::
+
+    manifest.json            spec + input fingerprints and the shard plan (written first)
+    shards/<shard_id>.parquet one per committed shard
+    summary.parquet          one row per shard (counts, timings, replica)
+    _SUCCESS                 JSON, written last: the job is complete
+
+A shard is *committed* when ``shards/<shard_id>.parquet`` exists. Publishing is atomic: on a
+local disk the file is written under a hidden ``.tmp-<uuid>-...`` name in the same directory and
+renamed; on object stores (S3, GCS) the finished bytes go up in one ``open_output_stream`` (one
+PUT, or a multipart upload that only becomes visible when complete). A writer killed midway
+leaves at most a hidden temp file, which every listing here (and ``pyarrow.dataset``, which skips
+names starting with ``.`` or ``_``) ignores. The whole output reads as one dataset with
+``pyarrow.dataset.dataset(f"{out}/shards", format="parquet")``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from typing import Any, Iterable, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from batchgen import __version__
+from batchgen.pipeline.shards import Shard, resolve_filesystem
+from batchgen.pipeline.spec import JobSpec, SpecError, result_fields, spec_fingerprint
+
+SHARDS_DIR = "shards"
+MANIFEST = "manifest.json"
+SUMMARY = "summary.parquet"
+SUCCESS = "_SUCCESS"
+_OURS = {SHARDS_DIR, MANIFEST, SUMMARY, SUCCESS}
+_FORMAT = "batchgen-output/1"
+_SUMMARY_KEY = b"batchgen.shard_summary"
+
+#: One row per committed shard; every field but ``shard_id`` may be missing (null).
+SUMMARY_SCHEMA = pa.schema([
+    pa.field("shard_id", pa.string(), nullable=False),
+    ("input_file", pa.string()),
+    ("row_start", pa.int64()),
+    ("row_groups", pa.list_(pa.int32())),
+    ("rows", pa.int64()),
+    ("rows_ok", pa.int64()),
+    ("rows_error", pa.int64()),
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+    ("seconds", pa.float64()),
+    ("attempts", pa.int32()),
+    ("replica", pa.string()),
+    ("host", pa.string()),
+])
+
+
+class OutputError(SpecError):
+    """The output location cannot be used as asked (mode, fingerprints, foreign files)."""
+
+
+# --------------------------------------------------------------------------------------- schema
+
+def output_schema(spec: JobSpec, id_type: pa.DataType, keep_types: Mapping[str, pa.DataType]) -> pa.Schema:
+    """Schema of every shard file: id (input name and type), keep columns, then the results.
+
+    ``finish_reason`` is ``stop``, ``length`` or ``error``; ``error`` is null for good rows;
+    ``logprobs`` (the sampled tokens' log-probabilities) exists only with ``sampling.logprobs``.
+    Non-nullable fields make the Parquet writer refuse a table with nulls there.
+    """
+    keep = spec.input.keep_columns
+    if set(keep_types) != set(keep):
+        raise ValueError(f"keep_types has {sorted(keep_types)}, the spec keeps {keep}")
+    fields = [pa.field(spec.input.id_column, id_type, nullable=False)]
+    fields += [pa.field(c, keep_types[c]) for c in keep]
+    fields += [
+        pa.field("completion", pa.string()),
+        pa.field("finish_reason", pa.string(), nullable=False),
+        pa.field("prompt_tokens", pa.int32(), nullable=False),
+        pa.field("completion_tokens", pa.int32(), nullable=False),
+        pa.field("error", pa.string()),
+    ]
+    if spec.sampling.logprobs:
+        fields.append(pa.field("logprobs", pa.list_(pa.float32())))
+    return pa.schema(fields)
+
+
+# --------------------------------------------------------------------------------------- publishing
+
+def _join(root: str, *parts: str) -> str:
+    # pyarrow.fs paths are '/'-separated on every filesystem.
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _is_local(fs: pafs.FileSystem) -> bool:
+    if isinstance(fs, pafs.LocalFileSystem):
+        return True
+    return isinstance(fs, pafs.SubTreeFileSystem) and _is_local(fs.base_fs)
+
+
+def publish_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Make ``path`` hold exactly ``data``, or leave it as it was: never a partial file."""
+    if _is_local(fs):
+        parent, _, name = path.rpartition("/")
+        fs.create_dir(parent, recursive=True)
+        # Hidden and not ending in .parquet, so a leftover from a killed writer matches no listing.
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}.partial"
+        try:
+            with fs.open_output_stream(tmp) as out:
+                out.write(data)
+            fs.move(tmp, path)  # rename(2): atomic within a directory
+        except BaseException:
+            if fs.get_file_info(tmp).type == pafs.FileType.File:
+                fs.delete_file(tmp)
+            raise
+        return
+    # Object stores have no atomic rename (move = copy + delete); an upload of finished bytes is
+    # atomic there, since an object appears only once its PUT / multipart upload completes.
+    out = fs.open_output_stream(path)
+    try:
+        out.write(data)
+    finally:
+        out.close()
+
+
+def publish_shard(fs: pafs.FileSystem, out_root: str, shard_id: str, table: pa.Table,
+                  summary: Mapping[str, Any] | None = None) -> str:
+    """Atomically write ``table`` as ``<out_root>/shards/<shard_id>.parquet``; returns that path.
+
+    ``summary`` (this shard's row of ``summary.parquet``, keys from :data:`SUMMARY_SCHEMA`) is
+    stored in the file's footer, so the summary of a resumed job still covers shards committed by
+    earlier runs (see :func:`read_shard_summaries`). Republishing a shard (a retried attempt)
+    replaces the file as a whole.
+
+    Raises:
+        ValueError: for an invalid shard id or an unknown summary key (checked before writing).
+    """
+    if not shard_id or shard_id.startswith((".", "_")) or "/" in shard_id:
+        raise ValueError(f"invalid shard id {shard_id!r}")
+    if summary is not None:
+        _check_summary_keys(summary)
+        metadata = {**(table.schema.metadata or {}), _SUMMARY_KEY: json.dumps({**summary, "shard_id": shard_id},
+                                                                              default=str)}
+        table = table.replace_schema_metadata(metadata)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    path = _join(out_root, SHARDS_DIR, f"{shard_id}.parquet")
+    publish_bytes(fs, path, buf.getvalue().to_pybytes())
+    return path
+
+
+def read_shard_summaries(fs: pafs.FileSystem, out_root: str, shard_ids: Iterable[str] | None = None
+                         ) -> list[dict[str, Any]]:
+    """The summary rows stored by :func:`publish_shard` in committed shards (footers only).
+
+    Only ``shard_ids`` when given (leftovers of another plan are skipped). A shard published
+    without a summary gets ``{"shard_id", "rows"}`` from its footer.
+    """
+    ids = committed_shards(fs, out_root)
+    if shard_ids is not None:
+        ids &= set(shard_ids)
+    rows = []
+    for shard_id in sorted(ids):
+        with fs.open_input_file(_join(out_root, SHARDS_DIR, f"{shard_id}.parquet")) as f:
+            meta = pq.ParquetFile(f).metadata
+        stored = (meta.metadata or {}).get(_SUMMARY_KEY)
+        rows.append(json.loads(stored) if stored else {"shard_id": shard_id, "rows": meta.num_rows})
+    return rows
+
+
+def publish_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON to ``path``."""
+    publish_bytes(fs, path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> Any | None:
+    """The JSON document at ``path``, or None when there is none.
+
+    Raises:
+        OutputError: when it exists but is not valid JSON.
+    """
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        raw = f.read()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OutputError("output.path", f"{path} is not valid JSON ({exc})") from None
+
+
+def committed_shards(fs: pafs.FileSystem, out_root: str) -> set[str]:
+    """Ids of the shards whose output file exists (only ``shards/*.parquet``, no hidden names)."""
+    selector = pafs.FileSelector(_join(out_root, SHARDS_DIR), allow_not_found=True)
+    ids = set()
+    for info in fs.get_file_info(selector):
+        name = info.base_name
+        if info.type == pafs.FileType.File and name.endswith(".parquet") and not name.startswith((".", "_")):
+            ids.add(name.removesuffix(".parquet"))
+    return ids
+
+
+# --------------------------------------------------------------------------------------- job level
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _top_level(fs: pafs.FileSystem, root: str, uri: str) -> list[str]:
+    """Names directly under ``root`` ([] when it does not exist)."""
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type != pafs.FileType.Directory:
+        raise OutputError("output.path", f"{uri} exists and is not a directory")
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root)))
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: obj}
+
+
+def _spec_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    a, b = _flatten(dict(old)), _flatten(dict(new))
+    return [f"{key}: {a.get(key, '(default)')!r} -> {b.get(key, '(default)')!r}"
+            for key in sorted(a.keys() | b.keys()) if a.get(key, "(default)") != b.get(key, "(default)")]
+
+
+def _check_manifest(manifest: Mapping[str, Any], spec: JobSpec, input_fp: str, shards: Sequence[Shard],
+                    uri: str) -> None:
+    advice = "use mode: overwrite to start again, or another output.path"
+    if manifest.get("spec_fingerprint") != spec_fingerprint(spec):
+        changes = _spec_diff(manifest.get("result_fields", {}), result_fields(spec))
+        raise OutputError("output.mode", f"resume refused: {uri} holds results of a different spec "
+                                         f"({'; '.join(changes) or 'fingerprint differs'}); {advice}")
+    if manifest.get("input_fingerprint") != input_fp:
+        raise OutputError("output.mode", f"resume refused: the input changed since {uri} was started "
+                                         f"(files added, removed or rewritten); {advice}")
+    old_ids = [s["shard_id"] for s in manifest.get("shards", [])]
+    if sorted(old_ids) != sorted(s.shard_id for s in shards):
+        was = manifest.get("shard_rows")
+        raise OutputError("output.mode", f"resume refused: the shard plan of {uri} differs (it was made with "
+                                         f"execution.shard_rows: {was}, now {spec.execution.shard_rows}); set it "
+                                         f"back to {was} or {advice}")
+
+
+def _manifest(spec: JobSpec, shards: Sequence[Shard], input_fp: str) -> dict[str, Any]:
+    return {
+        "format": _FORMAT,
+        "batchgen_version": __version__,
+        "name": spec.name,
+        "created": _now(),
+        "spec_fingerprint": spec_fingerprint(spec),
+        "input_fingerprint": input_fp,
+        "result_fields": result_fields(spec),
+        "shard_rows": spec.execution.shard_rows,
+        "num_shards": len(shards),
+        "total_rows": sum(s.num_rows for s in shards),
+        "shards": [{"shard_id": s.shard_id, "input_file": s.relpath, "row_groups": list(s.row_groups),
+                    "row_offset": s.row_offset, "row_start": s.row_start, "rows": s.num_rows} for s in shards],
+    }
+
+
+def prepare_output(spec: JobSpec, shards: Sequence[Shard], input_fp: str) -> set[str]:
+    """Apply ``output.mode`` and write the manifest; returns the ids of shards already committed.
+
+    - ``resume``: continue a previous run of the same spec over the same input and shard plan
+      (anything else is refused with what changed); a fresh location starts a new run.
+    - ``overwrite``: delete a previous run's outputs first. Files that batchgen did not write
+      there are never deleted: their presence is an error.
+    - ``error_if_exists``: refuse a location that has anything in it.
+
+    Raises:
+        OutputError: with ``output.path`` / ``output.mode`` and a message saying what to do.
+    """
+    uri = spec.output.path
+    fs, root = resolve_filesystem(uri)
+    entries = _top_level(fs, root, uri)
+    mode = spec.output.mode
+    if mode == "error_if_exists" and entries:
+        raise OutputError("output.path", f"{uri} is not empty ({', '.join(entries[:5])}); "
+                                         "mode: error_if_exists refuses it (use resume or overwrite)")
+    if mode == "overwrite" and entries:
+        foreign = [e for e in entries if e not in _OURS and not e.startswith(".tmp-")]
+        if foreign:
+            raise OutputError("output.path", f"{uri} holds files batchgen did not write "
+                                             f"({', '.join(foreign[:5])}); refusing to delete them")
+        for name in entries:
+            path = _join(root, name)
+            if fs.get_file_info(path).type == pafs.FileType.Directory:
+                fs.delete_dir(path)
+            else:
+                fs.delete_file(path)
+    manifest = read_json(fs, _join(root, MANIFEST)) if mode == "resume" else None
+    if manifest is not None:
+        _check_manifest(manifest, spec, input_fp, shards, uri)
+        committed = committed_shards(fs, root) & {s.shard_id for s in shards}
+        if len(committed) < len(shards) and SUCCESS in entries:
+            fs.delete_file(_join(root, SUCCESS))  # a shard went missing: the job is not complete now
+        return committed
+    if mode == "resume" and (committed_shards(fs, root) or SUCCESS in entries or SUMMARY in entries):
+        raise OutputError("output.path", f"{uri} holds batchgen results but no {MANIFEST}, so they cannot "
+                                         "be matched to this spec; use mode: overwrite")
+    publish_json(fs, _join(root, MANIFEST), _manifest(spec, shards, input_fp))
+    return set()
+
+
+def _check_summary_keys(row: Mapping[str, Any]) -> None:
+    unknown = set(row) - set(SUMMARY_SCHEMA.names)
+    if unknown:
+        raise ValueError(f"summary row {row.get('shard_id')!r}: unknown field(s) {sorted(unknown)}; "
+                         f"known: {', '.join(SUMMARY_SCHEMA.names)}")
+
+
+def write_summary(fs: pafs.FileSystem, out_root: str, rows: Iterable[Mapping[str, Any]]) -> str:
+    """Write ``summary.parquet``, one row per shard (fields: :data:`SUMMARY_SCHEMA`); returns its path.
+
+    Raises:
+        ValueError: for a key that is not a summary field (a typo would otherwise vanish).
+    """
+    rows = sorted((dict(r) for r in rows), key=lambda r: (r.get("input_file") or "", r.get("row_start") or 0,
+                                                          r.get("shard_id") or ""))
+    for r in rows:
+        _check_summary_keys(r)
+    table = pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    path = _join(out_root, SUMMARY)
+    publish_bytes(fs, path, buf.getvalue().to_pybytes())
+    return path
+
+
+def write_success(fs: pafs.FileSystem, out_root: str, summary: Mapping[str, Any]) -> None:
+    """Write ``_SUCCESS`` (``summary`` plus a ``finished`` time): call it last, after every shard."""
+    publish_json(fs, _join(out_root, SUCCESS), {**summary, "finished": _now()})
+
+
+def job_status(out_uri: str) -> dict[str, Any]:
+    """Progress of the job writing to ``out_uri`` (for ``batchgen status OUT``).
+
+    Keys: ``output``, ``exists``, ``name``, ``created``, ``total_shards``, ``committed_shards``,
+    ``total_rows``, ``committed_rows`` (from the manifest's plan; None without a manifest),
+    ``complete`` (``_SUCCESS`` exists) and ``success`` (its content or None).
+    """
+    fs, root = resolve_filesystem(out_uri)
+    exists = bool(_top_level(fs, root, out_uri))
+    manifest = read_json(fs, _join(root, MANIFEST)) or {}
+    success = read_json(fs, _join(root, SUCCESS))
+    committed = committed_shards(fs, root)
+    planned = {s["shard_id"]: s["rows"] for s in manifest.get("shards", [])}
+    if planned:
+        committed &= planned.keys()  # leftovers of another plan are not this job's progress
+    return {
+        "output": out_uri,
+        "exists": exists,
+        "name": manifest.get("name"),
+        "created": manifest.get("created"),
+        "total_shards": manifest.get("num_shards"),
+        "committed_shards": len(committed),
+        "total_rows": manifest.get("total_rows"),
+        "committed_rows": sum(planned[s] for s in committed) if planned else None,
+        "complete": success is not None,
+        "success": success,
+    }

@@ -1,0 +1,331 @@
+"""Input listing, shard planning, input validation and prompt building on real Parquet files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from batchgen.pipeline.shards import (
+    build_prompts, input_fingerprint, list_input_files, plan_shards, read_shard, resolve_filesystem,
+    validate_input,
+)
+from batchgen.pipeline.spec import JobSpec, SpecError, row_seed, validate_spec
+
+
+def make_spec(path: Path | str, **input_fields: Any) -> JobSpec:
+    inp = {"path": str(path), "id_column": "id", "prompt_column": "text", **input_fields}
+    if "template" in input_fields:
+        inp.pop("prompt_column")
+    sampling = inp.pop("sampling", {})
+    return validate_spec({"model": {"path": "m"}, "input": inp, "sampling": sampling, "output": {"path": "o"}})
+
+
+def write(path: Path, table: pa.Table | dict[str, list], row_group_size: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table if isinstance(table, pa.Table) else pa.table(table), path, row_group_size=row_group_size)
+    return path
+
+
+def id_text(start: int, n: int) -> dict[str, list]:
+    return {"id": [f"r{i}" for i in range(start, start + n)], "text": [f"text {i}" for i in range(start, start + n)]}
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    """Three files: 250 rows in row groups of 30, 750 rows in one row group, 150 rows in one."""
+    root = tmp_path / "data"
+    write(root / "part-0.parquet", id_text(0, 250), row_group_size=30)
+    write(root / "sub" / "part-1.parquet", id_text(250, 750), row_group_size=750)
+    write(root / "sub" / "part-2.parquet", id_text(1000, 150), row_group_size=150)
+    # Not input: hidden / underscore names (pyarrow.dataset skips them too) and other extensions.
+    (root / "_SUCCESS").write_text("{}")
+    (root / "notes.txt").write_text("hi")
+    write(root / ".hidden" / "x.parquet", id_text(0, 3))
+    write(root / "_tmp" / "y.parquet", id_text(0, 3))
+    return root
+
+
+# ------------------------------------------------------------------------------------------ listing
+
+def test_directory_listing_is_recursive_sorted_and_skips_hidden(dataset: Path) -> None:
+    files = list_input_files(make_spec(dataset).input)
+    assert [f.relpath for f in files] == ["part-0.parquet", "sub/part-1.parquet", "sub/part-2.parquet"]
+    assert [f.num_rows for f in files] == [250, 750, 150]
+    assert files[0].row_group_rows == (30,) * 8 + (10,)
+    assert files[0].size == (dataset / "part-0.parquet").stat().st_size
+
+
+def test_single_file_and_globs(dataset: Path) -> None:
+    one = list_input_files(make_spec(dataset / "sub" / "part-2.parquet").input)
+    assert [(f.relpath, f.num_rows) for f in one] == [("part-2.parquet", 150)]
+    flat = list_input_files(make_spec(f"{dataset}/sub/part-[12].parquet").input)
+    assert [f.relpath for f in flat] == ["part-1.parquet", "part-2.parquet"]
+    deep = list_input_files(make_spec(f"{dataset}/**/*.parquet").input)
+    assert [f.relpath for f in deep] == ["part-0.parquet", "sub/part-1.parquet", "sub/part-2.parquet"]
+    hidden = list_input_files(make_spec(f"{dataset}/_tmp/*.parquet").input)  # spelled out: allowed
+    assert [f.relpath for f in hidden] == ["y.parquet"]
+    star = list_input_files(make_spec(f"{dataset}/*.parquet").input)
+    assert [f.relpath for f in star] == ["part-0.parquet"]  # '*' does not cross '/'
+
+
+def test_relative_input_path_uses_cwd(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(dataset.parent)
+    files = list_input_files(make_spec("data/sub/").input)
+    assert [f.relpath for f in files] == ["part-1.parquet", "part-2.parquet"]
+    fs, path = resolve_filesystem("data/sub/")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(dataset / "sub")
+
+
+def test_s3_endpoint_override_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHGEN_S3_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    fs, path = resolve_filesystem("s3://bucket/some/prefix/")
+    assert fs.type_name == "s3" and path == "bucket/some/prefix"
+    assert fs.region == "eu-west-1"
+
+
+@pytest.mark.parametrize("suffix,message", [
+    ("nope", "input.path: no such file or directory"),
+    ("empty", "input.path: no *.parquet files under"),
+    ("data/*.csv", "input.path: pattern"),
+])
+def test_listing_errors(dataset: Path, suffix: str, message: str) -> None:
+    (dataset.parent / "empty").mkdir()
+    with pytest.raises(SpecError, match=message.replace("*", r"\*")):
+        list_input_files(make_spec(dataset.parent / suffix).input)
+
+
+def test_corrupt_parquet_file_is_named(dataset: Path) -> None:
+    (dataset / "part-9.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(SpecError, match=r"input.path: .*part-9.parquet: not a readable Parquet file"):
+        list_input_files(make_spec(dataset).input)
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+def test_shards_cover_every_row_once_in_about_shard_rows(dataset: Path) -> None:
+    spec = make_spec(dataset)
+    shards = plan_shards(spec.input, 100)
+    by_file: dict[str, list] = {}
+    for s in shards:
+        by_file.setdefault(s.relpath, []).append(s)
+    # 30-row groups join up to 90 rows; the 750-row group (> 2x100) is split into 8 ranges;
+    # the 150-row group (<= 2x100) stays whole.
+    assert [s.num_rows for s in by_file["part-0.parquet"]] == [90, 90, 70]
+    assert [s.row_groups for s in by_file["part-0.parquet"]] == [(0, 1, 2), (3, 4, 5), (6, 7, 8)]
+    assert [s.num_rows for s in by_file["sub/part-1.parquet"]] == [94] * 6 + [93] * 2
+    assert [s.num_rows for s in by_file["sub/part-2.parquet"]] == [150]
+    ids: list[str] = []
+    for s in shards:
+        table = read_shard(s, ["id"])
+        assert table.num_rows == s.num_rows
+        ids += table.column("id").to_pylist()
+    assert sorted(ids) == sorted(f"r{i}" for i in range(1150))
+    assert len(ids) == len(set(ids))
+
+
+def test_row_start_is_the_first_rows_index_in_its_file(dataset: Path) -> None:
+    for s in plan_shards(make_spec(dataset).input, 100):
+        first = read_shard(s, ["id"]).column("id")[0].as_py()
+        offset = {"part-0.parquet": 0, "sub/part-1.parquet": 250, "sub/part-2.parquet": 1000}[s.relpath]
+        assert first == f"r{offset + s.row_start}"
+
+
+def test_shard_ids_are_stable_readable_and_location_independent(dataset: Path, tmp_path: Path) -> None:
+    spec = make_spec(dataset)
+    first = plan_shards(spec.input, 100)
+    assert first == plan_shards(spec.input, 100)
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(dataset, copy)
+    moved = plan_shards(make_spec(copy).input, 100)
+    assert [s.shard_id for s in moved] == [s.shard_id for s in first]
+    ids = [s.shard_id for s in first]
+    assert len(set(ids)) == len(ids)
+    assert ids[0].startswith("part-0-rg0-2-") and ids[3].startswith("part-1-rg0-r0-94-")
+    assert all(not i.startswith((".", "_")) and "/" not in i for i in ids)
+    assert plan_shards(spec.input, 50)[0].shard_id != ids[0]
+
+
+def test_empty_file_gives_no_shards(tmp_path: Path) -> None:
+    write(tmp_path / "d" / "a.parquet", pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}))
+    write(tmp_path / "d" / "b.parquet", id_text(0, 5))
+    shards = plan_shards(make_spec(tmp_path / "d").input, 10)
+    assert [(s.relpath, s.num_rows) for s in shards] == [("b.parquet", 5)]
+
+
+def test_input_fingerprint_tracks_content_not_location(dataset: Path, tmp_path: Path) -> None:
+    fp = input_fingerprint(list_input_files(make_spec(dataset).input))
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    assert input_fingerprint(list_input_files(make_spec(copy).input)) == fp
+    write(copy / "sub" / "part-2.parquet", id_text(1000, 149), row_group_size=150)  # rewritten
+    assert input_fingerprint(list_input_files(make_spec(copy).input)) != fp
+    shutil.copytree(dataset, tmp_path / "copy2")
+    write(tmp_path / "copy2" / "part-3.parquet", id_text(5000, 1))  # added
+    assert input_fingerprint(list_input_files(make_spec(tmp_path / "copy2").input)) != fp
+
+
+def test_read_shard_notices_a_file_that_shrank(dataset: Path) -> None:
+    last = plan_shards(make_spec(dataset).input, 100)[-1]
+    write(dataset / "sub" / "part-2.parquet", id_text(1000, 10))
+    with pytest.raises(RuntimeError, match="changed since the job was planned"):
+        read_shard(last, ["id"])
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+def test_valid_input_report(dataset: Path) -> None:
+    write(dataset / "sub" / "part-1.parquet", {**id_text(250, 750), "stars": [3] * 750})
+    write(dataset / "sub" / "part-2.parquet", {**id_text(1000, 150), "stars": [4] * 150})
+    spec = make_spec(dataset / "sub", keep_columns=["stars"], template="{stars} stars: {text}")
+    report = validate_input(spec)
+    assert report.num_rows == 900 and report.id_type == pa.string()
+    assert report.keep_types == {"stars": pa.int64()}
+    assert [f.relpath for f in report.files] == ["part-1.parquet", "part-2.parquet"]
+    assert report.fingerprint == input_fingerprint(list(report.files))
+
+
+def validation_error(spec: JobSpec) -> str:
+    with pytest.raises(SpecError) as info:
+        validate_input(spec)
+    return str(info.value)
+
+
+def test_missing_columns_name_the_field_and_the_file(tmp_path: Path) -> None:
+    f = write(tmp_path / "x.parquet", {"id": [1, 2], "text": ["a", "b"]})
+    assert validation_error(make_spec(f, template="Q: {txt}")) == (
+        f"input.template: column 'txt' not in {f} (columns: id, text)")
+    assert validation_error(make_spec(f, id_column="key")).startswith("input.id_column: column 'key' not in")
+    assert validation_error(make_spec(f, prompt_column="body")).startswith("input.prompt_column: column 'body'")
+    assert validation_error(make_spec(f, keep_columns=["stars"])).startswith("input.keep_columns: column 'stars'")
+    text = validation_error(make_spec(f, sampling={"overrides": {"max_tokens": "budget"}}))
+    assert text.startswith("sampling.overrides.max_tokens: column 'budget' not in")
+
+
+def test_column_types_are_checked(tmp_path: Path) -> None:
+    f = write(tmp_path / "x.parquet", {"id": [1.5, 2.5], "text": ["a", "b"], "tags": [["a"], ["b"]],
+                                       "budget": [1.0, 2.0], "label": ["x", "y"]})
+    assert "input.id_column: column 'id' has type double; an id column must be integer or string" in \
+        validation_error(make_spec(f))
+    g = write(tmp_path / "y.parquet", {"id": [1, 2], "tags": [["a"], ["b"]], "budget": [1.0, 2.0],
+                                       "label": ["x", "y"], "temp": [0.5, 1]})
+    assert "only text and number columns" in validation_error(make_spec(g, prompt_column="tags"))
+    assert "sampling.overrides.max_tokens: column 'budget' has type double; this override needs an integer" in \
+        validation_error(make_spec(g, prompt_column="label", sampling={"overrides": {"max_tokens": "budget"}}))
+    assert "sampling.overrides.top_p: column 'label' has type string; this override needs a numeric" in \
+        validation_error(make_spec(g, prompt_column="label", sampling={"overrides": {"top_p": "label"}}))
+    ok = make_spec(g, prompt_column="label", sampling={"overrides": {"temperature": "temp"}})
+    assert validate_input(ok).num_rows == 2
+
+
+def test_id_type_must_agree_across_files(tmp_path: Path) -> None:
+    write(tmp_path / "d" / "a.parquet", {"id": [1, 2], "text": ["a", "b"]})
+    write(tmp_path / "d" / "b.parquet", {"id": ["3", "4"], "text": ["c", "d"]})
+    assert validation_error(make_spec(tmp_path / "d")) == (
+        "input.id_column: column 'id' is int64 in a.parquet but string in b.parquet")
+
+
+def test_duplicate_ids_across_and_within_files(tmp_path: Path) -> None:
+    write(tmp_path / "d" / "part-0.parquet", {"id": ["a1", "a17", "b"], "text": ["x"] * 3})
+    write(tmp_path / "d" / "part-1.parquet", {"id": ["c", "d", "c"], "text": ["x"] * 3})
+    write(tmp_path / "d" / "part-3.parquet", {"id": ["a17", "e"], "text": ["x"] * 2})
+    assert validation_error(make_spec(tmp_path / "d")) == (
+        "input.id_column: duplicate ids: 'a17' (part-0.parquet, part-3.parquet), "
+        "'c' (2 rows in part-1.parquet) (2 duplicates)")
+
+
+def test_many_duplicates_are_summarised(tmp_path: Path) -> None:
+    write(tmp_path / "d" / "a.parquet", {"id": list(range(20)), "text": ["x"] * 20})
+    write(tmp_path / "d" / "b.parquet", {"id": list(range(20)), "text": ["x"] * 20})
+    text = validation_error(make_spec(tmp_path / "d"))
+    assert text.startswith("input.id_column: duplicate ids: 0 (a.parquet, b.parquet), 1 (a.parquet, b.parquet)")
+    assert text.endswith(", ... (20 duplicates)")
+
+
+def test_null_ids_are_reported_with_rows(tmp_path: Path) -> None:
+    write(tmp_path / "a.parquet", {"id": ["a", None, "c", None], "text": ["x"] * 4})
+    assert validation_error(make_spec(tmp_path / "a.parquet")) == (
+        "input.id_column: 2 null id(s) in a.parquet (rows 1, 3)")
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+def test_prompt_column_poison_rows_become_row_errors() -> None:
+    table = pa.table({"id": [1, 2, 3, 4, 5], "text": ["hello", None, "", "  \n", "héllo {x}"]})
+    rows = build_prompts(table, make_spec("unused"))
+    assert [(r.row_id, r.prompt, r.error) for r in rows] == [
+        (1, "hello", None),
+        (2, None, "column 'text' is null"),
+        (3, None, "column 'text' is empty"),
+        (4, None, "column 'text' is empty"),
+        (5, "héllo {x}", None),  # braces in data are just text
+    ]
+    assert [r.seed for r in rows] == [row_seed(0, i) for i in range(1, 6)]
+
+
+def test_template_rendering_numbers_nulls_and_binary() -> None:
+    table = pa.table({
+        "id": ["a", "b", "c", "d"],
+        "body": pa.array([b"caf\xc3\xa9", b"bad \xff byte", b"ok", None], pa.binary()),
+        "stars": pa.array([5, 4, None, 1], pa.int32()),
+        "score": [0.5, 1.0, 2.0, 3.25],
+    })
+    spec = make_spec("unused", template="{{{stars}*}} {body} ({score}) {stars}")
+    rows = build_prompts(table, spec)
+    assert rows[0].prompt == "{5*} café (0.5) 5" and rows[0].error is None
+    assert rows[1].prompt is None and rows[1].error == (
+        "template column 'body' is not valid UTF-8 (invalid start byte at byte 4)")
+    assert rows[2].error == "template column 'stars' is null"
+    assert rows[3].error == "template column 'body' is null"  # the first bad placeholder is reported
+
+
+def test_invalid_utf8_in_a_string_column_is_a_row_error_too() -> None:
+    # Build a string array with bad bytes without validation, as a foreign writer could.
+    data = b"okbad\xfe"
+    offsets = pa.array([0, 2, 6], pa.int32()).buffers()[1]
+    text = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(data)])
+    rows = build_prompts(pa.table({"id": [1, 2], "text": text}), make_spec("unused"))
+    assert rows[0].prompt == "ok"
+    assert rows[1].prompt is None and "not valid UTF-8" in rows[1].error
+
+
+def test_unsupported_cell_type_is_a_row_error_not_an_exception() -> None:
+    rows = build_prompts(pa.table({"id": [1], "text": [["a", "b"]]}), make_spec("unused"))
+    assert rows[0].prompt is None and "only text and number columns" in rows[0].error
+
+
+def test_dictionary_and_large_string_columns() -> None:
+    table = pa.table({"id": pa.array([7, 8], pa.int64()),
+                      "text": pa.array(["x", "y"]).dictionary_encode(),
+                      "more": pa.array(["1", "2"], pa.large_string())})
+    rows = build_prompts(table, make_spec("unused", template="{text}-{more}"))
+    assert [r.prompt for r in rows] == ["x-1", "y-2"]
+
+
+def test_per_row_sampling_overrides() -> None:
+    table = pa.table({"id": ["a", "b", "c", "d"], "text": ["p"] * 4,
+                      "budget": pa.array([8, None, 0, 3], pa.int64()),
+                      "temp": [0.7, 0.1, 0.2, -1.0], "s": [11, None, None, None]})
+    spec = make_spec("unused", sampling={"seed": 5, "overrides": {"max_tokens": "budget", "temperature": "temp",
+                                                                  "seed": "s"}})
+    rows = build_prompts(table, spec)
+    assert rows[0].overrides == {"max_tokens": 8, "temperature": 0.7, "seed": 11} and rows[0].error is None
+    assert rows[0].seed == row_seed(11, "a")
+    assert rows[1].overrides == {"temperature": 0.1} and rows[1].seed == row_seed(5, "b")
+    assert rows[2].prompt is None and rows[2].error == (
+        "override from column 'budget': max_tokens=0: Input should be greater than 0")
+    assert rows[3].error == "override from column 'temp': temperature=-1.0: Input should be greater than or equal to 0"
+
+
+def test_build_prompts_on_a_read_shard(dataset: Path) -> None:
+    spec = make_spec(dataset, template="Summarize: {text}")
+    shard = plan_shards(spec.input, 100)[1]
+    rows = build_prompts(read_shard(shard, spec.input_columns()), spec)
+    assert len(rows) == shard.num_rows
+    assert rows[0].row_id == f"r{shard.row_start}" and rows[0].prompt == f"Summarize: text {shard.row_start}"
