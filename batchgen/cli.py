@@ -72,6 +72,74 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0 if all(o.ok for o in outs) else 1
 
 
+def _setup_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def _load(args: argparse.Namespace):
+    """The job spec with --set overrides, or None after printing why it is invalid."""
+    from batchgen.pipeline.spec import SpecError, load_spec
+
+    try:
+        return load_spec(args.spec, args.set)
+    except (SpecError, FileNotFoundError) as e:
+        print(f"error: invalid job spec {args.spec}:\n{e}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a job spec on Ray (the cluster in RAY_ADDRESS, or a local one)."""
+    from batchgen.pipeline.driver import JobFailed, run_job
+    from batchgen.pipeline.spec import SpecError
+
+    _setup_logging()
+    spec = _load(args)
+    if spec is None:
+        return 2
+    try:
+        summary = run_job(spec, address=args.address, dashboard=not args.no_dashboard,
+                          progress_every_s=args.progress_every)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except JobFailed as e:
+        print(f"error: job {spec.name} did not complete: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a spec and its input (schemas, ids) without loading a model or starting Ray."""
+    from batchgen.pipeline.shards import list_input_files, plan_shards, validate_input
+    from batchgen.pipeline.spec import SpecError
+
+    spec = _load(args)
+    if spec is None:
+        return 2
+    try:
+        files = list_input_files(spec.input)
+        validate_input(spec, files)
+        shards = plan_shards(spec.input, spec.execution.shard_rows, files)
+    except (SpecError, FileNotFoundError) as e:
+        print(f"error: invalid job spec {args.spec}:\n{e}", file=sys.stderr)
+        return 2
+    rows = sum(s.num_rows for s in shards)
+    print(f"ok: {spec.name}: {len(files)} file(s), {rows} rows, {len(shards)} shards -> {spec.output.path}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Progress of a running or finished job, read from its output location."""
+    from batchgen.pipeline.writer import job_status
+
+    status = job_status(args.output)
+    print(json.dumps(status, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchgen", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     g.set_defaults(func=cmd_generate)
+
+    def spec_parser(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("spec", help="job spec (YAML or JSON)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE",
+                       help="override a spec field, e.g. --set sampling.max_tokens=32 (repeatable)")
+        return p
+
+    r = spec_parser("run", "run a job spec on Ray")
+    r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    r.add_argument("--no-dashboard", action="store_true", help="local Ray without the dashboard")
+    r.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
+    r.set_defaults(func=cmd_run)
+    spec_parser("validate", "check a spec and its input without running anything").set_defaults(func=cmd_validate)
+    st = sub.add_parser("status", help="progress of a job from its output location")
+    st.add_argument("output", help="the job's output.path")
+    st.set_defaults(func=cmd_status)
     return parser
 
 
