@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -72,6 +73,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0 if all(o.ok for o in outs) else 1
 
 
+def _local_ray_on_loopback(address: Optional[str]) -> None:
+    """A local Ray must listen on 127.0.0.1 only. Ray reads this switch at import time, so it is
+    set before anything imports ray, and only when no cluster is being joined (a driver that
+    advertises 127.0.0.1 could not join one)."""
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def _setup_logging() -> None:
     import logging
 
@@ -91,6 +100,7 @@ def _load(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a job spec on Ray (the cluster in RAY_ADDRESS, or a local one)."""
+    _local_ray_on_loopback(args.address)
     from batchgen.pipeline.driver import JobFailed, run_job
     from batchgen.pipeline.spec import SpecError
 
@@ -140,6 +150,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The bundled model on held-out problems, through the whole pipeline on a local Ray."""
+    _local_ray_on_loopback(None)
+    from batchgen.demo.run import run_demo_args
+
+    _setup_logging()
+    return run_demo_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchgen", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="progress of a job from its output location")
     st.add_argument("output", help="the job's output.path")
     st.set_defaults(func=cmd_status)
+
+    from batchgen.demo.run import add_demo_args
+
+    d = sub.add_parser("demo", help="run the bundled model on held-out problems through the pipeline")
+    add_demo_args(d)
+    d.set_defaults(func=cmd_demo)
     return parser
 
 

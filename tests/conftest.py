@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Keep every Ray the tests start on loopback: Ray reads this when it is imported, and without it
+# a local Ray binds to all interfaces even when told 127.0.0.1.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 from pathlib import Path
 from typing import Any, Callable
 

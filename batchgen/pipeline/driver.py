@@ -126,9 +126,8 @@ def _run_shards(spec: JobSpec, plan: JobPlan, progress_every_s: float,
                     raise JobFailed(f"{names[i]} failed: {e}") from None
             stats = ray.get(queue.stats.remote())
             metrics.queue(stats)
-            results = ray.get(queue.results.remote())
-            line = progress.update(stats, sum(r.get("rows", 0) for r in results.values()),
-                                   sum(r.get("completion_tokens", 0) for r in results.values()))
+            totals = ray.get(queue.result_totals.remote(["rows", "completion_tokens"]))
+            line = progress.update(stats, int(totals["rows"]), int(totals["completion_tokens"]))
             if line:
                 log.info(line)
             if on_stats:

@@ -99,7 +99,8 @@ class JobMetrics:
     ) -> None:
         """Record one committed shard (call it only for an accepted ack)."""
         m, tags = self._m, self._tags()
-        # Ray counters reject increments <= 0, and a shard may well have no failed rows.
+        # Ray counters reject increments <= 0 (a shard may well have no failed rows) and any
+        # type but int/float (numpy or Arrow scalars), hence the filter and float().
         for counter, value in (
             (m.rows_done, rows_ok),
             (m.rows_failed, rows_err),
@@ -108,10 +109,10 @@ class JobMetrics:
             (m.shards_done, 1),
         ):
             if value > 0:
-                counter.inc(value, tags)
+                counter.inc(float(value), tags)
         if seconds > 0:
-            m.shard_seconds.observe(seconds, tags)
-            m.replica_tokens_per_s.set(tokens_out / seconds, self._tags(replica))
+            m.shard_seconds.observe(float(seconds), tags)
+            m.replica_tokens_per_s.set(float(tokens_out) / float(seconds), self._tags(replica))
 
     def shard_failed(self, replica: str) -> None:
         """Record one failed shard attempt on `replica`."""
@@ -119,13 +120,13 @@ class JobMetrics:
 
     def replica_throughput(self, replica: str, tokens_per_s: float) -> None:
         """Set a replica's current tokens/s (e.g. from its heartbeat, between shards)."""
-        self._m.replica_tokens_per_s.set(tokens_per_s, self._tags(replica))
+        self._m.replica_tokens_per_s.set(float(tokens_per_s), self._tags(replica))
 
     def queue(self, stats: Mapping[str, int]) -> None:
         """Publish queue depth and leased shards from `ShardQueue.stats()`."""
         tags = self._tags()
-        self._m.queue_depth.set(stats["pending"], tags)
-        self._m.shards_leased.set(stats["leased"], tags)
+        self._m.queue_depth.set(float(stats["pending"]), tags)
+        self._m.shards_leased.set(float(stats["leased"]), tags)
 
 
 # -- progress line -----------------------------------------------------------------------------
@@ -152,16 +153,16 @@ def _rate(value: float | None) -> str:
 def format_progress(
     shards_done: int,
     shards_total: int,
-    rows: int,
+    rows: int | None,
     rows_per_s: float | None,
     tokens_per_s: float | None,
     eta_s: float | None,
     shards_dead: int = 0,
 ) -> str:
-    """One progress line; rates and ETA may be None (not measurable yet)."""
+    """One progress line; rows, rates and ETA may be None (unknown or not measurable yet)."""
     pct = 100 * shards_done // shards_total if shards_total else 100
     line = (
-        f"[batchgen] shards {shards_done}/{shards_total} ({pct}%) rows {rows} | "
+        f"[batchgen] shards {shards_done}/{shards_total} ({pct}%) rows {'-' if rows is None else rows} | "
         f"{_rate(rows_per_s)} rows/s | {_rate(tokens_per_s)} tok/s | ETA {format_duration(eta_s)}"
     )
     if shards_dead:
@@ -237,7 +238,7 @@ class ProgressLogger:
         return format_progress(
             self.done_before + stats["done"],
             self.total_shards,
-            rows or 0,
+            rows,
             rows_per_s,
             tokens_per_s,
             eta,
