@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
 
 # Keep every Ray the tests start on loopback: Ray reads this when it is imported, and without it
 # a local Ray binds to all interfaces even when told 127.0.0.1.
@@ -12,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from ray_head import free_port
 
 # The read-only real tokenizer and tiny checkpoints live beside the repository (see its README).
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
@@ -44,3 +49,27 @@ def tiny_hf_config() -> Callable[..., Any]:
         return transformers.LlamaConfig(**kw)
 
     return make
+
+
+@pytest.fixture()
+def head_env() -> Iterator[dict[str, str]]:
+    """Environment for the scripts: free ports, a short temp dir, a token file of our own."""
+    if not Path("/proc/net/tcp").exists() or shutil.which("pgrep") is None:
+        pytest.skip("needs Linux /proc and pgrep")
+    # Short: Ray's unix sockets live under it and socket paths are limited to ~107 bytes.
+    tmp = Path(tempfile.mkdtemp(prefix="bgray-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        VENV=sys.prefix, RAY_TMPDIR=str(tmp / "ray"), NUM_CPUS="1",
+        RAY_PORT=str(free_port()), DASHBOARD_PORT=str(free_port()),
+        METRICS_PORT=str(free_port()), CLIENT_PORT=str(free_port()),
+        RAY_AUTH_TOKEN_PATH=str(tmp / "token"),
+        # The dashboard agent's default port (52365) may be held by another local Ray.
+        AGENT_PORT=str(free_port()),
+    )
+    try:
+        yield env
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+

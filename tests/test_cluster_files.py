@@ -6,25 +6,17 @@ import json
 import os
 import re
 import secrets
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from ray_head import LOOPBACK, START, STOP, WORKER_PORTS, http_get, listening_addresses
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-START = CLUSTER / "start-local-head.sh"
-STOP = CLUSTER / "stop-local-head.sh"
-WORKER_PORTS = range(10002, 20000)  # Ray's default --min/max-worker-port
 
 
 def load(path: Path) -> dict:
@@ -127,61 +119,6 @@ def test_dockerfile_matches_the_ray_version_of_the_manifests() -> None:
 
 # -- the local head, for real ------------------------------------------------------------------
 
-
-def free_port() -> int:
-    """A free port from the kernel's ephemeral range (32768+), so never a Ray worker port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    assert port not in WORKER_PORTS
-    return port
-
-
-def listening_addresses(port: int) -> set[str]:
-    """Local addresses with a TCP listener on `port`, from /proc/net/tcp{,6} (hex, as stored)."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, hex_port = local.rsplit(":", 1)
-            if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
-                found.add(address)
-    return found
-
-
-# 127.0.0.1 as /proc/net/tcp writes it (little-endian), and its IPv4-mapped IPv6 form.
-LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}
-
-
-def http_get(url: str, token: str | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-@pytest.fixture()
-def head_env() -> Iterator[dict[str, str]]:
-    """Environment for the scripts: free ports, a short temp dir, a token file of our own."""
-    if not Path("/proc/net/tcp").exists() or shutil.which("pgrep") is None:
-        pytest.skip("needs Linux /proc and pgrep")
-    # Short: Ray's unix sockets live under it and socket paths are limited to ~107 bytes.
-    tmp = Path(tempfile.mkdtemp(prefix="bgray-", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(
-        VENV=sys.prefix, RAY_TMPDIR=str(tmp / "ray"), NUM_CPUS="1",
-        RAY_PORT=str(free_port()), DASHBOARD_PORT=str(free_port()),
-        METRICS_PORT=str(free_port()), CLIENT_PORT=str(free_port()),
-        RAY_AUTH_TOKEN_PATH=str(tmp / "token"),
-        # The dashboard agent's default port (52365) may be held by another local Ray.
-        AGENT_PORT=str(free_port()),
-    )
-    try:
-        yield env
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_local_head_starts_on_loopback_with_auth_and_stops(head_env: dict[str, str]) -> None:

@@ -118,7 +118,7 @@ class LLM:
         if error is None and self.blocks.blocks_needed(req.max_total_len) > self.blocks.num_blocks:
             error = f"prompt_too_long: {req.max_total_len} tokens do not fit the KV cache ({self.kv_cache_tokens} tokens)"
         if error is not None:
-            req.finish_reason, req.error, req.text = "error", error, ""
+            req.finish_reason, req.error = "error", error
             self._finished.append(req.to_output())
             return rid
         if self.tokenizer is not None:

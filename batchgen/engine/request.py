@@ -89,7 +89,7 @@ class Request:
         self.logprobs: list[float] = []
         self.finish_reason: Optional[str] = None
         self.error: Optional[str] = None
-        self.text = ""
+        self.text: Optional[str] = None  # set at the end when the model has a tokenizer
         self.generator: Optional[torch.Generator] = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
