@@ -193,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("output", help="the job's output.path")
     st.set_defaults(func=cmd_status)
 
+    from batchgen.plan import add_plan_args, run_plan
+
+    pl = sub.add_parser("plan", help="does a model fit on given GPUs: weights, KV cache, batch per GPU")
+    add_plan_args(pl)
+    pl.set_defaults(func=run_plan)
+
     from batchgen.demo.run import add_demo_args
 
     d = sub.add_parser("demo", help="run the bundled model on held-out problems through the pipeline")

@@ -1,0 +1,579 @@
+"""Tensor-parallel replicas: N processes run every engine step together.
+
+A replica is ``world_size`` ranks in one ``torch.distributed`` group (gloo on CPU, NCCL on CUDA).
+Each rank holds its slice of the model (:class:`~batchgen.model.Transformer` with ``world_size``/
+``rank``: its heads, its FFN columns, whole embeddings and output head) and its slice of the paged
+KV cache: the same block ids on every rank, each rank storing only its own KV heads.
+
+Rank 0 runs :class:`TPLeaderLLM`, an :class:`~batchgen.engine.LLM` that owns the scheduler, the
+block manager, sampling and the tokenizer. Ranks 1..N-1 run :func:`follower_loop`. Whenever rank
+0 calls its model, a forward pre-hook first broadcasts the step plan (tokens, positions and every
+field of :class:`~batchgen.model.AttentionMetadata`) so that every follower runs the same forward
+at the same time; the all-reduces inside the model need all ranks. Only rank 0 computes logits
+and samples. Hooking the model call, rather than copying the runner, keeps TP correct whatever
+the runner does to build its batch.
+
+Set-up (each rank loads its slice, then rank 0 picks the KV block count that the smallest
+rank's budget allows) goes through the rendezvous store, with a long timeout because loading can
+take minutes. Steps go through collectives with a short one. Wire format of a step (no pickling):
+a fixed ``int64[HEADER_LEN]`` header (op code, item count, payload size, one descriptor per
+item), then one ``uint8`` payload holding every tensor's bytes.
+
+Failure handling: a collective that a dead or frozen peer never joins raises after the group's
+timeout (gloo; a dead peer's closed socket usually much sooner), or the NCCL watchdog aborts the
+process. Any failure during a step leaves the ranks out of step, so the group is then unusable:
+every rank must leave it (:func:`destroy_tp_group`, or exit) and a new one be formed. An idle
+leader sends keep-alives so that followers waiting for work do not mistake idleness for death.
+
+Not supported: CUDA graphs on rank 0 (a replayed graph bypasses the hook that feeds the followers).
+
+Usage (one process per rank)::
+
+    device = init_tp_group(rank, world_size, "127.0.0.1", port)
+    if rank == 0:
+        with TPLeaderLLM(model_dir, device=device) as llm:
+            outs = llm.generate(prompts, params)
+    else:
+        follower_loop(model_dir, device=device)
+    destroy_tp_group()
+"""
+
+from __future__ import annotations
+
+import inspect
+import ipaddress
+import json
+import math
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from batchgen.engine.engine import LLM, default_kv_cache_bytes
+from batchgen.engine.kv_cache import allocate_kv_cache, bytes_per_block
+from batchgen.engine.request import CompletionOutput
+from batchgen.model import AttentionMetadata, Transformer
+from batchgen.tokenizer import Tokenizer, load_tokenizer
+
+HEADER_LEN = 128
+_OP_STOP, _OP_STEP, _OP_NOOP = 0, 1, 2
+_KIND_NONE, _KIND_TENSOR, _KIND_INT, _KIND_BOOL, _KIND_INTS = range(5)
+_DESC = 8  # ints per item: kind, value/dtype, on_host, ndim, up to 4 dims
+_MAX_DIMS = 4
+_ALIGN = 16  # payload offsets stay aligned so byte slices can be viewed as any dtype
+_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+           torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_ITEM_NAMES = ("tokens", "positions") + tuple(f.name for f in fields(AttentionMetadata))
+
+
+@dataclass
+class _Group:
+    """What init_tp_group set up in this process."""
+
+    store: dist.Store
+    timeout_s: float  # every collective (a step, a keep-alive)
+    setup_timeout_s: float  # rendezvous and the per-replica set-up handshake
+    setups: int = 0  # set-up rounds so far; ranks stay in step because every round is collective
+
+
+_group: Optional[_Group] = None
+
+
+class TPError(RuntimeError):
+    """A tensor-parallel collective failed, timed out, or the ranks disagree: recreate the group."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The process group
+# ---------------------------------------------------------------------------------------------
+
+
+def tp_device(device: Optional[Union[str, torch.device]] = None, rank: Optional[int] = None) -> torch.device:
+    """The device a rank computes on: ``device`` if given, else ``cuda:<rank % #GPUs>`` or CPU."""
+    if device is not None:
+        return torch.device(device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    r = rank if rank is not None else (dist.get_rank() if dist.is_initialized() else 0)
+    # Under Ray each rank sees only its own GPU (device_count 1), so this gives cuda:0 there.
+    return torch.device("cuda", r % torch.cuda.device_count())
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return addr == "localhost"
+
+
+def _loopback_ifname() -> str:
+    names = {name for _, name in socket.if_nameindex()}
+    return "lo" if "lo" in names else "lo0"
+
+
+def init_tp_group(rank: int, world_size: int, master_addr: str = "127.0.0.1", master_port: int = 29500,
+                  backend: Optional[str] = None, device: Optional[Union[str, torch.device]] = None,
+                  timeout_s: float = 120.0, setup_timeout_s: float = 1800.0) -> torch.device:
+    """Join this process to a tensor-parallel group of ``world_size`` ranks; return its device.
+
+    Rank 0 hosts the rendezvous store on ``master_addr:master_port`` (it listens on that address
+    only, not on every interface). ``backend`` defaults to NCCL for a CUDA device, gloo otherwise.
+    ``timeout_s`` bounds every collective: a rank that dies or freezes makes the others fail
+    after at most this long instead of hanging. ``setup_timeout_s`` bounds the waits that include
+    process start-up and model loading (the rendezvous and each replica's set-up handshake),
+    which legitimately take much longer than a step.
+    """
+    global _group
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"invalid tensor-parallel rank {rank} of world_size {world_size}")
+    if dist.is_initialized():
+        raise TPError("this process already belongs to a process group; call destroy_tp_group() first")
+    if not 0 < master_port < 65536:
+        raise ValueError(f"master_port must be in 1..65535, got {master_port}")
+    if timeout_s <= 0 or setup_timeout_s <= 0:
+        raise ValueError(f"timeouts must be positive, got timeout_s={timeout_s}, setup_timeout_s={setup_timeout_s}")
+    dev = tp_device(device, rank)
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if _is_loopback(master_addr):
+        # Keep the data connections on loopback too, not on whatever the hostname resolves to.
+        ifname = _loopback_ifname()
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", ifname)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", ifname)
+    setup_timeout = timedelta(seconds=setup_timeout_s)
+    if rank == 0:
+        # TCPStore would listen on every interface; a socket bound here restricts it to master_addr.
+        family = socket.AF_INET6 if ":" in master_addr else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((master_addr, master_port))
+        except OSError as e:
+            sock.close()
+            raise TPError(f"rank 0 cannot listen on {master_addr}:{master_port}: {e}") from e
+        sock.listen()
+        # detach(): the store owns (and eventually closes) the descriptor, not this socket object.
+        store = dist.TCPStore(master_addr, master_port, world_size, True, timeout=setup_timeout,
+                              master_listen_fd=sock.detach(), wait_for_workers=False)
+    else:
+        store = dist.TCPStore(master_addr, master_port, world_size, False, timeout=setup_timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    _group = _Group(store, timeout_s, setup_timeout_s)
+    return dev
+
+
+def destroy_tp_group() -> None:
+    """Leave and free the process group (safe to call when there is none)."""
+    global _group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _group = None
+
+
+def _require_group(leader: bool) -> tuple[int, int, _Group]:
+    if not dist.is_initialized() or _group is None:
+        raise TPError("no tensor-parallel group: call init_tp_group(rank, world_size, ...) first")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if leader and rank != 0:
+        raise TPError(f"TPLeaderLLM runs on rank 0; this process is rank {rank} (use follower_loop)")
+    if not leader and rank == 0:
+        raise TPError("follower_loop runs on ranks 1..N-1; rank 0 runs TPLeaderLLM")
+    return rank, world, _group
+
+
+# ---------------------------------------------------------------------------------------------
+# The step channel
+# ---------------------------------------------------------------------------------------------
+
+
+def _padded(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+class _StepChannel:
+    """Rank 0 sends each step's model inputs; followers rebuild them bit for bit."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def send_op(self, op: int) -> None:
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        header[0] = op
+        dist.broadcast(header.to(self.device), src=0)
+
+    def send_step(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
+        if not isinstance(meta, AttentionMetadata):
+            raise TypeError(f"tensor parallel: the model's third argument is a {type(meta).__name__}, "
+                            "expected AttentionMetadata")
+        values = (tokens, positions) + tuple(getattr(meta, f.name) for f in fields(AttentionMetadata))
+        if 3 + _DESC * len(values) > HEADER_LEN:
+            raise TypeError(f"tensor parallel: {len(values)} step items do not fit a {HEADER_LEN}-int header")
+        header = [_OP_STEP, len(values), 0]
+        pieces: list[torch.Tensor] = []
+        nbytes = 0
+        for name, v in zip(_ITEM_NAMES, values):
+            desc = [0] * _DESC
+            t: Optional[torch.Tensor] = None
+            if v is None:
+                desc[0] = _KIND_NONE
+            elif isinstance(v, bool):
+                desc[:2] = [_KIND_BOOL, int(v)]
+            elif isinstance(v, int):
+                desc[:2] = [_KIND_INT, v]
+            elif isinstance(v, torch.Tensor):
+                if v.dim() > _MAX_DIMS or v.dtype not in _DTYPES:
+                    raise TypeError(f"tensor parallel: step item {name!r} is a {v.dim()}-d {v.dtype} tensor; "
+                                    f"the broadcast carries up to {_MAX_DIMS}-d tensors of {_DTYPES}")
+                t = v
+                desc[:4] = [_KIND_TENSOR, _DTYPES.index(v.dtype), int(v.device.type == "cpu"), v.dim()]
+                desc[4:4 + v.dim()] = list(v.shape)
+            elif isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                t = torch.tensor(list(v), dtype=torch.int64)
+                desc[:2] = [_KIND_INTS, len(v)]
+            else:
+                raise TypeError(f"tensor parallel: step item {name!r} is a {type(v).__name__}, which the "
+                                "step broadcast cannot carry (None, bool, int, list of int or tensor)")
+            if t is not None and t.numel():
+                raw = t.to(self.device).contiguous().view(-1).view(torch.uint8)
+                pieces.append(raw)
+                pad = _padded(raw.numel()) - raw.numel()
+                if pad:
+                    pieces.append(torch.zeros(pad, dtype=torch.uint8, device=self.device))
+                nbytes += raw.numel() + pad
+            header.extend(desc)
+        header[2] = nbytes
+        header.extend([0] * (HEADER_LEN - len(header)))
+        dist.broadcast(torch.tensor(header, dtype=torch.int64).to(self.device), src=0)
+        if nbytes:
+            dist.broadcast(torch.cat(pieces), src=0)
+
+    def recv_step(self) -> Optional[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]:
+        """The next step's model inputs; None when rank 0 says stop. Keep-alives are skipped."""
+        while True:
+            header_t = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+            dist.broadcast(header_t, src=0)
+            header = header_t.tolist()
+            if header[0] == _OP_STOP:
+                return None
+            if header[0] == _OP_STEP:
+                break
+            if header[0] != _OP_NOOP:
+                raise TPError(f"unknown op code {header[0]} from rank 0 (different batchgen versions?)")
+        n, nbytes = header[1], header[2]
+        if n != len(_ITEM_NAMES):
+            raise TPError(f"rank 0 sent {n} step items, this rank expects {len(_ITEM_NAMES)} "
+                          "(different batchgen versions?)")
+        payload = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        if nbytes:
+            dist.broadcast(payload, src=0)
+        values: list[Any] = []
+        offset = 0
+        for i in range(n):
+            kind, a, on_host, ndim, *dims = header[3 + _DESC * i: 3 + _DESC * (i + 1)]
+            if kind == _KIND_NONE:
+                values.append(None)
+            elif kind in (_KIND_INT, _KIND_BOOL):
+                values.append(bool(a) if kind == _KIND_BOOL else a)
+            elif kind == _KIND_INTS:
+                values.append(payload[offset:offset + 8 * a].view(torch.int64).tolist() if a else [])
+                offset += _padded(8 * a)
+            else:
+                dtype, shape = _DTYPES[a], dims[:ndim]
+                size = math.prod(shape) * dtype.itemsize
+                t = payload[offset:offset + size].view(dtype).view(shape)
+                offset += _padded(size)
+                values.append(t.cpu() if on_host and self.device.type != "cpu" else t)
+        meta = AttentionMetadata(**dict(zip(_ITEM_NAMES[2:], values[2:])))
+        return values[0], values[1], meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up handshake, shared by leader and followers
+# ---------------------------------------------------------------------------------------------
+
+_FINGERPRINT = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
+
+
+class _Setup:
+    """One replica set-up round, through the store: JSON values under per-round keys.
+
+    The store rather than a collective carries it because it waits for model loading, which may
+    take minutes and differ between ranks (the store's timeout is the long set-up one), and
+    because it can carry a rank's error message to the others.
+    """
+
+    def __init__(self, group: _Group, rank: int) -> None:
+        group.setups += 1
+        self.store, self.rank = group.store, rank
+        self.prefix = f"batchgen/tp/setup{group.setups}/"
+        self.timeout = timedelta(seconds=group.setup_timeout_s)
+
+    def put(self, key: str, value: dict) -> None:
+        self.store.set(self.prefix + key, json.dumps(value))
+
+    def get(self, key: str, who: str) -> dict:
+        k = self.prefix + key
+        try:
+            self.store.wait([k], self.timeout)
+            return json.loads(self.store.get(k))
+        except Exception as e:  # a timeout, or rank 0 (the store's host) is gone
+            raise TPError(f"rank {self.rank}: no {key!r} from {who} within "
+                          f"{self.timeout.total_seconds():g} s: {e}") from e
+
+
+def _fingerprint(model: Transformer) -> dict[str, Any]:
+    """What must agree across ranks for their slices to form one model."""
+    out: dict[str, Any] = {k: getattr(model.args, k) for k in _FINGERPRINT}
+    out["dtype"] = str(next(model.parameters()).dtype)
+    out["world_size"] = model.world_size
+    return out
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _kv_capacity_tokens(model: Transformer, kv_cache_bytes: Optional[int], device: torch.device) -> int:
+    """Tokens this rank's KV budget holds (the same per-token size on every rank)."""
+    per_token = bytes_per_block(model, 1, next(model.parameters()).dtype)
+    budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(device)
+    return budget // per_token
+
+
+def _load_slice(model_dir: Optional[Union[str, Path]], model: Optional[Transformer], dtype: str,
+                device: torch.device, world: int, rank: int) -> Transformer:
+    if model is None:
+        if model_dir is None:
+            raise ValueError("give a model directory or a model")
+        from batchgen.checkpoint import load_model
+
+        return load_model(model_dir, dtype=dtype, device=device, world_size=world, rank=rank)
+    if model.world_size != world or model.rank != rank:
+        raise ValueError(f"the given model is slice {model.rank} of {model.world_size}; "
+                         f"this is rank {rank} of {world}")
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank 0
+# ---------------------------------------------------------------------------------------------
+
+
+class TPLeaderLLM(LLM):
+    """:class:`~batchgen.engine.LLM` on rank 0 of a tensor-parallel group; same API.
+
+    Construction is collective: every follower must be inside :func:`follower_loop`. The KV
+    cache holds as many blocks as the smallest rank's budget allows (``kv_cache_bytes`` per rank;
+    default as in ``LLM``); rank 0 decides the count, block size and context length for all.
+    Call :meth:`shutdown` (or use ``with``) to release the followers; until then a keep-alive
+    thread holds them. After a :class:`TPError` the object is unusable: every rank must leave the
+    group and a new one be formed.
+    """
+
+    def __init__(self, model_dir: Optional[Union[str, Path]] = None, *, model: Optional[Transformer] = None,
+                 tokenizer: Optional[Tokenizer] = None, dtype: str = "auto",
+                 device: Optional[Union[str, torch.device]] = None, kv_cache_bytes: Optional[int] = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
+                 max_model_len: Optional[int] = None, keepalive_s: Optional[float] = None) -> None:
+        _, world, group = _require_group(leader=True)
+        self.world_size = world
+        dev = tp_device(device, 0)
+        self._channel = _StepChannel(dev)
+        self._lock = threading.Lock()  # one collective sequence at a time: a step, or a keep-alive
+        self._broken: Optional[BaseException] = None
+        self._closed = False
+        self._stop = threading.Event()
+        self._keepalive: Optional[threading.Thread] = None
+
+        setup = _Setup(group, 0)
+        failure: Optional[Exception] = None
+        try:
+            model = _load_slice(model_dir, model, dtype, dev, world, 0)
+            if tokenizer is None and model_dir is not None:
+                tokenizer = load_tokenizer(model_dir)
+            mlen = max_model_len or model.args.max_seq_len
+            capacity = _kv_capacity_tokens(model, kv_cache_bytes, dev)
+        except Exception as e:  # still answer the followers, so that they stop waiting at once
+            failure = e
+        answers = {r: setup.get(f"capacity/{r}", f"rank {r}") for r in range(1, world)}
+        errors = "; ".join(f"rank {r}: {a['error']}" for r, a in answers.items() if "error" in a)
+        if failure is None and not errors:
+            capacity = min([capacity] + [a["tokens"] for a in answers.values()])
+            # The same cap as LLM's: never more blocks than max_num_seqs full-length sequences use.
+            num_blocks = min(capacity // block_size, max_num_seqs * -(-mlen // block_size))
+            if num_blocks < 1:
+                failure = ValueError(f"the smallest rank's KV cache budget holds {capacity} tokens, "
+                                     f"less than one block of {block_size}")
+        if failure is not None or errors:
+            setup.put("config", {"error": _describe(failure) if failure is not None else errors})
+            if failure is not None:
+                raise failure
+            raise TPError(f"followers could not load their model slices: {errors}")
+        setup.put("config", {"num_blocks": num_blocks, "block_size": block_size, "max_model_len": mlen,
+                             "model": _fingerprint(model)})
+        refusals = "; ".join(f"rank {r}: {a['error']}" for r in range(1, world)
+                             if "error" in (a := setup.get(f"ready/{r}", f"rank {r}")))
+        if refusals:
+            raise TPError(f"followers rejected the replica set-up: {refusals}")
+
+        sig = inspect.signature(model.forward)
+        if len(sig.parameters) != 3:
+            raise TPError(f"Transformer.forward{sig} no longer takes (tokens, positions, meta); "
+                          "batchgen/engine/tp.py must be updated to match")
+        self._forward_sig = sig
+        # Any forward rank 0 runs (also a warm-up inside LLM.__init__) must run on every rank.
+        hook = model.register_forward_pre_hook(self._broadcast_step, with_kwargs=True)
+        try:
+            per_token = bytes_per_block(model, 1, next(model.parameters()).dtype)
+            super().__init__(model=model, tokenizer=tokenizer, device=str(dev),
+                             kv_cache_bytes=num_blocks * block_size * per_token, max_num_seqs=max_num_seqs,
+                             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                             max_model_len=mlen)
+            if self.blocks.num_blocks != num_blocks:
+                raise TPError(f"LLM sized its cache to {self.blocks.num_blocks} blocks, the followers "
+                              f"allocated {num_blocks}; batchgen/engine/tp.py must match LLM's sizing")
+        except BaseException:
+            hook.remove()
+            self._send_stop()
+            raise
+        self._keepalive_s = keepalive_s if keepalive_s is not None else group.timeout_s / 4
+        self._last_sent = time.monotonic()
+        self._keepalive = threading.Thread(target=self._keepalive_loop, name="tp-keepalive", daemon=True)
+        self._keepalive.start()
+
+    def _broadcast_step(self, module: Transformer, args: tuple, kwargs: dict) -> None:
+        bound = self._forward_sig.bind(*args, **kwargs)
+        self._channel.send_step(*bound.args)
+        self._last_sent = time.monotonic()
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise TPError("this TPLeaderLLM was shut down")
+        if self._broken is not None:
+            raise TPError(f"the tensor-parallel group failed earlier ({self._broken}); recreate it")
+
+    def step(self) -> list[CompletionOutput]:
+        """One engine step, run on all ranks. Raises :class:`TPError` if any rank fails."""
+        with self._lock:
+            self._check_usable()
+            try:
+                return super().step()
+            except Exception as e:
+                self._broken = e
+                raise TPError(f"tensor-parallel step failed; the group of {self.world_size} ranks must be "
+                              f"torn down and recreated: {e}") from e
+
+    def _keepalive_loop(self) -> None:
+        if self._channel.device.type == "cuda":
+            torch.cuda.set_device(self._channel.device)  # the current device is per thread
+        while not self._stop.wait(self._keepalive_s / 2):
+            with self._lock:
+                if self._closed or self._broken is not None:
+                    return
+                if time.monotonic() - self._last_sent < self._keepalive_s:
+                    continue
+                try:
+                    self._channel.send_op(_OP_NOOP)
+                    self._last_sent = time.monotonic()
+                except Exception as e:  # surfaces in the next step()
+                    self._broken = e
+                    return
+
+    def _send_stop(self) -> None:
+        try:
+            self._channel.send_op(_OP_STOP)
+        except Exception as e:  # the followers are gone or will time out on their own
+            self._broken = self._broken or e
+
+    def shutdown(self) -> None:
+        """Tell the followers to leave :func:`follower_loop`. Idempotent; the group stays up."""
+        if self._closed:
+            return
+        self._stop.set()
+        with self._lock:
+            self._closed = True
+            if self._broken is None:
+                self._send_stop()
+        if self._keepalive is not None:
+            self._keepalive.join()
+
+    def __enter__(self) -> "TPLeaderLLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks 1..N-1
+# ---------------------------------------------------------------------------------------------
+
+
+def follower_loop(model_dir: Optional[Union[str, Path]] = None, *, model: Optional[Transformer] = None,
+                  dtype: str = "auto", device: Optional[Union[str, torch.device]] = None,
+                  kv_cache_bytes: Optional[int] = None) -> int:
+    """Serve rank 0's steps with this rank's model slice until it says stop; return the step count.
+
+    Loads this rank's slice of ``model_dir`` (or takes a ``model`` built for this rank). The
+    number of KV blocks, the block size and the context length come from rank 0; ``kv_cache_bytes``
+    is only this rank's budget, which caps the count rank 0 picks. Raises :class:`TPError` when
+    rank 0 disappears, the ranks disagree, or a collective times out.
+    """
+    rank, world, group = _require_group(leader=False)
+    dev = tp_device(device, rank)
+    setup = _Setup(group, rank)
+    try:
+        model = _load_slice(model_dir, model, dtype, dev, world, rank)
+        capacity = _kv_capacity_tokens(model, kv_cache_bytes, dev)
+    except Exception as e:
+        setup.put(f"capacity/{rank}", {"error": _describe(e)})
+        raise
+    setup.put(f"capacity/{rank}", {"tokens": capacity})
+    cfg = setup.get("config", "rank 0")
+    if "error" in cfg:
+        raise TPError(f"rank {rank}: rank 0 could not set up the replica: {cfg['error']}")
+    theirs = cfg["model"]
+    problem = "; ".join(f"{k}: rank 0 has {theirs.get(k)}, rank {rank} has {v}"
+                        for k, v in _fingerprint(model).items() if theirs.get(k) != v)
+    if not problem:
+        try:
+            # As LLM does on rank 0: RoPE is computed, so another context length just rebuilds it.
+            if cfg["max_model_len"] != model.args.max_seq_len:
+                model.args.max_seq_len = cfg["max_model_len"]
+                model._rope = None
+            allocate_kv_cache(model, cfg["num_blocks"], cfg["block_size"], next(model.parameters()).dtype, dev)
+        except Exception as e:
+            problem = f"cannot allocate {cfg['num_blocks']} KV blocks: {_describe(e)}"
+    setup.put(f"ready/{rank}", {"error": problem} if problem else {"ok": True})
+    if problem:
+        raise TPError(f"rank {rank}: {problem}")
+
+    channel = _StepChannel(dev)
+    steps = 0
+    with torch.inference_mode():
+        while True:
+            try:
+                item = channel.recv_step()
+            except TPError:
+                raise
+            except Exception as e:
+                raise TPError(f"rank {rank}: lost rank 0 after {steps} steps: {e}") from e
+            if item is None:
+                return steps
+            try:
+                model(*item)
+            except Exception as e:
+                raise TPError(f"rank {rank}: step {steps} failed: {e}") from e
+            steps += 1
+
+
+__all__ = ["TPError", "TPLeaderLLM", "destroy_tp_group", "follower_loop", "init_tp_group", "tp_device"]
