@@ -34,8 +34,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """One-off generation: every --prompt/--prompt-ids runs in one continuous batch."""
-    from batchgen.checkpoint import CheckpointError
+    from batchgen.checkpoint import CheckpointError, load_args
     from batchgen.engine import LLM, SamplingParams
+    from batchgen.tokenizer import load_tokenizer
 
     prompts: list = list(args.prompt) + list(args.prompt_ids)
     if not prompts:
@@ -47,17 +48,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
             seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos,
             logprobs=args.logprobs,
         )
-        llm = LLM(args.model, dtype=args.dtype, device=args.device)
+        if args.tensor_parallel > 1:
+            if args.device not in (None, "cpu", "cuda"):
+                raise ValueError(f"--tensor-parallel takes --device cpu or cuda (one GPU per rank), not {args.device}")
+            load_args(args.model)  # a bad model directory is reported here, before Ray starts
+            llm, tokenizer = None, load_tokenizer(args.model)
+        else:
+            llm = LLM(args.model, dtype=args.dtype, device=args.device)
+            tokenizer = llm.tokenizer
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.chat:
-        if llm.tokenizer is None:
+        if tokenizer is None:
             print(f"error: --chat needs {args.model}/tokenizer.model", file=sys.stderr)
             return 2
-        prompts = [llm.tokenizer.encode_chat_prompt(p, system=args.system) if isinstance(p, str) else p
+        prompts = [tokenizer.encode_chat_prompt(p, system=args.system) if isinstance(p, str) else p
                    for p in prompts]
-    outs = llm.generate(prompts, params)
+    if llm is None:  # --tensor-parallel: one N-rank replica on a local Ray
+        _local_ray_on_loopback(None)  # before anything imports ray
+        from batchgen.pipeline.tp_replica import TPReplicaError, generate_tensor_parallel
+
+        try:
+            outs = generate_tensor_parallel(args.model, prompts, params, n=args.tensor_parallel, dtype=args.dtype,
+                                            device=args.device)
+        except TPReplicaError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    else:
+        outs = llm.generate(prompts, params)
     for prompt, out in zip(list(args.prompt) + list(args.prompt_ids), outs):
         if args.json:
             rec = {"prompt": prompt, "token_ids": out.token_ids, "text": out.text,
@@ -67,7 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 rec["logprobs"] = out.logprobs
             print(json.dumps(rec, ensure_ascii=False))
         elif out.ok:
-            print(out.text if out.text is not None and llm.tokenizer is not None else " ".join(map(str, out.token_ids)))
+            print(out.text if out.text is not None and tokenizer is not None else " ".join(map(str, out.token_ids)))
         else:
             print(f"error: {out.error}", file=sys.stderr)
     return 0 if all(o.ok for o in outs) else 1
@@ -101,7 +120,7 @@ def _load(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a job spec on Ray (the cluster in RAY_ADDRESS, or a local one)."""
     _local_ray_on_loopback(args.address)
-    from batchgen.pipeline.driver import JobFailed, run_job
+    from batchgen.pipeline.driver import JobFailed, JobStopped, run_job
     from batchgen.pipeline.spec import SpecError
 
     _setup_logging()
@@ -114,6 +133,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except JobStopped as e:
+        print(f"batchgen: {e}", file=sys.stderr)
+        return e.exit_code  # 130 for SIGINT, 143 for SIGTERM
     except JobFailed as e:
         print(f"error: job {spec.name} did not complete: {e}", file=sys.stderr)
         return 1
@@ -174,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    g.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N ranks on a local Ray (one GPU each with CUDA, gloo on CPU)")
     g.set_defaults(func=cmd_generate)
 
     def spec_parser(name: str, help: str) -> argparse.ArgumentParser:
@@ -198,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="does a model fit on given GPUs: weights, KV cache, batch per GPU")
     add_plan_args(pl)
     pl.set_defaults(func=run_plan)
+
+    from batchgen.pipeline.verify import add_verify_args, run_verify
+
+    v = sub.add_parser("verify", help="check that every input row is in the output exactly once")
+    add_verify_args(v)
+    v.set_defaults(func=run_verify)
 
     from batchgen.demo.run import add_demo_args
 

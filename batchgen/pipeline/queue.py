@@ -4,7 +4,8 @@ A replica `lease`s a shard, `heartbeat`s while it works (each beat pushes the de
 `lease_timeout_s` ahead), then `ack`s with a result or `nack`s with an error. A lease that misses
 its deadline expires and the shard goes back to the queue; every lease granted is one attempt,
 and a shard whose attempts run out is dead-lettered with the error of each attempt. The driver
-can then replace a dead shard with smaller sub-shards (`requeue_dead`) to corner a poison row.
+can then replace a dead shard with smaller sub-shards (`requeue_dead`) to corner a poison row,
+or commit it with a result of its own (`settle_dead`: an error row for a single poison row).
 
 Commit rule: a shard is done exactly once, by the first successful `ack`. An ack is accepted from
 the shard's live lease, and also from an *expired* lease as long as nobody has finished the
@@ -14,6 +15,9 @@ its holder must drop its work. Acks from a nacked, released, revoked or already-
 acks for a shard that is done or was replaced, are refused. Since two attempts may both have
 written output, the committed output is the one the accepted ack's `result` points to; writers
 should name their files per attempt or write identical content.
+
+Stopping: `close` makes every later `lease` answer None and `is_finished` True, while leases
+already granted may still heartbeat and ack; replicas finish what they hold and then return.
 
 `ShardQueue` is a plain class so tests can drive it in-process with a fake clock; the pipeline
 runs it as a Ray actor (`create_queue`). Ray runs an actor's methods one at a time (default
@@ -87,6 +91,7 @@ class ShardQueue:
         self._live: dict[str, _Lease] = {}
         self._leases_granted = 0
         self._replaced: dict[str, list[str]] = {}
+        self._closed = False
         for shard_id, payload in items.items():
             self._add(shard_id, payload)
 
@@ -99,7 +104,7 @@ class ShardQueue:
         not mean the job is over: leased shards may still come back; see `is_finished`.
         """
         self.reap()
-        if not self._pending:
+        if self._closed or not self._pending:
             return None
         shard = self._pending.popleft()
         shard.attempts += 1
@@ -210,6 +215,15 @@ class ShardQueue:
         for new_id, payload in replacements.items():
             self._add(new_id, payload)
 
+    def settle_dead(self, shard_id: str, result: dict) -> None:
+        """Commit the dead-lettered `shard_id` with a `result` the driver produced itself (for a
+        single poison row: an error row), so that it counts as done. Raises ValueError otherwise."""
+        shard = self._shards.get(shard_id)
+        if shard is None or shard.state != "dead":
+            state = "unknown" if shard is None else shard.state
+            raise ValueError(f"settle_dead: shard {shard_id!r} is {state}, not dead-lettered")
+        shard.state, shard.result = "done", result
+
     def dead_letters(self) -> dict[str, list[str]]:
         """Dead-lettered shards: shard_id -> the error of each failed attempt, in order."""
         self.reap()
@@ -218,6 +232,16 @@ class ShardQueue:
     def replaced(self) -> dict[str, list[str]]:
         """Shards taken out by `requeue_dead`: old shard_id -> the ids that replaced it."""
         return {sid: list(new) for sid, new in self._replaced.items()}
+
+    def close(self) -> None:
+        """Grant no more leases (graceful stop): live leases may still heartbeat and ack."""
+        self._closed = True
+
+    def results_for(self, shard_ids: Sequence[str]) -> dict[str, dict]:
+        """The results of those of `shard_ids` that are committed (cheaper than `results`)."""
+        self.reap()
+        found = (self._shards.get(sid) for sid in shard_ids)
+        return {s.shard_id: s.result for s in found if s is not None and s.state == "done"}
 
     def results(self) -> dict[str, dict]:
         """Committed shards: shard_id -> the result of the winning ack."""
@@ -251,9 +275,10 @@ class ShardQueue:
         }
 
     def is_finished(self) -> bool:
-        """True when nothing is pending or leased (every shard is done or dead)."""
+        """True when nothing is pending or leased (every shard is done or dead), or once the
+        queue is closed: then nothing more will be leased, so a replica can stop asking."""
         self.reap()
-        return not self._pending and not self._live
+        return self._closed or (not self._pending and not self._live)
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -3,26 +3,131 @@
 :class:`ShardWorker` is the part that turns one shard into one output table; it runs in any
 process (tests drive it directly). :class:`Replica` is the Ray actor around it: lease, work,
 heartbeat, publish, ack.
+
+Failure handling, from the smallest blast radius up:
+
+- A poison row (null, empty, invalid UTF-8, too long for the context, bad override) becomes an
+  error row without touching the others (``build_prompts`` and the engine report it).
+- A row whose *generation raises* is cornered in the process: the rows not finished yet are run
+  again in halves, down to single rows, and a row that still raises alone becomes an error row
+  (``generation failed: ...``). If no row of the shard could be generated at all, the failure
+  looks like the engine's rather than the rows', so the attempt fails instead (nack) and the
+  queue retries the shard, possibly on another replica.
+- A CUDA error (not an out-of-memory one) leaves the device unusable for this process: the
+  attempt is nacked and the process exits, so that Ray starts a fresh one.
+- A replica process that dies (SIGKILL, OOM killer, a row that crashes it) is restarted by Ray;
+  the driver hands its leases back at once. A shard that keeps killing replicas runs out of
+  attempts and the driver splits it (see :mod:`batchgen.pipeline.driver`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import sys
 import time
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
 
 import pyarrow as pa
 
 from batchgen.engine import LLM, CompletionOutput, SamplingParams
 from batchgen.pipeline.shards import PromptRow, Shard, build_prompts, read_shard, resolve_filesystem
 from batchgen.pipeline.spec import JobSpec
-from batchgen.pipeline.writer import output_schema, publish_shard
+from batchgen.pipeline.writer import output_schema, publish_part, publish_shard, with_retries
+
+#: Environment variable of the driver that turns on :class:`Faults` (a test hook).
+FAULTS_ENV = "BATCHGEN_FAULTS"
+#: Exit status of a replica process that a fault hook or a CUDA error ends on purpose.
+FAULT_EXIT_CODE = 87
+
+#: A row's outcome: the engine's output, or the reason it could not run.
+RowResult = Union[CompletionOutput, str]
 
 
 class LeaseLost(Exception):
     """The queue gave this shard to someone else (our lease expired): drop the work."""
 
+
+# --------------------------------------------------------------------------------------- test hook
+
+@dataclass(frozen=True)
+class Faults:
+    """TEST HOOK, never for production: failures injected into replicas on purpose, so that tests
+    can check that recovery really works. Inert unless ``BATCHGEN_FAULTS`` is set (in the
+    driver's environment; the driver hands it to its replicas) to a JSON object with any of:
+
+    - ``"raise_on": TEXT``: generating a group of rows in which a prompt contains TEXT raises a
+      ``RuntimeError`` (after the first engine step), like an engine bug triggered by one row.
+    - ``"exit_on": TEXT``: the same, but the replica process dies (``os._exit``), like a crash.
+    - ``"exit_once_at": {POINT: MARKER_PATH}``: the first replica process that reaches POINT
+      (``load``: before the model loads; ``publish``: output bytes staged, not yet visible)
+      and manages to create the file MARKER_PATH exits; later ones find the file and go on.
+    - ``"step_delay_s": SECONDS``: sleep after every engine step, as a bigger model would take,
+      so that a test's kills land in the middle of a job made for a tiny model.
+    """
+
+    raise_on: Optional[str] = None
+    exit_on: Optional[str] = None
+    exit_once_at: dict[str, str] = field(default_factory=dict)
+    step_delay_s: float = 0.0
+
+    POINTS = ("load", "publish")
+
+    @classmethod
+    def parse(cls, raw: Optional[str]) -> Optional["Faults"]:
+        """The faults described by ``raw`` (JSON), or None when it is empty.
+
+        Raises:
+            ValueError: naming the unknown key or point, or saying why the JSON is invalid.
+        """
+        if not raw:
+            return None
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{FAULTS_ENV} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{FAULTS_ENV} must be a JSON object")
+        unknown = set(data) - {"raise_on", "exit_on", "exit_once_at", "step_delay_s"}
+        if unknown:
+            raise ValueError(f"{FAULTS_ENV}: unknown key(s) {sorted(unknown)}")
+        points = data.get("exit_once_at", {})
+        if not isinstance(points, dict) or set(points) - set(cls.POINTS):
+            raise ValueError(f"{FAULTS_ENV}: exit_once_at maps points {cls.POINTS} to marker files")
+        return cls(data.get("raise_on"), data.get("exit_on"), dict(points), float(data.get("step_delay_s", 0)))
+
+    def on_step(self) -> None:
+        """Called after every engine step."""
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+
+    def on_rows(self, prompts: Sequence[Optional[str]]) -> None:
+        """Called while a group of rows is being generated."""
+        if self.exit_on and any(p and self.exit_on in p for p in prompts):
+            _exit(f"a prompt contains {self.exit_on!r}")
+        if self.raise_on and any(p and self.raise_on in p for p in prompts):
+            raise RuntimeError(f"injected fault: a prompt contains {self.raise_on!r}")
+
+    def at(self, point: str) -> None:
+        """Called when a replica reaches ``point``; exits if this process is the first there."""
+        marker = self.exit_once_at.get(point)
+        if marker is None:
+            return
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        _exit(f"first replica at {point!r}")
+
+
+def _exit(why: str) -> None:
+    print(f"batchgen replica pid {os.getpid()}: exiting on purpose ({why})", file=sys.stderr, flush=True)
+    os._exit(FAULT_EXIT_CODE)
+
+
+# --------------------------------------------------------------------------------------- engine side
 
 def build_llm(spec: JobSpec, device: Optional[str] = None) -> LLM:
     """The engine for this job's model, with the spec's engine knobs."""
@@ -49,12 +154,61 @@ def row_sampling(spec: JobSpec, row: PromptRow) -> SamplingParams:
     return SamplingParams(**fields)
 
 
+def is_fatal(exc: BaseException) -> bool:
+    """True for errors after which this process cannot use its device any more (CUDA errors
+    other than out-of-memory): only a new process recovers."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False  # recoverable: smaller groups may well fit
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)
+
+
+def output_table(spec: JobSpec, table: pa.Table, results: Sequence[RowResult]) -> pa.Table:
+    """The output rows for the input rows ``table`` (id and keep columns): one result each, an
+    engine output or the error text of a row that did not run."""
+    keep = spec.input.keep_columns
+    schema = output_schema(spec, table.schema.field(spec.input.id_column).type,
+                           {c: table.schema.field(c).type for c in keep})
+    cols: dict[str, list] = {name: [] for name in schema.names}
+    for out in results:
+        if isinstance(out, str):
+            out = CompletionOutput(request_id="", prompt_token_ids=[], token_ids=[], text=None,
+                                   finish_reason="error", error=out)
+        ok = out.ok
+        cols["completion"].append(out.text if ok else None)
+        cols["finish_reason"].append(out.finish_reason)
+        cols["prompt_tokens"].append(len(out.prompt_token_ids))
+        cols["completion_tokens"].append(len(out.token_ids))
+        # Every error row says why; an engine error without text would break that promise.
+        cols["error"].append(None if ok else (out.error or "error without a message"))
+        if "logprobs" in cols:
+            cols["logprobs"].append(out.logprobs if ok else None)
+    cols[spec.input.id_column] = table.column(spec.input.id_column).to_pylist()
+    for c in keep:
+        cols[c] = table.column(c).to_pylist()
+    return pa.table(cols, schema=schema)
+
+
+@dataclass
+class _Item:
+    index: int  # row index in the shard
+    prompt: Any  # text, or token ids for chat
+    params: SamplingParams
+    text: str  # the raw prompt text, for the fault hook
+
+
 class ShardWorker:
     """Runs shards through one engine."""
 
-    def __init__(self, spec: JobSpec, llm: LLM) -> None:
+    def __init__(self, spec: JobSpec, llm: LLM, faults: Optional[Faults] = None) -> None:
         self.spec = spec
         self.llm = llm
+        self.faults = faults
 
     def _prompt(self, row: PromptRow) -> Any:
         if self.spec.input.chat and self.llm.tokenizer is not None:
@@ -63,59 +217,97 @@ class ShardWorker:
 
     def process(self, shard: Shard, keep_going: Callable[[], None] = lambda: None) -> tuple[pa.Table, dict]:
         """The output table of ``shard`` and its counts. ``keep_going`` is called between engine
-        steps (heartbeats); it raises to abandon the shard."""
+        steps (heartbeats); it raises to abandon the shard.
+
+        Raises:
+            LeaseLost: from ``keep_going``.
+            Exception: when reading fails, or when no row could be generated (see the module doc).
+        """
         spec = self.spec
         started = time.monotonic()
-        table = read_shard(shard, spec.input_columns())
+        fs, _ = resolve_filesystem(shard.path)
+        table = with_retries(fs, f"reading shard {shard.shard_id}",
+                             lambda: read_shard(shard, spec.input_columns()))
         rows = build_prompts(table, spec)
-        outs: dict[str, CompletionOutput] = {}
-        row_errors: dict[int, str] = {}
+        results: list[Optional[RowResult]] = [None] * len(rows)
+        todo: list[_Item] = []
         for i, row in enumerate(rows):
             if row.error is not None:
-                row_errors[i] = row.error
+                results[i] = row.error
                 continue
             try:
-                params = row_sampling(spec, row)
+                todo.append(_Item(i, self._prompt(row), row_sampling(spec, row), row.prompt or ""))
             except ValueError as e:
-                row_errors[i] = f"bad sampling override: {e}"
-                continue
-            self.llm.add_request(self._prompt(row), params, request_id=str(i))
-        while self.llm.has_unfinished():
-            keep_going()
-            for out in self.llm.step():
-                outs[out.request_id] = out
-        result = self._table(table, rows, outs, row_errors)
+                results[i] = f"bad sampling override: {e}"
+        self._generate(todo, results, keep_going)
+        done = [r for r in results if r is not None]
+        assert len(done) == len(rows), "every row has a result"
+        outs = [r for r in done if not isinstance(r, str)]
         counts = {
             "rows": len(rows),
-            "rows_ok": sum(o.ok for o in outs.values()),
-            "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs.values()),
-            "completion_tokens": sum(len(o.token_ids) for o in outs.values()),
+            "rows_ok": sum(o.ok for o in outs),
+            "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
+            "completion_tokens": sum(len(o.token_ids) for o in outs),
             "seconds": time.monotonic() - started,
         }
         counts["rows_error"] = counts["rows"] - counts["rows_ok"]
-        return result, counts
+        return output_table(spec, table, done), counts
 
-    def _table(self, table: pa.Table, rows: list[PromptRow], outs: dict[str, CompletionOutput],
-               row_errors: dict[int, str]) -> pa.Table:
-        spec = self.spec
-        keep = spec.input.keep_columns
-        schema = output_schema(spec, table.schema.field(spec.input.id_column).type,
-                               {c: table.schema.field(c).type for c in keep})
-        cols: dict[str, list] = {name: [] for name in schema.names}
-        for i in range(len(rows)):
-            out = outs.get(str(i))
-            ok = out is not None and out.ok
-            cols["completion"].append(out.text if ok else None)
-            cols["finish_reason"].append(out.finish_reason if out is not None else "error")
-            cols["prompt_tokens"].append(len(out.prompt_token_ids) if out is not None else 0)
-            cols["completion_tokens"].append(len(out.token_ids) if out is not None else 0)
-            cols["error"].append(None if ok else (out.error if out is not None else row_errors[i]))
-            if "logprobs" in cols:
-                cols["logprobs"].append(out.logprobs if ok else None)
-        cols[spec.input.id_column] = table.column(spec.input.id_column).to_pylist()
-        for c in keep:
-            cols[c] = table.column(c).to_pylist()
-        return pa.table(cols, schema=schema)
+    def _generate(self, todo: list[_Item], results: list[Optional[RowResult]],
+                  keep_going: Callable[[], None]) -> None:
+        """Generate ``todo`` into ``results``, cornering rows whose generation raises."""
+        groups = [todo] if todo else []
+        failed: list[tuple[int, Exception]] = []
+        while groups:
+            group = groups.pop()
+            try:
+                self._run_group(group, results, keep_going)
+            except LeaseLost:
+                raise
+            except Exception as exc:  # noqa: BLE001 - isolate whatever the engine raised
+                self.llm.abort_all()
+                if is_fatal(exc):
+                    raise
+                left = [item for item in group if results[item.index] is None]
+                if len(left) > 1:
+                    mid = len(left) // 2
+                    groups += [left[mid:], left[:mid]]
+                else:
+                    failed += [(item.index, exc) for item in left]
+        if failed and len(failed) == len(todo):
+            raise failed[-1][1]  # nothing generated at all: blame the engine, retry the shard
+        for index, exc in failed:
+            results[index] = f"generation failed: {type(exc).__name__}: {exc}"
+
+    def _run_group(self, group: list[_Item], results: list[Optional[RowResult]],
+                   keep_going: Callable[[], None]) -> None:
+        for item in group:
+            self.llm.add_request(item.prompt, item.params, request_id=str(item.index))
+        steps = 0
+        while self.llm.has_unfinished():
+            keep_going()
+            for out in self.llm.step():
+                results[int(out.request_id)] = out
+            steps += 1
+            if self.faults is not None:
+                self.faults.on_step()
+                if steps == 1:
+                    self.faults.on_rows([item.text for item in group])
+
+
+# --------------------------------------------------------------------------------------- the actor
+
+@dataclass(frozen=True)
+class Task:
+    """A queue entry: run the rows of ``shard`` and publish them as the planned shard
+    ``root_id``, or, when ``shard`` is a piece of it (after a split), as one of its parts."""
+
+    shard: Shard
+    root_id: str
+
+    @property
+    def is_part(self) -> bool:
+        return self.shard.shard_id != self.root_id
 
 
 def _host() -> str:
@@ -123,29 +315,42 @@ def _host() -> str:
 
 
 class Replica:
-    """Ray actor: one model replica pulling shards from the queue until it is empty."""
+    """Ray actor: one model replica pulling shards from the queue until it is empty.
 
-    def __init__(self, spec: dict, queue: Any, replica_id: str, torch_threads: Optional[int] = None) -> None:
+    The driver creates it with ``max_restarts=-1``: after a crash Ray runs ``__init__`` again in
+    a new process and the driver submits ``run`` again. The queue is found by its actor name
+    in each incarnation, so nothing but plain values has to be kept for restarts.
+    """
+
+    def __init__(self, spec: dict, queue_name: str, replica_id: str, torch_threads: Optional[int] = None,
+                 faults: Optional[str] = None) -> None:
+        import ray
         import torch
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.spec = JobSpec.model_validate(spec)
-        self.queue = queue
+        self.queue = ray.get_actor(queue_name)
         self.replica_id = replica_id
+        self.faults = Faults.parse(faults)
         self.worker: Optional[ShardWorker] = None
 
     def ready(self) -> str:
         return f"{self.replica_id}@{_host()} pid {os.getpid()}"
 
+    def _fault(self, point: str) -> None:
+        if self.faults is not None:
+            self.faults.at(point)
+
     def run(self) -> dict:
-        """Lease, process, publish and ack shards until the queue has nothing left."""
+        """Lease, process, publish and ack shards until the queue has nothing left (or is closed)."""
         import ray
 
         from batchgen.pipeline.metrics import JobMetrics
 
         if self.worker is None:
-            self.worker = ShardWorker(self.spec, build_llm(self.spec))
+            self._fault("load")
+            self.worker = ShardWorker(self.spec, build_llm(self.spec), self.faults)
         metrics = JobMetrics(self.spec.name)
         done = 0
         while True:
@@ -155,7 +360,8 @@ class Replica:
                     return {"replica": self.replica_id, "shards": done}
                 time.sleep(0.5)  # others hold leases that may still come back
                 continue
-            shard: Shard = lease["payload"]
+            task: Task = lease["payload"]
+            shard = task.shard
             last_beat = time.monotonic()
 
             def keep_going() -> None:
@@ -171,8 +377,7 @@ class Replica:
                     "shard_id": shard.shard_id, "input_file": shard.relpath, "row_start": shard.row_start,
                     **counts, "attempts": lease["attempt"], "replica": self.replica_id, "host": _host(),
                 }
-                fs, root = resolve_filesystem(self.spec.output.path)
-                publish_shard(fs, root, shard.shard_id, table, summary=summary)
+                self._publish(task, table, summary)
             except LeaseLost:
                 self.worker.llm.abort_all()
                 continue
@@ -180,8 +385,18 @@ class Replica:
                 self.worker.llm.abort_all()
                 metrics.shard_failed(self.replica_id)
                 ray.get(self.queue.nack.remote(lease["lease_id"], f"{type(e).__name__}: {e}"))
+                if is_fatal(e):
+                    _exit(f"{type(e).__name__}: the device is unusable in this process")
                 continue
             if ray.get(self.queue.ack.remote(lease["lease_id"], summary)):
                 done += 1
                 metrics.shard_done(counts["rows_ok"], counts["rows_error"], counts["prompt_tokens"],
                                    counts["completion_tokens"], self.replica_id, counts["seconds"])
+
+    def _publish(self, task: Task, table: pa.Table, summary: dict) -> None:
+        fs, root = resolve_filesystem(self.spec.output.path)
+        hook = (lambda: self._fault("publish")) if self.faults is not None else None
+        if task.is_part:
+            publish_part(fs, root, task.root_id, task.shard.shard_id, table, summary=summary, before_commit=hook)
+        else:
+            publish_shard(fs, root, task.root_id, table, summary=summary, before_commit=hook)

@@ -30,6 +30,9 @@ from batchgen.pipeline.spec import InputSpec, JobSpec, SpecError, check_sampling
 
 #: Environment variables that point ``s3://`` at another endpoint (MinIO, moto...), first wins.
 S3_ENDPOINT_ENV = ("BATCHGEN_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+#: Transient object-store errors (500s, throttling, resets) are retried by the S3 client itself,
+#: with AWS's standard backoff, well beyond its default of 3 tries.
+S3_RETRIES = pafs.AwsStandardS3RetryStrategy(max_attempts=10)
 _GLOB_CHARS = "*?["
 _INT_OVERRIDES = {"max_tokens", "top_k", "seed"}
 
@@ -65,13 +68,14 @@ def _s3_with_endpoint(endpoint: str, region: str) -> pafs.S3FileSystem:
     # Not cached: it is cheap (no network) and must pick up credentials set after import (tests).
     parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
     # Path-style addressing (arrow's default with an endpoint override) is what MinIO/moto expect.
-    return pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme, region=region)
+    return pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme, region=region,
+                             retry_strategy=S3_RETRIES)
 
 
 @functools.lru_cache(maxsize=16)
 def _s3_for_bucket(bucket: str) -> pafs.FileSystem:
-    # Cached per bucket: without a region in the URI, from_uri asks AWS where the bucket lives.
-    return pafs.FileSystem.from_uri(f"s3://{bucket}")[0]
+    # Cached per bucket: without a region in the URI, we ask AWS where the bucket lives.
+    return pafs.S3FileSystem(region=pafs.resolve_s3_region(bucket), retry_strategy=S3_RETRIES)
 
 
 def join_uri(base: str, *parts: str) -> str:

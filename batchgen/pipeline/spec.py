@@ -120,7 +120,8 @@ class ModelSpec(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     tensor_parallel: int = Field(1, ge=1)
     max_seq_len: int | None = Field(None, ge=1, description="context length; default: from the checkpoint")
-    kv_cache_memory_gb: float | None = Field(None, gt=0, allow_inf_nan=False)
+    kv_cache_memory_gb: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                             description="KV cache budget per GPU in GiB (2**30 bytes)")
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)
 

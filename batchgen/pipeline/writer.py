@@ -6,6 +6,8 @@ Layout under ``output.path``::
     shards/<shard_id>.parquet one per committed shard
     summary.parquet          one row per shard (counts, timings, replica)
     _SUCCESS                 JSON, written last: the job is complete
+    parts/<shard_id>/...     pieces of a shard that was split to corner a poison row; merged
+                             into shards/<shard_id>.parquet, then deleted (never output)
 
 A shard is *committed* when ``shards/<shard_id>.parquet`` exists. Publishing is atomic: on a
 local disk the file is written under a hidden ``.tmp-<uuid>-...`` name in the same directory and
@@ -14,16 +16,25 @@ PUT, or a multipart upload that only becomes visible when complete). A writer ki
 leaves at most a hidden temp file, which every listing here (and ``pyarrow.dataset``, which skips
 names starting with ``.`` or ``_``) ignores. The whole output reads as one dataset with
 ``pyarrow.dataset.dataset(f"{out}/shards", format="parquet")``.
+
+Object stores fail transiently (500s, resets, throttling). Beyond the SDK's own retries, every
+storage call here on a non-local filesystem goes through :func:`with_retries` (exponential
+backoff with jitter); an error that outlasts it is raised to the caller, which for a replica
+fails the attempt (the shard goes back to the queue), not the job.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import random
+import time
 import uuid
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -32,10 +43,21 @@ from batchgen.pipeline.shards import Shard, resolve_filesystem
 from batchgen.pipeline.spec import JobSpec, SpecError, result_fields, spec_fingerprint
 
 SHARDS_DIR = "shards"
+PARTS_DIR = "parts"
 MANIFEST = "manifest.json"
 SUMMARY = "summary.parquet"
 SUCCESS = "_SUCCESS"
-_OURS = {SHARDS_DIR, MANIFEST, SUMMARY, SUCCESS}
+_OURS = {SHARDS_DIR, PARTS_DIR, MANIFEST, SUMMARY, SUCCESS}
+_TMP_PREFIX = ".tmp-"
+
+#: Tries of one storage call on an object store (on top of the SDK's own), and the first wait.
+IO_ATTEMPTS = 5
+IO_BACKOFF_S = 0.2
+# Errors that another try cannot fix: raised at once.
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+log = logging.getLogger("batchgen")
+T = TypeVar("T")
 _FORMAT = "batchgen-output/1"
 _SUMMARY_KEY = b"batchgen.shard_summary"
 
@@ -100,45 +122,100 @@ def _is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.SubTreeFileSystem) and _is_local(fs.base_fs)
 
 
-def publish_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Make ``path`` hold exactly ``data``, or leave it as it was: never a partial file."""
+def with_retries(fs: pafs.FileSystem, what: str, call: Callable[[], T], attempts: int = IO_ATTEMPTS,
+                 backoff_s: float = IO_BACKOFF_S) -> T:
+    """``call()``, tried up to ``attempts`` times while an object store fails with an ``OSError``.
+
+    Waits ``backoff_s * 2**n`` (times a random 0.5-1.5, so that replicas do not retry in step)
+    between tries. Local filesystems are called once: their errors (disk full, permissions)
+    do not go away by waiting. Errors such as a missing file are raised at once. The last
+    error is raised with a note saying how many tries were made.
+    """
+    if _is_local(fs):
+        return call()
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except _PERMANENT:
+            raise
+        except OSError as exc:
+            if attempt == attempts:
+                exc.add_note(f"batchgen: {what} failed {attempts} times; giving up")
+                raise
+            delay = backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
+            log.warning("%s failed (%s); try %d of %d in %.1fs", what, str(exc).splitlines()[0][:200],
+                        attempt + 1, attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def publish_bytes(fs: pafs.FileSystem, path: str, data: bytes,
+                  before_commit: Callable[[], None] | None = None) -> None:
+    """Make ``path`` hold exactly ``data``, or leave it as it was: never a partial file.
+
+    ``before_commit`` (a crash-test hook) runs once the bytes are staged and before they become
+    visible: after the temp file is written (local) or the bytes are handed to the upload
+    (object stores).
+    """
     if _is_local(fs):
         parent, _, name = path.rpartition("/")
         fs.create_dir(parent, recursive=True)
         # Hidden and not ending in .parquet, so a leftover from a killed writer matches no listing.
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}.partial"
+        tmp = f"{parent}/{_TMP_PREFIX}{uuid.uuid4().hex}-{name}.partial"
         try:
             with fs.open_output_stream(tmp) as out:
                 out.write(data)
+            if before_commit is not None:
+                before_commit()
             fs.move(tmp, path)  # rename(2): atomic within a directory
         except BaseException:
             if fs.get_file_info(tmp).type == pafs.FileType.File:
                 fs.delete_file(tmp)
             raise
         return
+
     # Object stores have no atomic rename (move = copy + delete); an upload of finished bytes is
     # atomic there, since an object appears only once its PUT / multipart upload completes.
-    out = fs.open_output_stream(path)
-    try:
-        out.write(data)
-    finally:
-        out.close()
+    # Every try uploads all the bytes again, so a retry after an unclear failure is harmless.
+    def upload() -> None:
+        out = fs.open_output_stream(path)
+        try:
+            out.write(data)
+            if before_commit is not None:
+                before_commit()
+        finally:
+            out.close()
+
+    with_retries(fs, f"writing {path}", upload)
 
 
 def publish_shard(fs: pafs.FileSystem, out_root: str, shard_id: str, table: pa.Table,
-                  summary: Mapping[str, Any] | None = None) -> str:
+                  summary: Mapping[str, Any] | None = None,
+                  before_commit: Callable[[], None] | None = None) -> str:
     """Atomically write ``table`` as ``<out_root>/shards/<shard_id>.parquet``; returns that path.
 
     ``summary`` (this shard's row of ``summary.parquet``, keys from :data:`SUMMARY_SCHEMA`) is
     stored in the file's footer, so the summary of a resumed job still covers shards committed by
     earlier runs (see :func:`read_shard_summaries`). Republishing a shard (a retried attempt)
-    replaces the file as a whole.
+    replaces the file as a whole. ``before_commit``: see :func:`publish_bytes`.
 
     Raises:
         ValueError: for an invalid shard id or an unknown summary key (checked before writing).
     """
-    if not shard_id or shard_id.startswith((".", "_")) or "/" in shard_id:
-        raise ValueError(f"invalid shard id {shard_id!r}")
+    _check_id("shard id", shard_id)
+    data = _parquet_bytes(table, shard_id, summary)
+    path = _join(out_root, SHARDS_DIR, f"{shard_id}.parquet")
+    publish_bytes(fs, path, data, before_commit)
+    return path
+
+
+def _check_id(what: str, value: str) -> None:
+    if not value or value.startswith((".", "_")) or "/" in value:
+        raise ValueError(f"invalid {what} {value!r}")
+
+
+def _parquet_bytes(table: pa.Table, shard_id: str, summary: Mapping[str, Any] | None) -> bytes:
+    """``table`` as a Parquet file, with ``summary`` (checked first) in its footer."""
     if summary is not None:
         _check_summary_keys(summary)
         metadata = {**(table.schema.metadata or {}), _SUMMARY_KEY: json.dumps({**summary, "shard_id": shard_id},
@@ -146,9 +223,82 @@ def publish_shard(fs: pafs.FileSystem, out_root: str, shard_id: str, table: pa.T
         table = table.replace_schema_metadata(metadata)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
-    path = _join(out_root, SHARDS_DIR, f"{shard_id}.parquet")
-    publish_bytes(fs, path, buf.getvalue().to_pybytes())
+    return buf.getvalue().to_pybytes()
+
+
+# --------------------------------------------------------------------------------------- parts
+
+def publish_part(fs: pafs.FileSystem, out_root: str, shard_id: str, part_id: str, table: pa.Table,
+                 summary: Mapping[str, Any] | None = None,
+                 before_commit: Callable[[], None] | None = None) -> str:
+    """Atomically write one piece of a split shard as ``parts/<shard_id>/<part_id>.parquet``.
+
+    Parts are never output: :func:`merge_parts` turns a complete set into the shard's file.
+    """
+    _check_id("shard id", shard_id)
+    _check_id("part id", part_id)
+    path = _join(out_root, PARTS_DIR, shard_id, f"{part_id}.parquet")
+    publish_bytes(fs, path, _parquet_bytes(table, part_id, summary), before_commit)
     return path
+
+
+def row_counts(table: pa.Table) -> dict[str, int]:
+    """``rows``, ``rows_ok``, ``rows_error``, ``prompt_tokens``, ``completion_tokens`` of an output table."""
+    errors = pc.sum(pc.equal(table["finish_reason"], "error")).as_py() or 0
+    return {"rows": table.num_rows, "rows_ok": table.num_rows - errors, "rows_error": errors,
+            "prompt_tokens": pc.sum(table["prompt_tokens"]).as_py() or 0,
+            "completion_tokens": pc.sum(table["completion_tokens"]).as_py() or 0}
+
+
+def merge_parts(fs: pafs.FileSystem, out_root: str, shard_id: str, part_ids: Sequence[str],
+                summary: Mapping[str, Any] | None = None) -> str:
+    """Publish the parts ``part_ids`` (in that order) as ``shards/<shard_id>.parquet`` in one
+    atomic write, then delete the shard's parts; returns the shard's path. The summary's row
+    and token counts are taken from the merged rows (see :func:`row_counts`).
+
+    The caller names the parts (those its queue committed), so a stray part file, say from a
+    replica of an earlier, killed run, can never be merged twice.
+    """
+    tables = []
+    for part_id in part_ids:
+        path = _join(out_root, PARTS_DIR, shard_id, f"{part_id}.parquet")
+        tables.append(with_retries(fs, f"reading {path}", lambda p=path: pq.read_table(p, filesystem=fs)))
+    merged = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    # Counted from the rows themselves, so the summary always matches the file.
+    summary = {**(summary or {}), **row_counts(merged)}
+    path = publish_shard(fs, out_root, shard_id, merged, summary=summary)
+    discard_parts(fs, out_root, [shard_id])
+    return path
+
+
+def discard_parts(fs: pafs.FileSystem, out_root: str, shard_ids: Iterable[str] | None = None) -> None:
+    """Delete the parts of ``shard_ids`` (default: all parts). A run starts with this: parts of a
+    shard that was never merged are redone, not trusted."""
+    dirs = ([_join(out_root, PARTS_DIR)] if shard_ids is None
+            else [_join(out_root, PARTS_DIR, s) for s in shard_ids])
+    for d in dirs:
+        def delete(d: str = d) -> None:
+            if fs.get_file_info(d).type != pafs.FileType.NotFound:
+                fs.delete_dir(d)
+        with_retries(fs, f"deleting {d}", delete)
+
+
+def remove_leftovers(fs: pafs.FileSystem, out_root: str) -> int:
+    """Delete temp files that killed writers left behind (hidden ``.tmp-*`` names in the output
+    root and ``shards/``) and all parts; returns how many temp files went. Call it only once
+    every shard is committed: a live writer's temp file would be pulled from under it."""
+    removed = 0
+    for d in (out_root, _join(out_root, SHARDS_DIR)):
+        selector = pafs.FileSelector(d, allow_not_found=True)
+        for info in with_retries(fs, f"listing {d}", lambda s=selector: fs.get_file_info(s)):
+            if info.type == pafs.FileType.File and info.base_name.startswith(_TMP_PREFIX):
+                try:
+                    fs.delete_file(info.path)
+                    removed += 1
+                except FileNotFoundError:  # its writer finished or cleaned up meanwhile
+                    pass
+    discard_parts(fs, out_root)
+    return removed
 
 
 def read_shard_summaries(fs: pafs.FileSystem, out_root: str, shard_ids: Iterable[str] | None = None
@@ -163,11 +313,16 @@ def read_shard_summaries(fs: pafs.FileSystem, out_root: str, shard_ids: Iterable
         ids &= set(shard_ids)
     rows = []
     for shard_id in sorted(ids):
-        with fs.open_input_file(_join(out_root, SHARDS_DIR, f"{shard_id}.parquet")) as f:
-            meta = pq.ParquetFile(f).metadata
+        path = _join(out_root, SHARDS_DIR, f"{shard_id}.parquet")
+        meta = with_retries(fs, f"reading {path}", lambda p=path: _footer(fs, p))
         stored = (meta.metadata or {}).get(_SUMMARY_KEY)
         rows.append(json.loads(stored) if stored else {"shard_id": shard_id, "rows": meta.num_rows})
     return rows
+
+
+def _footer(fs: pafs.FileSystem, path: str) -> pq.FileMetaData:
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).metadata
 
 
 def publish_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
@@ -181,10 +336,15 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any | None:
     Raises:
         OutputError: when it exists but is not valid JSON.
     """
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    def read() -> bytes | None:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    raw = with_retries(fs, f"reading {path}", read)
+    if raw is None:
         return None
-    with fs.open_input_stream(path) as f:
-        raw = f.read()
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -195,7 +355,7 @@ def committed_shards(fs: pafs.FileSystem, out_root: str) -> set[str]:
     """Ids of the shards whose output file exists (only ``shards/*.parquet``, no hidden names)."""
     selector = pafs.FileSelector(_join(out_root, SHARDS_DIR), allow_not_found=True)
     ids = set()
-    for info in fs.get_file_info(selector):
+    for info in with_retries(fs, f"listing {selector.base_dir}", lambda: fs.get_file_info(selector)):
         name = info.base_name
         if info.type == pafs.FileType.File and name.endswith(".parquet") and not name.startswith((".", "_")):
             ids.add(name.removesuffix(".parquet"))
@@ -210,12 +370,13 @@ def _now() -> str:
 
 def _top_level(fs: pafs.FileSystem, root: str, uri: str) -> list[str]:
     """Names directly under ``root`` ([] when it does not exist)."""
-    info = fs.get_file_info(root)
+    info = with_retries(fs, f"reading {uri}", lambda: fs.get_file_info(root))
     if info.type == pafs.FileType.NotFound:
         return []
     if info.type != pafs.FileType.Directory:
         raise OutputError("output.path", f"{uri} exists and is not a directory")
-    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root)))
+    listing = with_retries(fs, f"listing {uri}", lambda: fs.get_file_info(pafs.FileSelector(root)))
+    return sorted(i.base_name for i in listing)
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

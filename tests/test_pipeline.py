@@ -1,0 +1,167 @@
+"""The job pipeline end to end on a real local Ray: shards, replicas, Parquet out, resume modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+
+from batchgen.pipeline.driver import run_job
+from batchgen.pipeline.spec import SpecError, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO / "batchgen" / "demo" / "model"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield
+    ray.shutdown()
+
+
+def write_input(root: Path, files: int = 3, rows: int = 80, poison: bool = False) -> list[int]:
+    """Parquet files of demo-task prompts; returns all ids."""
+    from batchgen.demo.task import make_examples
+
+    root.mkdir(parents=True, exist_ok=True)
+    examples = make_examples(files * rows, seed=3, split="heldout")
+    ids = []
+    for f in range(files):
+        part = examples[f * rows:(f + 1) * rows]
+        fid = [f * 1000 + i for i in range(rows)]
+        prompts = [p for p, _ in part]
+        if poison:
+            prompts[3] = None
+            prompts[7] = ""
+        pq.write_table(pa.table({"id": fid, "prompt": prompts, "answer": [a for _, a in part]}),
+                       root / f"part-{f}.parquet", row_group_size=20)
+        ids += fid
+    return ids
+
+
+def write_spec(path: Path, inp: Path, out: Path, **extra) -> Path:
+    spec = {
+        "name": "pipeline-test",
+        "model": {"path": str(DEMO_MODEL), "dtype": "float32"},
+        "input": {"path": str(inp), "id_column": "id", "prompt_column": "prompt", "keep_columns": ["answer"]},
+        "sampling": {"max_tokens": 12},
+        "output": {"path": str(out), "mode": "resume"},
+        "execution": {"replicas": 2, "shard_rows": 20, "heartbeat_s": 1, "lease_timeout_s": 60},
+    }
+    for key, value in extra.items():
+        section, field = key.split("__")
+        spec[section][field] = value
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def read_output(out: Path) -> pa.Table:
+    return pq.ParquetDataset(out / "shards").read()
+
+
+def test_job_end_to_end_every_row_exactly_once(local_ray, tmp_path: Path) -> None:
+    ids = write_input(tmp_path / "in", poison=True)
+    spec = load_spec(write_spec(tmp_path / "job.yaml", tmp_path / "in", tmp_path / "out"))
+    summary = run_job(spec, progress_every_s=1)
+
+    table = read_output(tmp_path / "out")
+    got = table.column("id").to_pylist()
+    assert sorted(got) == sorted(ids) and len(got) == len(set(got))  # every row exactly once
+    assert set(table.column_names) >= {"id", "answer", "completion", "finish_reason", "prompt_tokens",
+                                        "completion_tokens", "error"}
+    rows = {r["id"]: r for r in table.to_pylist()}
+    for poisoned in (3, 7, 1003, 2007):
+        assert rows[poisoned]["finish_reason"] == "error" and rows[poisoned]["error"]
+    ok = [r for r in rows.values() if r["error"] is None]
+    assert len(ok) == len(ids) - 6
+    # The trained demo model really answers (a weak bar here; the demo test holds the 95% bar).
+    assert sum(r["completion"].strip() == r["answer"] for r in ok) >= 0.8 * len(ok)
+
+    shard_summary = pq.read_table(tmp_path / "out" / "summary.parquet").to_pylist()
+    assert len(shard_summary) == summary["shards"] == 12
+    assert sum(s["rows"] for s in shard_summary) == len(ids)
+    assert sum(s["rows_error"] for s in shard_summary) == 6
+    assert sum(s["completion_tokens"] for s in shard_summary) == sum(r["completion_tokens"] for r in rows.values())
+    assert {s["replica"] for s in shard_summary} <= {"replica-0", "replica-1"}
+    success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
+    assert success["rows"] == len(ids) and success["rows_error"] == 6 and not success["failed_shards"]
+
+
+def test_resume_does_nothing_overwrite_redoes_error_if_exists_refuses(local_ray, tmp_path: Path) -> None:
+    write_input(tmp_path / "in", files=1, rows=40)
+    spec_path = write_spec(tmp_path / "job.yaml", tmp_path / "in", tmp_path / "out")
+    run_job(load_spec(spec_path))
+    shards = sorted((tmp_path / "out" / "shards").glob("*.parquet"))
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards}
+    success_before = (tmp_path / "out" / "_SUCCESS").read_text()
+
+    run_job(load_spec(spec_path))  # resume of a finished job
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted((tmp_path / "out" / "shards").glob("*.parquet"))}
+    assert after == before
+    assert json.loads((tmp_path / "out" / "_SUCCESS").read_text())["rows"] == json.loads(success_before)["rows"]
+
+    run_job(load_spec(spec_path, ["output.mode=overwrite"]))
+    redone = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted((tmp_path / "out" / "shards").glob("*.parquet"))}
+    assert redone.keys() == before.keys()
+    assert all(redone[k] != before[k] for k in before)
+
+    with pytest.raises(SpecError, match="exists"):
+        run_job(load_spec(spec_path, ["output.mode=error_if_exists"]))
+
+
+def test_resume_with_a_changed_spec_is_refused(local_ray, tmp_path: Path) -> None:
+    write_input(tmp_path / "in", files=1, rows=20)
+    spec_path = write_spec(tmp_path / "job.yaml", tmp_path / "in", tmp_path / "out")
+    run_job(load_spec(spec_path))
+    with pytest.raises(SpecError, match="max_tokens"):
+        run_job(load_spec(spec_path, ["sampling.max_tokens=5"]))
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "batchgen", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_validate_reports_bad_specs_with_exit_2(tmp_path: Path) -> None:
+    write_input(tmp_path / "in", files=1, rows=20)
+    good = write_spec(tmp_path / "good.yaml", tmp_path / "in", tmp_path / "out")
+    res = _cli("validate", str(good))
+    assert res.returncode == 0, res.stderr
+    assert "20 rows" in res.stdout and not (tmp_path / "out").exists()  # validate writes nothing
+
+    bad = write_spec(tmp_path / "bad.yaml", tmp_path / "in", tmp_path / "out", input__template="Q: {nope}",
+                     input__prompt_column=None)
+    res = _cli("validate", str(bad))
+    assert res.returncode == 2 and "nope" in res.stderr and "input.template" in res.stderr
+
+    typo = yaml.safe_load(good.read_text())
+    typo["sampling"]["max_token"] = 3
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(typo))
+    res = _cli("validate", str(tmp_path / "typo.yaml"))
+    assert res.returncode == 2 and "sampling.max_token" in res.stderr
+
+    res = _cli("run", str(bad))  # run checks the same before starting anything
+    assert res.returncode == 2 and not (tmp_path / "out").exists()
+
+
+def test_cli_run_and_status(tmp_path: Path) -> None:
+    write_input(tmp_path / "in", files=1, rows=20)
+    spec = write_spec(tmp_path / "job.yaml", tmp_path / "in", tmp_path / "out")
+    res = _cli("run", str(spec), "--no-dashboard", "--set", "execution.replicas=1", "--progress-every", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["rows"] == 20
+    assert "[batchgen] shards" in res.stderr  # the progress line
+    status = _cli("status", str(tmp_path / "out"))
+    assert status.returncode == 0
+    assert json.loads(status.stdout)["complete"] is True
