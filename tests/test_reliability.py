@@ -283,7 +283,8 @@ def test_a_raising_row_is_cornered_in_process_and_the_rest_completes(model_dir: 
     rows = table.to_pylist()
     assert [r["id"] for r in rows] == list(range(9))
     assert [i for i, r in enumerate(rows) if r["finish_reason"] == "error"] == [2, 6]
-    assert "injected fault" in rows[2]["error"] and rows[0]["completion_tokens"] == 6
+    assert "injected fault" in rows[2]["error"]
+    assert rows[0]["finish_reason"] in ("stop", "length") and rows[0]["completion_tokens"] > 0
     assert (counts["rows"], counts["rows_ok"], counts["rows_error"]) == (9, 7, 2)
 
     # When no row at all can be generated, the attempt fails (the engine is suspect), so the
