@@ -23,6 +23,12 @@ SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 
 
 @pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The bundled demo model (``batchgen/demo/model``): tiny, trained, with its tokenizer."""
+    return Path(__file__).resolve().parents[1] / "batchgen" / "demo" / "model"
+
+
+@pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The repository's ``../shared`` folder; tests that need it skip when it is absent."""
     if not SHARED_DIR.is_dir():

@@ -36,34 +36,10 @@ from batchgen.pipeline.shards import plan_shards
 from batchgen.pipeline.spec import SpecError, validate_spec
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_MODEL = REPO / "batchgen" / "demo" / "model"
 SOAK = os.environ.get("BATCHGEN_SOAK") == "1"
 
 
 # --------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled demo model once it is trained; until then a random model of the same shape
-    (~0.9M parameters, 64-token context) with a tokenizer trained on the demo task. Both run
-    a shard of a few rows in well under a second on one CPU core."""
-    if (DEMO_MODEL / "config.json").is_file() and (DEMO_MODEL / "tokenizer.model").is_file():
-        return DEMO_MODEL
-    import torch
-
-    from batchgen.checkpoint import save_hf
-    from batchgen.demo.task import make_examples
-    from batchgen.demo.train import model_args, train_tokenizer
-    from batchgen.model import Transformer
-
-    out = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = train_tokenizer([s for pair in make_examples(3000, 0, "train") for s in pair])
-    torch.manual_seed(0)
-    args = model_args()
-    save_hf(Transformer(args).state_dict(), args, out)
-    (out / "tokenizer.model").write_bytes(tokenizer)
-    return out
-
 
 #: Poison rows of :func:`write_input`: id -> text their ``error`` must contain.
 def poison_rows(max_attempts: int) -> dict[int, str]:

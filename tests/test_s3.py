@@ -38,7 +38,6 @@ moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test 
 boto3 = pytest.importorskip("boto3", reason="boto3 is a test dependency")
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_MODEL = REPO / "batchgen" / "demo" / "model"
 BUCKET = "batchgen-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
 #: Uploads of the chosen shard file refused in a row: more than one attempt's 5 tries x 3 SDK tries.
@@ -151,27 +150,6 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
 
 # --------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled demo model once trained, else a random one of its shape with a demo tokenizer."""
-    if (DEMO_MODEL / "config.json").is_file() and (DEMO_MODEL / "tokenizer.model").is_file():
-        return DEMO_MODEL
-    import torch
-
-    from batchgen.checkpoint import save_hf
-    from batchgen.demo.task import make_examples
-    from batchgen.demo.train import model_args, train_tokenizer
-    from batchgen.model import Transformer
-
-    out = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = train_tokenizer([s for pair in make_examples(3000, 0, "train") for s in pair])
-    torch.manual_seed(0)
-    args = model_args()
-    save_hf(Transformer(args).state_dict(), args, out)
-    (out / "tokenizer.model").write_bytes(tokenizer)
-    return out
-
 
 @pytest.fixture(scope="module")
 def moto_port() -> Iterator[int]:
