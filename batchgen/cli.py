@@ -223,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_args(pl)
     pl.set_defaults(func=run_plan)
 
+    from batchgen.bench import add_bench_args, run_bench
+
+    b = sub.add_parser("bench", help="tokens/s of the engine against HF generate on a mixed batch")
+    add_bench_args(b)
+    b.set_defaults(func=run_bench)
+
     from batchgen.pipeline.verify import add_verify_args, run_verify
 
     v = sub.add_parser("verify", help="check that every input row is in the output exactly once")

@@ -99,18 +99,25 @@ for _base in ("llama-2-7b", "llama-2-13b", "llama-2-70b"):
 class AttentionMetadata:
     """Where each sequence of a packed step lives, built by the engine's model runner.
 
-    Prefill steps: ``cu_seqlens`` bounds each sequence's new tokens in the packed batch; every
-    sequence starts at position 0, so its keys are exactly its new tokens.
-    Decode steps: one new token per sequence; keys are read back from the paged cache through
-    ``block_tables`` and masked past ``context_lens``.
+    A step packs ``num_decode`` decode tokens first, then (when ``is_prefill``) the new tokens of
+    the sequences being prefilled. ``is_prefill=False`` means every token is a decode token.
+
+    Prefill: ``cu_seqlens`` bounds each prefilled sequence within the prefill part (it starts
+    at 0); every such sequence starts at position 0, so its keys are exactly its new tokens.
+    Decode: one new token per sequence; keys are read back from the paged cache through
+    ``block_tables`` (padded with the null block 0) and masked past ``context_lens``.
+    ``block_owner[j]`` is the ``block_tables`` row holding block ``j``, for every block id below
+    the largest one in the tables (0 where no decode row holds it).
     """
 
     is_prefill: bool
-    cu_seqlens: list[int] = field(default_factory=list)  # prefill: len B+1, python ints
-    slot_mapping: Optional[torch.Tensor] = None  # [T] flat cache slot of each new token
+    cu_seqlens: list[int] = field(default_factory=list)  # prefill: len S+1, python ints
+    slot_mapping: Optional[torch.Tensor] = None  # [T] flat cache slot (block * block_size + offset)
     block_tables: Optional[torch.Tensor] = None  # decode: [B, max_blocks] block ids
     context_lens: Optional[torch.Tensor] = None  # decode: [B] tokens in cache incl. the new one
-    decode_mask: Optional[torch.Tensor] = None  # decode: [B, 1, 1, max_blocks*block_size] bool
+    block_owner: Optional[torch.Tensor] = None  # decode: [max block id + 1] row of each block
+    num_decode: int = 0  # with is_prefill: how many leading tokens are decode tokens
+    block_moves: Optional[torch.Tensor] = None  # [2, M] cache blocks to copy (src, dst) before the step
 
 
 class RMSNorm(nn.Module):
@@ -121,9 +128,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 statistics even for bf16 activations: bf16 sums of squares lose the small values.
+        # One fused reduction (the 2-norm) instead of pow + mean: each full pass over x costs.
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1]
+        return (xf * torch.rsqrt(ms + self.eps)).type_as(x) * self.weight
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,12 +151,98 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` as one complex multiply (Meta's formulation) by ``freqs`` [T, D/2] (complex64)."""
+    T, H, D = x.shape
+    xc = torch.view_as_complex(x.float().view(T, H, D // 2, 2))
+    return torch.view_as_real(xc * freqs[:, None, :]).view(T, H, D).type_as(x)
+
+
 def _all_reduce(x: torch.Tensor, world_size: int) -> torch.Tensor:
     if world_size > 1:
         import torch.distributed as dist
 
         dist.all_reduce(x)
     return x
+
+
+def _fused_weight(module: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
+    """The weights of ``module``'s Linears ``names`` stacked into one [sum(out), in] matrix.
+
+    One matmul instead of several: fewer passes and fewer thread fork/joins for the same bytes.
+    The parameters are re-pointed at views of the stacked matrix, so memory is not doubled and an
+    in-place edit of a parameter (``load_state_dict``, ``mul_``) is seen here. A parameter that
+    was replaced since (``Module.to``, ``.data = ...``) makes it rebuild.
+    """
+    lins = [getattr(module, n) for n in names]
+    cached = module.__dict__.get("_fused")
+    if cached is not None and [lin.weight.data_ptr() for lin in lins] == cached[1]:
+        return cached[0]
+    # A plain tensor even inside inference_mode: the parameters will be views of it.
+    with torch.inference_mode(False), torch.no_grad():
+        fused = torch.cat([lin.weight for lin in lins])
+        off = 0
+        for lin in lins:
+            n = lin.weight.shape[0]
+            lin.weight.data = fused[off:off + n]
+            off += n
+    module.__dict__["_fused"] = (fused, [lin.weight.data_ptr() for lin in lins])
+    return fused
+
+
+class _Step:
+    """Index tensors and scratch space of one forward, derived once from the metadata and shared
+    by every layer (masks, RoPE angles and cache addresses are the same in all of them)."""
+
+    def __init__(self, model: "Transformer", positions: torch.Tensor, meta: AttentionMetadata) -> None:
+        T, dev = positions.shape[0], positions.device
+        attn: Attention = model.layers[0].attention
+        self.reuse = not torch.is_grad_enabled()  # scratch reused across layers only without autograd
+        self.freqs = model.rope_freqs(dev)[positions]  # [T, D/2] complex
+        self.n_decode = meta.num_decode if meta.is_prefill else T
+        self.write: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.moves = meta.block_moves if attn.k_cache is not None else None
+        if attn.k_cache is not None and meta.slot_mapping is not None:
+            bs = attn.k_cache.shape[2]
+            self.write = (meta.slot_mapping // bs, meta.slot_mapping % bs)  # (block, offset) of each token
+        if self.n_decode:
+            self._plan_decode(meta, attn, dev)
+        self.seqs = len(meta.cu_seqlens) - 1 if meta.is_prefill else 0
+        if self.seqs:
+            self._plan_prefill(meta, positions[self.n_decode:], attn, dev)
+
+    def _plan_decode(self, meta: AttentionMetadata, attn: "Attention", dev: torch.device) -> None:
+        tables, owner = meta.block_tables, meta.block_owner
+        B, W = tables.shape
+        bs, G = attn.k_cache.shape[2], attn.n_local_heads // attn.n_local_kv_heads
+        span = torch.arange(W * bs, device=dev)
+        # Additive mask in softmax layout [B, 1, 1, W, bs]: 0 inside the context, -inf past it.
+        self.bias = torch.zeros(B, W * bs, device=dev).masked_fill_(span >= meta.context_lens[:, None], float("-inf"))
+        self.bias = self.bias.view(B, 1, 1, W, bs)
+        self.tables, self.owner = tables, owner
+        self.scores = torch.empty(B, attn.n_local_kv_heads, G, W, bs, device=dev)
+        # Per-block probabilities; blocks no row holds stay 0 so their (unused) outputs are finite.
+        self.probs = torch.zeros(owner.shape[0], attn.n_local_kv_heads, G, bs, device=dev, dtype=attn.k_cache.dtype)
+
+    def _plan_prefill(self, meta: AttentionMetadata, pos: torch.Tensor, attn: "Attention", dev: torch.device) -> None:
+        lens = [e - s for s, e in zip(meta.cu_seqlens[:-1], meta.cu_seqlens[1:])]
+        self.max_len = max(lens)
+        # Equal lengths (one sequence, or logits_full's batches): the packed tokens are already
+        # a [S, L] batch and need no padding.
+        self.padded = any(n != self.max_len for n in lens)
+        if self.padded:
+            seq = torch.repeat_interleave(torch.arange(self.seqs, device=dev), torch.tensor(lens, device=dev),
+                                          output_size=len(pos))  # output_size: no device sync
+            self.pad_index = seq * self.max_len + pos  # row of each prefill token in the [S * L] layout
+            self.pad_width = (attn.n_local_heads + 2 * attn.n_local_kv_heads) * attn.head_dim
+            self._pad_buf: Optional[torch.Tensor] = None
+
+    def pad_buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        """Zeroed [S * L, qkv width]; rows past a sequence's end stay zero (finite keys, masked anyway)."""
+        if self._pad_buf is None or not self.reuse:
+            self._pad_buf = torch.zeros(self.seqs * self.max_len, self.pad_width, dtype=dtype,
+                                        device=self.pad_index.device)
+        return self._pad_buf
 
 
 class Attention(nn.Module):
@@ -164,41 +258,77 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_local_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_local_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_local_heads * self.head_dim, args.dim, bias=False)
-        # Paged KV cache [num_blocks, block_size, n_local_kv_heads, head_dim]; set by the engine.
+        # Paged KV cache [num_blocks, n_local_kv_heads, block_size, head_dim]; set by the engine.
+        # Block-major, then head: decode attention multiplies whole blocks in place (see _decode).
         self.k_cache: Optional[torch.Tensor] = None
         self.v_cache: Optional[torch.Tensor] = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        T = x.shape[0]
-        q = self.wq(x).view(T, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(T, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(T, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        if self.k_cache is not None and meta.slot_mapping is not None:
-            self.k_cache.view(-1, self.n_local_kv_heads, self.head_dim)[meta.slot_mapping] = k
-            self.v_cache.view(-1, self.n_local_kv_heads, self.head_dim)[meta.slot_mapping] = v
-
-        gqa = self.n_local_heads != self.n_local_kv_heads
-        if meta.is_prefill:
-            # One causal SDPA per sequence: a packed block-diagonal mask would cost T^2 memory.
-            outs = []
-            for s, e in zip(meta.cu_seqlens[:-1], meta.cu_seqlens[1:]):
-                qs, ks, vs = (t[s:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, L, D]
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
-                outs.append(o[0].transpose(0, 1))  # [L, H, D]
-            out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+    def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        T, Hq, Hkv, D = x.shape[0], self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        if torch.is_grad_enabled():  # training: the separate parameters, for their gradients
+            qkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
         else:
-            B = T
-            kc = self.k_cache[meta.block_tables].flatten(1, 2)  # [B, max_blocks*block_size, Hkv, D]
-            vc = self.v_cache[meta.block_tables].flatten(1, 2)
-            o = F.scaled_dot_product_attention(
-                q.view(B, self.n_local_heads, 1, self.head_dim),
-                kc.transpose(1, 2), vc.transpose(1, 2),
-                attn_mask=meta.decode_mask, enable_gqa=gqa,
-            )  # [B, H, 1, D]
-            out = o.view(B, self.n_local_heads, self.head_dim)
-        return _all_reduce(self.wo(out.reshape(T, -1)), self.world_size)
+            qkv = F.linear(x, _fused_weight(self, ("wq", "wk", "wv")))
+        qk = _rotate(qkv[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D), step.freqs)  # RoPE on q and k at once
+        q, k = qk[:, :Hq], qk[:, Hq:]
+        v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+        if step.moves is not None:  # the block manager renumbered blocks (compaction)
+            src, dst = step.moves
+            self.k_cache[dst] = self.k_cache[src]
+            self.v_cache[dst] = self.v_cache[src]
+        if step.write is not None:
+            blk, off = step.write
+            self.k_cache[blk, :, off] = k
+            self.v_cache[blk, :, off] = v
+
+        n = step.n_decode
+        outs = []
+        if n:
+            outs.append(self._decode(q[:n], step))
+        if step.seqs:
+            outs.append(self._prefill(q[n:], k[n:], v[n:], step))
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        return _all_reduce(self.wo(out.reshape(T, Hq * D)), self.world_size)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: _Step) -> torch.Tensor:
+        """Causal attention within each prefilled sequence: one SDPA over a [S, L] batch."""
+        S, L, Hq, Hkv, D = step.seqs, step.max_len, self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        if step.padded:
+            # Right-padded, so causality alone keeps real queries off the padding keys.
+            buf = step.pad_buffer(q.dtype)
+            buf[step.pad_index] = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+            rows = buf.view(S, L, -1)
+            q = rows[..., :Hq * D].view(S, L, Hq, D)
+            k = rows[..., Hq * D:(Hq + Hkv) * D].view(S, L, Hkv, D)
+            v = rows[..., (Hq + Hkv) * D:].view(S, L, Hkv, D)
+        else:
+            q, k, v = q.view(S, L, Hq, D), k.view(S, L, Hkv, D), v.view(S, L, Hkv, D)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=Hq != Hkv)  # [S, Hq, L, D]
+        o = o.transpose(1, 2).reshape(S * L, Hq, D)
+        return o[step.pad_index] if step.padded else o
+
+    def _decode(self, q: torch.Tensor, step: _Step) -> torch.Tensor:
+        """One query per sequence against its paged context, reading the cache in place.
+
+        Gathering each sequence's blocks into a dense [B, context] copy (what SDPA needs) would
+        move every cached byte twice more per layer. Instead every block in use is multiplied
+        with the query of the row that owns it, then a softmax runs over each row's blocks.
+        """
+        B, Hq, Hkv, D = q.shape[0], self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        G, hi = Hq // Hkv, step.owner.shape[0]
+        kc, vc = self.k_cache[:hi], self.v_cache[:hi]  # [hi, Hkv, bs, D]
+        qb = q.reshape(B, Hkv, G, D)[step.owner]  # [hi, Hkv, G, D]: each block's query
+        s = torch.matmul(qb, kc.transpose(-1, -2))  # [hi, Hkv, G, bs]
+        scores = step.scores if step.reuse else torch.empty_like(step.scores)
+        torch.add(step.bias, s[step.tables].permute(0, 2, 3, 1, 4), alpha=D ** -0.5, out=scores)
+        W, bs = scores.shape[-2:]
+        p = torch.softmax(scores.view(B, Hkv, G, W * bs), dim=-1).to(kc.dtype)
+        probs = step.probs if step.reuse else step.probs.clone()
+        # Padding entries all point at the null block 0 and carry probability 0.
+        probs[step.tables] = p.view(B, Hkv, G, W, bs).permute(0, 3, 1, 2, 4)
+        ob = torch.matmul(probs, vc)  # [hi, Hkv, G, D]: each block's share of its row's output
+        return ob[step.tables].sum(1).view(B, Hq, D)
 
 
 class FeedForward(nn.Module):
@@ -212,7 +342,12 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(args.dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _all_reduce(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.world_size)
+        if torch.is_grad_enabled():
+            return _all_reduce(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.world_size)
+        h = F.linear(x, _fused_weight(self, ("w1", "w3")))  # [T, 2 * hidden]
+        n = h.shape[-1] // 2
+        gate = F.silu(h[:, :n], inplace=True).mul_(h[:, n:])  # in place: no [T, hidden] temporaries
+        return _all_reduce(self.w2(gate), self.world_size)
 
 
 class TransformerBlock(nn.Module):
@@ -223,8 +358,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, meta)
+    def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -245,20 +380,26 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Plain attributes, not buffers: Module.to(bfloat16) would otherwise cast the tables.
-        self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._rope: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # cos, sin, complex
 
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables [max_seq_len, head_dim // 2] (fp32) on ``device``."""
         if self._rope is None or self._rope[0].device != device:
-            self._rope = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
-        return self._rope
+            cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
+            self._rope = (cos, sin, torch.complex(cos, sin))
+        return self._rope[0], self._rope[1]
+
+    def rope_freqs(self, device: torch.device) -> torch.Tensor:
+        """The same angles as unit complex numbers [max_seq_len, head_dim // 2] (complex64)."""
+        self.rope(device)
+        return self._rope[2]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [T, dim] of the packed tokens [T] at positions [T] (before the final norm)."""
-        cos_t, sin_t = self.rope(tokens.device)
-        cos, sin = cos_t[positions], sin_t[positions]  # [T, head_dim/2]
+        step = _Step(self, positions, meta)
         h = self.tok_embeddings(tokens)  # [T, dim]
         for layer in self.layers:
-            h = layer(h, cos, sin, meta)
+            h = layer(h, step)
         return h
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from batchgen.engine.kv_cache import BlockManager, allocate_kv_cache, bytes_per_
 from batchgen.engine.request import CompletionOutput, Request, SamplingParams
 from batchgen.engine.runner import ModelRunner
 from batchgen.engine.scheduler import Scheduler
-from batchgen.model import Transformer, default_device, resolve_dtype
+from batchgen.model import Transformer, default_device
 from batchgen.tokenizer import IncrementalDecoder, StopStringMatcher, Tokenizer, load_tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -140,9 +140,12 @@ class LLM:
 
     def step(self) -> list[CompletionOutput]:
         """Run one scheduled step; return the requests that finished (in any order)."""
-        reqs, is_prefill = self.scheduler.schedule()
+        decode, prefill = self.scheduler.schedule()
+        reqs = decode + prefill
         if reqs:
-            tokens, logprobs = self.runner.run(reqs, is_prefill)
+            # Keep the blocks in use packed at the low ids (decode attention reads up to the top one).
+            moves = self.blocks.compact(self.scheduler.running)
+            tokens, logprobs = self.runner.run(decode, prefill, moves)
             for i, (req, tok) in enumerate(zip(reqs, tokens)):
                 req.token_ids.append(tok)
                 if req.params.logprobs and logprobs is not None:

@@ -2,11 +2,15 @@
 
 The cache is sized from a memory budget, not from ``max_batch × max_seq_len``: short requests
 hold few blocks, so many more of them fit than a worst-case slot layout would allow.
+
+Block 0 is the null block: never handed out, always zero, the padding of block tables. Free
+blocks are handed out lowest id first, so the blocks in use stay packed at the low end of the
+pool; decode attention reads the pool up to the highest block in use (see ``Attention._decode``).
 """
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 
 import torch
 
@@ -23,21 +27,24 @@ def bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> 
 
 def allocate_kv_cache(model: Transformer, num_blocks: int, block_size: int,
                       dtype: torch.dtype, device: torch.device) -> None:
-    """Give every attention layer its K and V block pools [num_blocks, block_size, Hkv, D]."""
+    """Give every attention layer its K and V block pools [1 + num_blocks, Hkv, block_size, D]."""
     for layer in model.layers:
         attn = layer.attention
-        shape = (num_blocks, block_size, attn.n_local_kv_heads, attn.head_dim)
+        shape = (1 + num_blocks, attn.n_local_kv_heads, block_size, attn.head_dim)  # + the null block
         attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
 
 class BlockManager:
-    """Tracks free blocks and each request's block table."""
+    """Tracks free blocks (ids 1..num_blocks; 0 is the null block) and each request's block table."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.free: deque[int] = deque(range(num_blocks))
+        self.free: list[int] = list(range(1, num_blocks + 1))  # a heap: lowest id first
+
+    def _take(self) -> int:
+        return heapq.heappop(self.free)
 
     @property
     def num_free(self) -> int:
@@ -53,7 +60,7 @@ class BlockManager:
     def allocate(self, req: Request) -> None:
         assert not req.block_table
         n = self.blocks_needed(len(req))
-        req.block_table = [self.free.popleft() for _ in range(n)]
+        req.block_table = [self._take() for _ in range(n)]
 
     def can_append(self, req: Request) -> bool:
         """Room for the newest token: a new block is needed only when the last one is full."""
@@ -62,9 +69,35 @@ class BlockManager:
     def may_append(self, req: Request) -> None:
         """Make sure the block for the token at position ``len(req) - 1`` exists."""
         if len(req.block_table) < self.blocks_needed(len(req)):
-            req.block_table.append(self.free.popleft())
+            req.block_table.append(self._take())
 
     def release(self, req: Request) -> None:
-        self.free.extend(req.block_table)
+        for b in req.block_table:
+            heapq.heappush(self.free, b)
         req.block_table = []
         req.num_cached = 0
+
+    def compact(self, reqs: list[Request]) -> list[tuple[int, int]]:
+        """Renumber blocks so that the ``n`` blocks in use are ids 1..n again.
+
+        Finished requests leave holes below the highest block in use, and decode attention reads
+        every block up to that one. Once the holes make up more than a quarter of that range,
+        each block above ``n`` takes a free id at or below ``n``. ``reqs`` must be every request
+        holding blocks. Returns the ``(src, dst)`` copies the cache must make (the model makes
+        them, see ``AttentionMetadata.block_moves``).
+        """
+        n = self.num_blocks - len(self.free)
+        top = max((b for r in reqs for b in r.block_table), default=0)
+        if top - n <= max(n // 4, 4):
+            return []
+        holes = iter(sorted(b for b in self.free if b <= n))  # as many as blocks in use above n
+        moves = []
+        for r in reqs:
+            for i, b in enumerate(r.block_table):
+                if b > n:
+                    r.block_table[i] = next(holes)
+                    moves.append((b, r.block_table[i]))
+        taken = {dst for _, dst in moves}
+        self.free = [b for b in self.free if b not in taken] + [src for src, _ in moves]
+        heapq.heapify(self.free)
+        return moves

@@ -1,7 +1,7 @@
 """Builds one step's batch tensors, runs the model and samples.
 
-Prefill packs every scheduled request's uncached tokens into one vector; decode takes the last
-token of each running request and reads the rest of its context from the paged cache.
+A step packs the last token of every decoding request first (the rest of their context is read
+from the paged cache), then every uncached token of the requests being prefilled.
 """
 
 from __future__ import annotations
@@ -21,54 +21,58 @@ class ModelRunner:
         self.block_size = blocks.block_size
         self.device = device
 
-    def _slot(self, req: Request, pos: int) -> int:
-        return req.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
-
     def _to(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         # Built on the host, copied once: cheaper than many small device writes.
         return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
 
-    def prepare_prefill(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+    def prepare(self, decode: list[Request], prefill: list[Request], moves: list[tuple[int, int]]
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Token ids, positions, attention metadata and the row of each request's last token.
+
+        ``moves`` are the block copies (src, dst) of a compaction, made before the step runs.
+        """
+        bs = self.block_size
+        ids = [req.token_ids[-1] for req in decode]
+        positions = [len(req) - 1 for req in decode]
+        slots = [req.block_table[p // bs] * bs + p % bs for req, p in zip(decode, positions)]
+        last = list(range(len(decode)))
         cu = [0]
-        for req in reqs:
+        for req in prefill:
             # Without prefix caching a prefill always starts at position 0 (also after preemption).
             n = len(req)
             ids.extend(req.token_ids)
             positions.extend(range(n))
-            slots.extend(self._slot(req, p) for p in range(n))
+            table = req.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(n))
             cu.append(cu[-1] + n)
-        meta = AttentionMetadata(is_prefill=True, cu_seqlens=cu, slot_mapping=self._to(slots))
-        last = [c - 1 for c in cu[1:]]
+            last.append(len(decode) + cu[-1] - 1)
+
+        meta = AttentionMetadata(is_prefill=bool(prefill), cu_seqlens=cu if prefill else [],
+                                 slot_mapping=self._to(slots), num_decode=len(decode),
+                                 block_moves=self._to(list(zip(*moves))) if moves else None)
+        if decode:
+            width = max(len(req.block_table) for req in decode)
+            # Padding points at the null block 0, masked out past each context length.
+            tables = [req.block_table + [0] * (width - len(req.block_table)) for req in decode]
+            owner = [0] * (1 + max(max(req.block_table) for req in decode))
+            for row, req in enumerate(decode):
+                for b in req.block_table:
+                    owner[b] = row
+            meta.block_tables = self._to(tables)
+            meta.context_lens = self._to([len(req) for req in decode])
+            meta.block_owner = self._to(owner)
         return self._to(ids), self._to(positions), meta, last
 
-    def prepare_decode(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        ids = [req.token_ids[-1] for req in reqs]
-        positions = [len(req) - 1 for req in reqs]
-        slots = [self._slot(req, p) for req, p in zip(reqs, positions)]
-        width = max(len(req.block_table) for req in reqs)
-        # Pad tables with block 0: its stale contents are masked out below.
-        tables = [req.block_table + [0] * (width - len(req.block_table)) for req in reqs]
-        context_lens = self._to([len(req) for req in reqs])
-        span = torch.arange(width * self.block_size, device=self.device)
-        mask = (span[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, width*block_size]
-        meta = AttentionMetadata(
-            is_prefill=False, slot_mapping=self._to(slots), block_tables=self._to(tables),
-            context_lens=context_lens, decode_mask=mask,
-        )
-        return self._to(ids), self._to(positions), meta, list(range(len(reqs)))
-
     @torch.inference_mode()
-    def run(self, reqs: list[Request], is_prefill: bool) -> tuple[list[int], list[float] | None]:
-        """One forward step over ``reqs``; returns each request's next token (and logprob)."""
-        prepare = self.prepare_prefill if is_prefill else self.prepare_decode
-        ids, positions, meta, last = prepare(reqs)
+    def run(self, decode: list[Request], prefill: list[Request], moves: list[tuple[int, int]]
+            ) -> tuple[list[int], list[float] | None]:
+        """One forward step; returns the next token (and logprob) of each request, decode first."""
+        ids, positions, meta, last = self.prepare(decode, prefill, moves)
         hidden = self.model(ids, positions, meta)  # [T, dim]
         if len(last) != hidden.shape[0]:
             hidden = hidden[self._to(last)]  # [B, dim]: only the last token of each sequence
         logits = self.model.compute_logits(hidden)  # [B, vocab] fp32
+        reqs = decode + prefill
         for req in reqs:
             req.num_cached = len(req)
         return sample(logits, reqs)

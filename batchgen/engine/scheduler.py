@@ -1,10 +1,10 @@
 """Which requests run in the next step.
 
-Each step is either a prefill (new requests' prompts, up to a token budget) or a decode (one
-token for every running request). Prefill goes first whenever a request is waiting and a slot
-and blocks are free, so a finished row's slot is refilled on the very next step. When a
-decode step runs out of KV blocks, the youngest running request is preempted: its blocks are
-freed and it goes back to the front of the queue, to be recomputed later.
+Each step decodes one token for every running request and, in the same batch, prefills the
+prompts of waiting requests while a slot, KV blocks and the prefill token budget allow: the
+linear layers then run once over both, and a finished row's slot is refilled on the very next
+step. When a decode runs out of KV blocks, the youngest running request is preempted: its
+blocks are freed and it goes back to the front of the queue, to be recomputed later.
 """
 
 from __future__ import annotations
@@ -30,14 +30,30 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Request], bool]:
-        """The requests of the next step and whether it is a prefill step."""
-        batch: list[Request] = []
-        budget = self.max_num_batched_tokens
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+    def schedule(self) -> tuple[list[Request], list[Request]]:
+        """The next step: the running requests to decode, then the waiting ones to prefill."""
+        decode: list[Request] = []
+        preempted = False
+        for req in list(self.running):
+            if req not in self.running:  # preempted below while making room for an older request
+                continue
+            while not self.blocks.can_append(req):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                self.blocks.may_append(req)
+                decode.append(req)
+
+        prefill: list[Request] = []
+        # Right after a preemption the cache is full: admitting would only preempt again.
+        budget = 0 if preempted else self.max_num_batched_tokens
+        while self.waiting and len(self.running) + len(prefill) < self.max_num_seqs:
             req = self.waiting[0]
-            # A lone request larger than the budget still runs (alone), or it would wait forever.
-            if batch and len(req) > budget:
+            # A lone request larger than the budget still runs, or it would wait forever.
+            if len(req) > budget and (prefill or decode or preempted):
                 break
             if not self.blocks.can_allocate(req):
                 break
@@ -45,24 +61,9 @@ class Scheduler:
             self.blocks.allocate(req)
             req.status = Status.RUNNING
             budget -= len(req)
-            batch.append(req)
-        if batch:
-            self.running.extend(batch)
-            return batch, True
-
-        batch = []
-        for req in list(self.running):
-            if req not in self.running:  # preempted below while making room for an older request
-                continue
-            while not self.blocks.can_append(req):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is req:
-                    break
-            else:
-                self.blocks.may_append(req)
-                batch.append(req)
-        return batch, False
+            prefill.append(req)
+        self.running.extend(prefill)
+        return decode, prefill
 
     def _preempt(self, req: Request) -> None:
         self.num_preemptions += 1

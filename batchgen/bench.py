@@ -1,0 +1,455 @@
+"""``batchgen bench``: the engine against ``transformers`` generate, on the same random weights.
+
+One process, one run: build a seeded random LLaMA, copy its weights into
+``transformers.LlamaForCausalLM``, time both systems on the same greedy workload, check that
+their tokens agree (a divergence is allowed only at a near-tie), and report throughput, FLOP
+efficiency against a matmul measured in the same run, memory and the machine, as JSON with
+``--json``. Exit codes: 0 ok, 1 a non-tie divergence (a bug), 2 bad arguments.
+
+Usage::
+
+    python -m batchgen bench --json            # the full benchmark (minutes on a 2-core CPU)
+    python -m batchgen bench --quick --json    # a tiny model, for tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from batchgen.model import ModelArgs, Transformer, count_parameters
+
+# The issue's model: ~134M parameters, MHA. max_seq_len only sizes RoPE tables here; the
+# engine's KV cache is sized from the workload (see EngineSystem).
+BENCH_ARGS = ModelArgs(dim=768, n_layers=12, n_heads=12, hidden_dim=2048, vocab_size=32000)
+# --quick: small enough for a test, GQA so both attention layouts are exercised somewhere.
+QUICK_ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=512,
+                       max_seq_len=128)
+
+# A divergence is tolerated only where the two tokens' logits are closer than this. fp32
+# implementations differ by ~1e-5 in the logits; bf16's rounding step near |logit| ~ 2 is ~1e-2.
+TIE_TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class Workload:
+    """Prompts (token ids) and how many tokens each asks for; all greedy with ``ignore_eos``."""
+
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+    @property
+    def max_total_len(self) -> int:
+        return max(len(p) + n for p, n in zip(self.prompts, self.max_tokens))
+
+
+@dataclass
+class RunResult:
+    """One system's tokens per request (from its last run) and its wall times (one per run)."""
+
+    tokens: list[list[int]]
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def make_workload(n: int, vocab_size: int, seed: int, prompt_len: tuple[int, int],
+                  output_len: tuple[int, int]) -> Workload:
+    """``n`` prompts of random ids (never 0-2: pad/BOS/EOS), lengths uniform in the inclusive ranges."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(prompt_len[0], prompt_len[1] + 1, (n,), generator=g).tolist()
+    outs = torch.randint(output_len[0], output_len[1] + 1, (n,), generator=g).tolist()
+    prompts = [torch.randint(3, vocab_size, (n_p,), generator=g).tolist() for n_p in lens]
+    return Workload(prompts, outs)
+
+
+def build_model(args: ModelArgs, seed: int, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """A randomly initialised model (PyTorch's default init), identical for a given seed."""
+    torch.manual_seed(seed)
+    return Transformer(args).to(device=device, dtype=dtype).eval()
+
+
+def build_hf(model: Transformer, device: torch.device, dtype: torch.dtype) -> Any:
+    """``LlamaForCausalLM`` holding exactly ``model``'s weights (via batchgen's HF writer)."""
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from batchgen.checkpoint import save_hf
+
+    hf_logging.disable_progress_bar()  # a progress bar on stderr for a local file is noise
+    with tempfile.TemporaryDirectory(prefix="batchgen-bench-") as tmp:
+        save_hf(model.state_dict(), model.args, tmp)
+        hf = LlamaForCausalLM.from_pretrained(tmp)
+    hf = hf.to(device=device, dtype=dtype).eval()
+    # ignore_eos: HF must run every row to max_new_tokens, as the engine does.
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class EngineSystem:
+    """batchgen's engine: all requests submitted at once, one continuous batch.
+
+    A system under test is anything with ``run() -> tokens per request`` and ``info() -> dict``;
+    this is the hook for other front ends (a ``--pipeline`` mode through Ray is one more class).
+    """
+
+    def __init__(self, model: Transformer, wl: Workload, device: torch.device) -> None:
+        from batchgen.engine import LLM, SamplingParams
+
+        self.model, self.wl = model, wl
+        # The cache holds the whole workload at once (KV is sized for its longest request).
+        self.llm = LLM(model=model, device=str(device), max_model_len=wl.max_total_len,
+                       max_num_seqs=max(64, len(wl.prompts)))
+        self.params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in wl.max_tokens]
+        # Warm-up: first calls pay for allocator growth and kernel selection.
+        warm = wl.prompts[:4]
+        self.llm.generate(warm, [SamplingParams(max_tokens=4, ignore_eos=True)] * len(warm))
+
+    def run(self) -> list[list[int]]:
+        return [o.token_ids for o in self.llm.generate(self.wl.prompts, self.params)]
+
+    def info(self) -> dict[str, Any]:
+        kv = sum(t.numel() * t.element_size() for layer in self.model.layers
+                 for t in (layer.attention.k_cache, layer.attention.v_cache))
+        return {"kv_cache_bytes": kv, "kv_cache_tokens": self.llm.kv_cache_tokens,
+                "preemptions": self.llm.scheduler.num_preemptions}
+
+
+class HFSystem:
+    """``generate`` in input-order batches, left-padded, each to its batch's longest request."""
+
+    def __init__(self, hf: Any, wl: Workload, batch_size: int, device: torch.device) -> None:
+        self.hf, self.wl, self.batch_size, self.device = hf, wl, batch_size, device
+        self._batch(wl.prompts[:2], 4)  # warm-up
+
+    def _batch(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+        width = max(map(len, prompts))
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        out = self.hf.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                               do_sample=False, max_new_tokens=max_new)
+        return out[:, width:].tolist()
+
+    def run(self) -> list[list[int]]:
+        tokens: list[list[int]] = []
+        for s in range(0, len(self.wl.prompts), self.batch_size):
+            want = self.wl.max_tokens[s:s + self.batch_size]
+            rows = self._batch(self.wl.prompts[s:s + self.batch_size], max(want))
+            tokens.extend(row[:n] for row, n in zip(rows, want))  # only what each asked for
+        return tokens
+
+    def info(self) -> dict[str, Any]:
+        return {"hf_attn_implementation": self.hf.config._attn_implementation}
+
+
+def timed_run(system: Any, device: torch.device, result: RunResult) -> None:
+    """One timed ``system.run()`` (wall time, prefill included) appended to ``result``."""
+    with torch.inference_mode():
+        _sync(device)
+        t0 = time.perf_counter()
+        result.tokens = system.run()
+        _sync(device)
+        result.seconds.append(time.perf_counter() - t0)
+
+
+def compare_tokens(model: Transformer, hf: Any, wl: Workload, ours: list[list[int]], theirs: list[list[int]],
+                   tol: float) -> dict[str, Any]:
+    """Agreement of two systems' greedy tokens; every first divergence must be a near-tie.
+
+    At a request's first divergence both models are re-run without any cache on the common
+    prefix, and the two competing tokens' logits must be within ``tol`` of each other in both:
+    otherwise one system computed something else (a bug, not rounding).
+    """
+    matched, divergences = 0, []
+    for i, (p, a, b) in enumerate(zip(wl.prompts, ours, theirs)):
+        if len(a) != wl.max_tokens[i] or len(b) != wl.max_tokens[i]:
+            raise RuntimeError(f"request {i}: asked for {wl.max_tokens[i]} tokens, "
+                               f"got {len(a)} (batchgen) and {len(b)} (transformers)")
+        j = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        matched += j
+        if j == len(a):
+            continue
+        seq = torch.tensor([p + a[:j]], device=next(model.parameters()).device)
+        with torch.inference_mode():
+            ref = model.logits_full(seq)[0, -1]
+            ref_hf = hf(seq).logits[0, -1].float() if hf is not None else ref
+        gap = max(abs(float(ref[a[j]] - ref[b[j]])), abs(float(ref_hf[a[j]] - ref_hf[b[j]])))
+        divergences.append({"request": i, "position": j, "batchgen_token": a[j], "hf_token": b[j],
+                            "logit_gap": gap, "tie": gap <= tol})
+    return {"tokens_match_fraction": matched / wl.output_tokens, "divergences": divergences,
+            "tie_tolerance": tol, "ok": all(d["tie"] for d in divergences)}
+
+
+def linear_flops_per_token(args: ModelArgs) -> int:
+    """Multiply-add FLOPs of one token through every layer's projections (no output head)."""
+    hd = args.head_dim
+    attn = args.dim * hd * (2 * args.n_heads + 2 * args.n_kv_heads)  # wq, wo, wk, wv
+    ffn = 3 * args.dim * args.hidden_dim
+    return 2 * args.n_layers * (attn + ffn)
+
+
+def request_flops(args: ModelArgs, prompt_len: int, n_out: int) -> int:
+    """FLOPs a request needs at minimum: its prompt and all but its last output token pass through
+    the layers (attention over each one's causal context), and ``n_out`` rows of logits."""
+    fed = prompt_len + n_out - 1
+    context_sum = fed * (fed + 1) // 2  # token at position i attends to i + 1 keys
+    attention = 4 * args.n_layers * args.n_heads * args.head_dim * context_sum  # QK^T and PV
+    return fed * linear_flops_per_token(args) + attention + n_out * 2 * args.dim * args.vocab_size
+
+
+def min_traffic_bytes(args: ModelArgs, wl: Workload, elem_bytes: int) -> int:
+    """Bytes any implementation must read from memory: the weights once per step (at least one
+    step per token of the longest request) and, for each generated token, the cached K and V of
+    its whole context. Together with the FLOP count it bounds the run from both sides."""
+    weights = (linear_flops_per_token(args) // 2 + args.dim * args.vocab_size) * elem_bytes
+    kv_per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem_bytes
+    contexts = sum((n - 1) * p + n * (n - 1) // 2 for p, n in zip(map(len, wl.prompts), wl.max_tokens))
+    return max(wl.max_tokens) * weights + contexts * kv_per_token
+
+
+def measure_peak_gflops(device: torch.device, dtype: torch.dtype, n: int, reps: int = 5) -> float:
+    """The best rate of an ``n``x``n`` matmul: what this device does at its most efficient."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    with torch.inference_mode():
+        a @ b
+        for _ in range(reps):
+            _sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def measure_bandwidth_gbps(device: torch.device, nbytes: int, reps: int = 5) -> float:
+    """Best memory copy rate (bytes read + written per second) over a buffer of ``nbytes``."""
+    x = torch.empty(nbytes // 4, device=device, dtype=torch.float32).fill_(1.0)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(reps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        y.copy_(x)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
+
+
+def gpu_extras(device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, Any]:
+    """Single-stream decode of a 7B-shaped random model against HBM bandwidth / weight bytes.
+
+    One request decodes alone, so every step reads all weights once: bandwidth / weight bytes
+    is the ceiling on its tokens per second.
+    """
+    from batchgen.engine import LLM, SamplingParams
+
+    args = ModelArgs.from_preset("llama-2-7b")
+    with torch.device("meta"):
+        model = Transformer(args).to(dtype)
+    model = model.to_empty(device=device)  # allocated once, in dtype: 13.5 GB in bf16
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+    model.eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    llm = LLM(model=model, device=str(device), max_model_len=1024, max_num_seqs=1, kv_cache_bytes=1 << 30)
+    prompt = torch.randint(3, args.vocab_size, (16,), generator=torch.Generator().manual_seed(seed)).tolist()
+    steps = 256
+
+    def timed(n: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        llm.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))
+        _sync(device)
+        return time.perf_counter() - t0
+
+    timed(8)  # warm-up
+    decode_s = timed(steps + 1) - timed(1)  # the prefill (and first token) cancels out
+    bw = measure_bandwidth_gbps(device, 2 << 30)
+    tok_s = steps / decode_s
+    bound = bw * 1e9 / weight_bytes
+    del llm, model
+    torch.cuda.empty_cache()
+    return {"model": "llama-2-7b shape, random", "weight_bytes": weight_bytes, "decode_tokens_per_s": tok_s,
+            "hbm_copy_gbps": bw, "bandwidth_bound_tokens_per_s": bound, "fraction_of_bound": tok_s / bound}
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or platform.processor() or 'cpu'}, {os.cpu_count()} logical cores"
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    """The ``bench`` options, for ``batchgen bench`` and ``python -m batchgen.bench``."""
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--prompts", type=int, default=64, help="number of requests (default 64)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument("--hf-batch", type=int, default=32, help="transformers batch size (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the workload")
+    p.add_argument("--skip-hf", action="store_true", help="time batchgen only (no speedup, no token check)")
+    p.add_argument("--quick", action="store_true", help="tiny model and short requests (for tests)")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per system; medians are reported")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for both systems (default: torch's, one per core)")
+    p.add_argument("--gpu-extras", action="store_true",
+                   help="CUDA only: single-stream decode of a 7B-shaped model vs HBM bandwidth")
+
+
+def _validate(args: argparse.Namespace) -> Optional[str]:
+    for name in ("prompts", "hf_batch", "repeat", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError as e:
+            return f"--device {args.device!r}: {e}"
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            return f"--device {args.device}: CUDA is not available here"
+        if dev.type not in ("cpu", "cuda"):
+            return f"--device {args.device}: only cpu and cuda are supported"
+    if args.gpu_extras and not (torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")):
+        return "--gpu-extras needs a CUDA device"
+    return None
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed ``add_bench_args`` options; return the exit code."""
+    error = _validate(args)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    margs = QUICK_ARGS if args.quick else BENCH_ARGS
+    lens = (4, 24) if args.quick else (8, 128)
+    wl = make_workload(args.prompts, margs.vocab_size, args.seed, lens, lens)
+
+    model = build_model(margs, args.seed, device, dtype)
+    hf = None if args.skip_hf else build_hf(model, device, dtype)
+    peak = measure_peak_gflops(device, dtype, n=(512 if args.quick else 4096) * (2 if device.type == "cuda" else 1))
+    bandwidth = measure_bandwidth_gbps(device, (16 if args.quick else 1024) << 20)
+
+    systems = [(EngineSystem(model, wl, device), RunResult(tokens=[]))]
+    if hf is not None:
+        systems.append((HFSystem(hf, wl, args.hf_batch, device), RunResult(tokens=[])))
+    # Alternate the systems: on a shared machine the load drifts, and each then sees the same.
+    for _ in range(args.repeat):
+        for system, result in systems:
+            timed_run(system, device, result)
+    ours = systems[0][1]
+    theirs = systems[1][1] if hf is not None else None
+
+    useful_flops = sum(request_flops(margs, len(p), n) for p, n in zip(wl.prompts, wl.max_tokens))
+    achieved = useful_flops / ours.median_s / 1e9
+    traffic = min_traffic_bytes(margs, wl, dtype.itemsize)
+    report: dict[str, Any] = {
+        "tokens_per_s": wl.output_tokens / ours.median_s,
+        "hf_tokens_per_s": wl.output_tokens / theirs.median_s if theirs else None,
+        "speedup_vs_hf": theirs.median_s / ours.median_s if theirs else None,
+        "peak_gflops": peak,
+        "achieved_gflops": achieved,
+        "roofline_fraction": achieved / peak,
+        "useful_gflop": useful_flops / 1e9,
+        "memory_gbps": bandwidth,
+        "min_memory_gb": traffic / 1e9,
+        "memory_roofline_fraction": traffic / ours.median_s / 1e9 / bandwidth,
+        "batchgen_seconds": ours.seconds,
+        "hf_seconds": theirs.seconds if theirs else None,
+        "tokens_match_fraction": None,
+        "divergences": None,
+        **systems[0][0].info(),
+        "hf_attn_implementation": systems[1][0].info()["hf_attn_implementation"] if theirs else None,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "device": str(device),
+        "machine": _machine(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "model_params": count_parameters(margs),
+        "model": {"dim": margs.dim, "n_layers": margs.n_layers, "n_heads": margs.n_heads,
+                  "n_kv_heads": margs.n_kv_heads, "hidden_dim": margs.hidden_dim, "vocab_size": margs.vocab_size},
+        "workload": {"prompts": len(wl.prompts), "prompt_tokens": sum(map(len, wl.prompts)),
+                     "output_tokens": wl.output_tokens, "hf_batch": args.hf_batch, "seed": args.seed},
+        "ok": True,
+    }
+    if theirs is not None:
+        check = compare_tokens(model, hf, wl, ours.tokens, theirs.tokens, TIE_TOL[dtype])
+        report.update(tokens_match_fraction=check["tokens_match_fraction"], divergences=check["divergences"],
+                      tie_tolerance=check["tie_tolerance"], ok=check["ok"])
+    if args.gpu_extras:
+        del hf, model, systems
+        report["gpu_extras"] = gpu_extras(device, dtype, args.seed)
+
+    _print_report(report, args.json)
+    return 0 if report["ok"] else 1
+
+
+def _print_report(r: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(r))
+        return
+    print(f"batchgen   {r['tokens_per_s']:9.1f} tok/s   {r['achieved_gflops']:.1f} GFLOP/s useful "
+          f"= {r['roofline_fraction']:.2f} of a {r['peak_gflops']:.1f} GFLOP/s matmul; "
+          f"{r['min_memory_gb']:.1f} GB to read = {r['memory_roofline_fraction']:.2f} of {r['memory_gbps']:.1f} GB/s")
+    if r["hf_tokens_per_s"] is not None:
+        print(f"transformers {r['hf_tokens_per_s']:7.1f} tok/s   speedup {r['speedup_vs_hf']:.2f}x   "
+              f"tokens match {r['tokens_match_fraction']:.4f}")
+        for d in r["divergences"]:
+            kind = "near-tie" if d["tie"] else "NOT A TIE (bug)"
+            print(f"  request {d['request']} diverges at token {d['position']}: logit gap "
+                  f"{d['logit_gap']:.2e} ({kind})")
+    print(f"{r['device']} ({r['machine']}), {r['dtype']}, {r['torch_threads']} threads, "
+          f"peak RSS {r['peak_rss_mib']:.0f} MiB, KV cache {r['kv_cache_bytes'] / 2**20:.0f} MiB")
+    if "gpu_extras" in r:
+        g = r["gpu_extras"]
+        print(f"7B single-stream decode {g['decode_tokens_per_s']:.1f} tok/s = {g['fraction_of_bound']:.2f} "
+              f"of bandwidth/weights ({g['bandwidth_bound_tokens_per_s']:.1f} tok/s)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m batchgen.bench [options]``."""
+    parser = argparse.ArgumentParser(prog="batchgen bench", description=__doc__.splitlines()[0])
+    add_bench_args(parser)
+    return run_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

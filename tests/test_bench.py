@@ -1,0 +1,203 @@
+"""``batchgen bench`` (quick mode) and the engine paths its speed relies on.
+
+No timing is asserted anywhere: timings are never pass/fail. What is checked is that the bench
+runs end to end, reports every field, that batchgen and transformers agree token for token,
+that a real divergence fails the check, and that the engine's fast paths (mixed prefill + decode
+steps, padded batched prefill, in-place paged decode attention, block compaction, fused
+projections) give the tokens of the cache-free reference.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchgen.bench import (QUICK_ARGS, Workload, compare_tokens, linear_flops_per_token, main,
+                            min_traffic_bytes, request_flops)
+from batchgen.engine import LLM, SamplingParams
+from batchgen.model import AttentionMetadata, ModelArgs, Transformer
+
+REPO = Path(__file__).resolve().parents[1]
+
+FIELDS = {"tokens_per_s", "hf_tokens_per_s", "speedup_vs_hf", "peak_gflops", "achieved_gflops",
+          "roofline_fraction", "memory_gbps", "min_memory_gb", "memory_roofline_fraction", "peak_rss_mib",
+          "kv_cache_bytes", "device", "torch_threads", "tokens_match_fraction", "divergences", "ok"}
+
+
+def test_quick_bench_reports_every_field_and_tokens_match(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers", reason="the baseline is transformers' generate")
+    rc = main(["--quick", "--json", "--prompts", "6", "--hf-batch", "4", "--seed", "1"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0, report
+    assert FIELDS <= report.keys()
+    for key in ("tokens_per_s", "hf_tokens_per_s", "speedup_vs_hf", "peak_gflops", "achieved_gflops",
+                "roofline_fraction", "memory_gbps", "min_memory_gb", "memory_roofline_fraction", "peak_rss_mib",
+                "kv_cache_bytes"):
+        assert isinstance(report[key], float | int) and report[key] > 0, key
+    assert report["device"] == "cpu" and report["torch_threads"] >= 1
+    assert report["hf_attn_implementation"] == "sdpa"
+    assert report["workload"]["prompts"] == 6 and report["workload"]["hf_batch"] == 4
+    assert report["tokens_match_fraction"] == 1.0 and report["divergences"] == [] and report["ok"] is True
+    # The useful FLOPs are a property of the workload, not of the run.
+    assert report["achieved_gflops"] == pytest.approx(report["useful_gflop"] / report["batchgen_seconds"][0])
+
+
+def test_module_entry_point_without_hf() -> None:
+    out = subprocess.run([sys.executable, "-m", "batchgen.bench", "--quick", "--json", "--skip-hf", "--prompts", "3"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["tokens_per_s"] > 0 and report["hf_tokens_per_s"] is None and report["speedup_vs_hf"] is None
+    assert report["tokens_match_fraction"] is None and report["ok"] is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompts", "0"], "--prompts must be >= 1"),
+    (["--hf-batch", "0"], "--hf-batch must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--device", "meta"], "only cpu and cuda"),
+    (["--device", "tpu"], "--device 'tpu'"),
+])
+def test_bad_arguments_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--quick", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_options_need_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--quick", "--gpu-extras"]) == 2
+    assert "CUDA" in capsys.readouterr().err
+    assert main(["--quick", "--device", "cuda"]) == 2
+
+
+def _tiny(seed: int = 0, n_kv_heads: int = 2, max_seq_len: int = 128) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=300,
+                                  multiple_of=16, max_seq_len=max_seq_len)).eval()
+    with torch.no_grad():
+        model.output.weight.mul_(8)  # peaked logits: no near-ties decided by rounding
+    return model
+
+
+def _reference(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    toks = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            toks.append(int(model.logits_full(torch.tensor([toks]))[0, -1].argmax()))
+    return toks[len(prompt):]
+
+
+def test_divergence_check_tells_near_ties_from_bugs() -> None:
+    model = _tiny()
+    prompt = [5, 17, 42, 9]
+    good = _reference(model, prompt, 6)
+    with torch.inference_mode():
+        logits = model.logits_full(torch.tensor([prompt + good[:2]]))[0, -1]
+    worst = int(logits.argmin())
+    bad = good[:2] + [worst] + good[3:]
+    wl = Workload([prompt], [6])
+    same = compare_tokens(model, None, wl, [good], [good], tol=1e-3)
+    assert same["ok"] and same["tokens_match_fraction"] == 1.0 and same["divergences"] == []
+    wrong = compare_tokens(model, None, wl, [good], [bad], tol=1e-3)
+    assert not wrong["ok"] and wrong["tokens_match_fraction"] == pytest.approx(2 / 6)
+    (d,) = wrong["divergences"]
+    assert (d["position"], d["batchgen_token"], d["hf_token"], d["tie"]) == (2, good[2], worst, False)
+    assert d["logit_gap"] == pytest.approx(float(logits[good[2]] - logits[worst]), rel=1e-4)
+    # The same gap under a tolerance that covers it is a tie.
+    assert compare_tokens(model, None, wl, [good], [bad], tol=d["logit_gap"] * 2)["ok"]
+    with pytest.raises(RuntimeError, match="asked for 6 tokens"):
+        compare_tokens(model, None, wl, [good[:5]], [good], tol=1e-3)
+
+
+def test_flop_count_matches_the_model() -> None:
+    model = Transformer(QUICK_ARGS)
+    linear = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, torch.nn.Linear))
+    assert linear_flops_per_token(QUICK_ARGS) == 2 * linear
+    a = QUICK_ARGS
+    p, n = 7, 5
+    by_token = sum(2 * linear + 4 * a.n_layers * a.dim * (i + 1) for i in range(p + n - 1))
+    assert request_flops(a, p, n) == by_token + n * 2 * a.dim * a.vocab_size
+    # Bytes: all weights but the embedding once per step (n steps), and each generated token but
+    # the last reads the K and V of positions 0..p+j-1.
+    weights = 4 * sum(t.numel() for name, t in model.state_dict().items() if not name.startswith("tok_emb")
+                      and not name.endswith("norm.weight"))
+    kv_token = 4 * 2 * a.n_layers * a.n_kv_heads * a.head_dim
+    assert min_traffic_bytes(a, Workload([[1] * p], [n]), 4) == n * weights + sum(p + j for j in range(1, n)) * kv_token
+
+
+# --- engine paths the benchmark's speed relies on ------------------------------------------
+
+
+def _record_steps(model: Transformer) -> list[AttentionMetadata]:
+    """The metadata of every forward (a forward pre-hook, as tensor parallelism uses)."""
+    seen: list[AttentionMetadata] = []
+    model.register_forward_pre_hook(lambda mod, args: seen.append(args[2]))
+    return seen
+
+
+def _prompts(n: int, seed: int, lo: int, hi: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 300, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])  # MHA and GQA
+def test_mixed_prefill_and_decode_steps_match_reference(n_kv_heads: int) -> None:
+    model = _tiny(n_kv_heads=n_kv_heads)
+    steps = _record_steps(model)
+    prompts = _prompts(9, seed=3, lo=2, hi=30)
+    max_tokens = [4, 20, 2, 15, 9, 1, 12, 7, 18]
+    llm = LLM(model=model, device="cpu", max_num_seqs=3)  # finished rows are refilled mid-decode
+    outs = llm.generate(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])
+    for p, m, o in zip(prompts, max_tokens, outs):
+        assert o.token_ids == _reference(model, p, m)
+    assert any(s.is_prefill and s.num_decode > 0 for s in steps), "no mixed step ran"
+    lens = [[e - b for b, e in zip(s.cu_seqlens, s.cu_seqlens[1:])] for s in steps if s.is_prefill]
+    assert any(len(set(x)) > 1 for x in lens), "no padded prefill of unequal lengths ran"
+
+
+def test_block_compaction_keeps_tokens_exact() -> None:
+    model = _tiny()
+    steps = _record_steps(model)
+    # Short requests take the low block ids and finish at once: their blocks become holes
+    # below the long requests' blocks, which the long ones refill far slower than that.
+    prompts = _prompts(8, seed=5, lo=20, hi=30) + _prompts(4, seed=6, lo=20, hi=30)
+    max_tokens = [2] * 8 + [40] * 4
+    llm = LLM(model=model, device="cpu", block_size=4)
+    outs = llm.generate(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])
+    assert any(s.block_moves is not None for s in steps), "no compaction ran"
+    for p, m, o in zip(prompts, max_tokens, outs):
+        assert o.token_ids == _reference(model, p, m)
+    assert llm.blocks.num_free == llm.blocks.num_blocks
+
+
+def test_fused_projections_follow_parameter_edits_and_keep_gradients() -> None:
+    model = _tiny(seed=1)
+    tokens = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(2))
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            fused = model.logits_full(tokens)  # one stacked matmul per projection group
+        with torch.enable_grad():
+            separate = model.logits_full(tokens)  # the parameters themselves
+        return fused, separate
+
+    close = dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(*both(), **close)
+    attn, ffn = model.layers[0].attention, model.layers[1].feed_forward
+    with torch.no_grad():
+        attn.wk.weight.mul_(0.5)  # in place: the stacked copy shares the parameter's memory
+    fused, separate = both()
+    torch.testing.assert_close(fused, separate, **close)
+    ffn.w3.weight = torch.nn.Parameter(torch.randn_like(ffn.w3.weight) * 0.1)  # replaced: rebuilt
+    fused2, separate2 = both()
+    torch.testing.assert_close(fused2, separate2, **close)
+    assert not torch.allclose(fused, fused2)
+    separate2.sum().backward()
+    for lin in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
+        assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
