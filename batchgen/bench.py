@@ -367,6 +367,7 @@ def run_bench(args: argparse.Namespace) -> int:
     peak = measure_peak_gflops(device, dtype, n=(512 if args.quick else 4096) * (2 if device.type == "cuda" else 1))
     bandwidth = measure_bandwidth_gbps(device, (16 if args.quick else 1024) << 20)
 
+    # The systems under test; a ``--pipeline`` mode (the engine behind Ray) is one more entry here.
     systems = [(EngineSystem(model, wl, device), RunResult(tokens=[]))]
     if hf is not None:
         systems.append((HFSystem(hf, wl, args.hf_batch, device), RunResult(tokens=[])))

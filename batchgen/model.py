@@ -9,6 +9,10 @@ concatenated into one ``[T]`` vector, so the linear layers never compute on padd
 is the only part that needs to know where one sequence ends and the next begins; it reads that
 from an :class:`AttentionMetadata` the engine builds (or, with no KV cache, from ``cu_seqlens``).
 
+Inference runs decode attention straight from the paged KV cache (no per-layer copies), builds
+masks, RoPE angles and cache addresses once per step (``_Step``), and runs q/k/v and w1/w3 as one
+matmul each; with autograd on (training) the plain per-parameter path runs instead.
+
 Tensor parallelism (Megatron style) is built in: with ``world_size > 1`` each rank holds
 ``1/world_size`` of the heads and of the FFN, and the row-parallel projections (``wo``, ``w2``)
 all-reduce their output. With ``world_size == 1`` no ``torch.distributed`` call is made.
