@@ -19,8 +19,7 @@ import torch
 
 from batchgen.bench import (QUICK_ARGS, Workload, compare_tokens, linear_flops_per_token, main,
                             min_traffic_bytes, request_flops)
-from batchgen.engine import LLM, SamplingParams
-from batchgen.model import AttentionMetadata, ModelArgs, Transformer
+from batchgen.model import ModelArgs, Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,76 +127,3 @@ def test_flop_count_matches_the_model() -> None:
                       and not name.endswith("norm.weight"))
     kv_token = 4 * 2 * a.n_layers * a.n_kv_heads * a.head_dim
     assert min_traffic_bytes(a, Workload([[1] * p], [n]), 4) == n * weights + sum(p + j for j in range(1, n)) * kv_token
-
-
-# --- engine paths the benchmark's speed relies on ------------------------------------------
-
-
-def _record_steps(model: Transformer) -> list[AttentionMetadata]:
-    """The metadata of every forward (a forward pre-hook, as tensor parallelism uses)."""
-    seen: list[AttentionMetadata] = []
-    model.register_forward_pre_hook(lambda mod, args: seen.append(args[2]))
-    return seen
-
-
-def _prompts(n: int, seed: int, lo: int, hi: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 300, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
-
-
-@pytest.mark.parametrize("n_kv_heads", [4, 2])  # MHA and GQA
-def test_mixed_prefill_and_decode_steps_match_reference(n_kv_heads: int) -> None:
-    model = _tiny(n_kv_heads=n_kv_heads)
-    steps = _record_steps(model)
-    prompts = _prompts(9, seed=3, lo=2, hi=30)
-    max_tokens = [4, 20, 2, 15, 9, 1, 12, 7, 18]
-    llm = LLM(model=model, device="cpu", max_num_seqs=3)  # finished rows are refilled mid-decode
-    outs = llm.generate(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])
-    for p, m, o in zip(prompts, max_tokens, outs):
-        assert o.token_ids == _reference(model, p, m)
-    assert any(s.is_prefill and s.num_decode > 0 for s in steps), "no mixed step ran"
-    lens = [[e - b for b, e in zip(s.cu_seqlens, s.cu_seqlens[1:])] for s in steps if s.is_prefill]
-    assert any(len(set(x)) > 1 for x in lens), "no padded prefill of unequal lengths ran"
-
-
-def test_block_compaction_keeps_tokens_exact() -> None:
-    model = _tiny()
-    steps = _record_steps(model)
-    # Short requests take the low block ids and finish at once: their blocks become holes
-    # below the long requests' blocks, which the long ones refill far slower than that.
-    prompts = _prompts(8, seed=5, lo=20, hi=30) + _prompts(4, seed=6, lo=20, hi=30)
-    max_tokens = [2] * 8 + [40] * 4
-    llm = LLM(model=model, device="cpu", block_size=4)
-    outs = llm.generate(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])
-    assert any(s.block_moves is not None for s in steps), "no compaction ran"
-    for p, m, o in zip(prompts, max_tokens, outs):
-        assert o.token_ids == _reference(model, p, m)
-    assert llm.blocks.num_free == llm.blocks.num_blocks
-
-
-def test_fused_projections_follow_parameter_edits_and_keep_gradients() -> None:
-    model = _tiny(seed=1)
-    tokens = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(2))
-
-    def both() -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.inference_mode():
-            fused = model.logits_full(tokens)  # one stacked matmul per projection group
-        with torch.enable_grad():
-            separate = model.logits_full(tokens)  # the parameters themselves
-        return fused, separate
-
-    close = dict(rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(*both(), **close)
-    attn, ffn = model.layers[0].attention, model.layers[1].feed_forward
-    with torch.no_grad():
-        attn.wk.weight.mul_(0.5)  # in place: the stacked copy shares the parameter's memory
-    fused, separate = both()
-    torch.testing.assert_close(fused, separate, **close)
-    ffn.w3.weight = torch.nn.Parameter(torch.randn_like(ffn.w3.weight) * 0.1)  # replaced: rebuilt
-    fused2, separate2 = both()
-    torch.testing.assert_close(fused2, separate2, **close)
-    assert not torch.allclose(fused, fused2)
-    separate2.sum().backward()
-    for lin in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
-        assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
