@@ -217,29 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("output", help="the job's output.path")
     st.set_defaults(func=cmd_status)
 
+    from batchgen.bench import add_bench_args, run_bench
+    from batchgen.demo.run import add_demo_args
+    from batchgen.pipeline.verify import add_verify_args, run_verify
     from batchgen.plan import add_plan_args, run_plan
 
-    pl = sub.add_parser("plan", help="does a model fit on given GPUs: weights, KV cache, batch per GPU")
-    add_plan_args(pl)
-    pl.set_defaults(func=run_plan)
-
-    from batchgen.bench import add_bench_args, run_bench
-
-    b = sub.add_parser("bench", help="tokens/s of the engine against HF generate on a mixed batch")
-    add_bench_args(b)
-    b.set_defaults(func=run_bench)
-
-    from batchgen.pipeline.verify import add_verify_args, run_verify
-
-    v = sub.add_parser("verify", help="check that every input row is in the output exactly once")
-    add_verify_args(v)
-    v.set_defaults(func=run_verify)
-
-    from batchgen.demo.run import add_demo_args
-
-    d = sub.add_parser("demo", help="run the bundled model on held-out problems through the pipeline")
-    add_demo_args(d)
-    d.set_defaults(func=cmd_demo)
+    # Commands whose module brings its own arguments: (name, help, add its arguments, run it).
+    mounted = [
+        ("plan", "does a model fit on given GPUs: weights, KV cache, batch per GPU", add_plan_args, run_plan),
+        ("bench", "tokens/s of the engine against HF generate on a mixed batch", add_bench_args, run_bench),
+        ("verify", "check that every input row is in the output exactly once", add_verify_args, run_verify),
+        ("demo", "run the bundled model on held-out problems through the pipeline", add_demo_args, cmd_demo),
+    ]
+    for name, help_text, add_args, run in mounted:
+        p = sub.add_parser(name, help=help_text)
+        add_args(p)
+        p.set_defaults(func=run)
     return parser
 
 
