@@ -16,6 +16,7 @@ import yaml
 
 from batchgen.pipeline.driver import run_job
 from batchgen.pipeline.spec import SpecError, load_spec
+from batchgen.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "batchgen" / "demo" / "model"
@@ -71,7 +72,7 @@ def read_output(out: Path) -> pa.Table:
 
 def test_job_end_to_end_every_row_exactly_once(local_ray, tmp_path: Path) -> None:
     ids = write_input(tmp_path / "in", poison=True)
-    spec = load_spec(write_spec(tmp_path / "job.yaml", tmp_path / "in", tmp_path / "out"))
+    spec = load_spec(write_spec(tmp_path / "job.yaml", tmp_path / "in", tmp_path / "out", output__token_ids=True))
     summary = run_job(spec, progress_every_s=1)
 
     table = read_output(tmp_path / "out")
@@ -86,6 +87,12 @@ def test_job_end_to_end_every_row_exactly_once(local_ray, tmp_path: Path) -> Non
     assert len(ok) == len(ids) - 6
     # The trained demo model really answers (a weak bar here; the demo test holds the 95% bar).
     assert sum(r["completion"].strip() == r["answer"] for r in ok) >= 0.8 * len(ok)
+    # output.token_ids: the ids behind each completion (EOS, a stop token, is not in the text).
+    tok = Tokenizer(str(DEMO_MODEL / "tokenizer.model"))
+    for r in ok:
+        assert len(r["token_ids"]) == r["completion_tokens"]
+        assert tok.decode([t for t in r["token_ids"] if t != tok.eos_id]) == r["completion"]
+    assert all(rows[p]["token_ids"] is None for p in (3, 7))
 
     shard_summary = pq.read_table(tmp_path / "out" / "summary.parquet").to_pylist()
     assert len(shard_summary) == summary["shards"] == 12

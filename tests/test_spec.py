@@ -241,6 +241,7 @@ def test_fingerprint_is_stable_and_ignores_execution_output_and_name(tmp_path: P
     "sampling.max_tokens=32", "sampling.temperature=0.5", "sampling.seed=1", "sampling.stop=[x]",
     "sampling.logprobs=true", "model.path=/models/other", "model.dtype=bfloat16", "input.path=data/other",
     "input.template='Q: {text}'", "input.truncate_prompt=true", "input.keep_columns=[a]",
+    "output.token_ids=true",
 ])
 def test_fingerprint_changes_with_fields_that_change_results(tmp_path: Path, assignment: str) -> None:
     path = write_spec(tmp_path, BASE)

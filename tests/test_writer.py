@@ -78,6 +78,8 @@ def test_output_schema(tmp_path: Path) -> None:
     assert schema.field("prompt_tokens").type == pa.int32() and schema.field("error").nullable
     with_lp = writer.output_schema(make_spec(tmp_path, sampling={"logprobs": True}), pa.string(), {})
     assert with_lp.field("logprobs").type == pa.list_(pa.float32())
+    with_ids = writer.output_schema(make_spec(tmp_path, output={"token_ids": True}), pa.string(), {})
+    assert with_ids.field("token_ids").type == pa.list_(pa.int32()) and "token_ids" not in with_lp.names
     with pytest.raises(ValueError, match="keep_types"):
         writer.output_schema(spec, pa.int64(), {"stars": pa.int8()})
 

@@ -188,6 +188,8 @@ def output_table(spec: JobSpec, table: pa.Table, results: Sequence[RowResult]) -
         cols["error"].append(None if ok else (out.error or "error without a message"))
         if "logprobs" in cols:
             cols["logprobs"].append(out.logprobs if ok else None)
+        if "token_ids" in cols:
+            cols["token_ids"].append(out.token_ids if ok else None)
     cols[spec.input.id_column] = table.column(spec.input.id_column).to_pylist()
     for c in keep:
         cols[c] = table.column(c).to_pylist()

@@ -34,7 +34,7 @@ from pydantic_core import PydanticCustomError
 
 #: Output columns written next to the id and keep columns; input columns may not use these names.
 RESULT_COLUMNS: tuple[str, ...] = (
-    "completion", "finish_reason", "prompt_tokens", "completion_tokens", "error", "logprobs",
+    "completion", "finish_reason", "prompt_tokens", "completion_tokens", "error", "logprobs", "token_ids",
 )
 #: Sampling fields that a row may override from one of its (numeric) columns.
 OVERRIDABLE = ("max_tokens", "temperature", "top_p", "top_k", "seed")
@@ -209,6 +209,7 @@ class OutputSpec(_Section):
 
     path: str = Field(min_length=1)
     mode: Literal["resume", "overwrite", "error_if_exists"] = "resume"
+    token_ids: bool = Field(False, description="also write each completion's token ids (column token_ids)")
 
 
 class ExecutionSpec(_Section):
@@ -331,7 +332,8 @@ def check_sampling_value(name: str, value: Any) -> int | float:
 
 
 def result_fields(spec: JobSpec) -> dict[str, Any]:
-    """The spec fields that change what a job produces (model identity, input, sampling).
+    """The spec fields that change what a job produces (model identity, input, sampling, output
+    columns).
 
     Values equal to their defaults are left out, so writing a default explicitly, or a new field
     with a default in a later version, does not change the fingerprint.
@@ -341,11 +343,14 @@ def result_fields(spec: JobSpec) -> dict[str, Any]:
                                        exclude_defaults=True),
         "input": spec.input.model_dump(exclude_defaults=True),
         "sampling": spec.sampling.model_dump(exclude_defaults=True),
+        # Output columns change what a shard file holds; added only when set, so that specs
+        # written before the field existed keep their fingerprint.
+        **({"output": {"token_ids": True}} if spec.output.token_ids else {}),
     }
 
 
 def spec_fingerprint(spec: JobSpec) -> str:
-    """sha256 (hex) of the canonical JSON of :func:`result_fields` (not name/output/execution)."""
+    """sha256 (hex) of the canonical JSON of :func:`result_fields` (not name, output path/mode, execution)."""
     payload = {"v": 1, **result_fields(spec)}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()

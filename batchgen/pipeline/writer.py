@@ -89,7 +89,8 @@ def output_schema(spec: JobSpec, id_type: pa.DataType, keep_types: Mapping[str, 
     """Schema of every shard file: id (input name and type), keep columns, then the results.
 
     ``finish_reason`` is ``stop``, ``length`` or ``error``; ``error`` is null for good rows;
-    ``logprobs`` (the sampled tokens' log-probabilities) exists only with ``sampling.logprobs``.
+    ``logprobs`` (the sampled tokens' log-probabilities) exists only with ``sampling.logprobs``,
+    ``token_ids`` (the generated ids, a stop token included) only with ``output.token_ids``.
     Non-nullable fields make the Parquet writer refuse a table with nulls there.
     """
     keep = spec.input.keep_columns
@@ -106,6 +107,8 @@ def output_schema(spec: JobSpec, id_type: pa.DataType, keep_types: Mapping[str, 
     ]
     if spec.sampling.logprobs:
         fields.append(pa.field("logprobs", pa.list_(pa.float32())))
+    if spec.output.token_ids:
+        fields.append(pa.field("token_ids", pa.list_(pa.int32())))
     return pa.schema(fields)
 
 
