@@ -14,7 +14,7 @@ import pytest
 import ray
 import yaml
 
-from batchgen.pipeline.driver import run_job
+from batchgen.pipeline.driver import replica_layout, run_job
 from batchgen.pipeline.spec import SpecError, load_spec
 from batchgen.tokenizer import Tokenizer
 
@@ -102,6 +102,18 @@ def test_job_end_to_end_every_row_exactly_once(local_ray, tmp_path: Path) -> Non
     assert {s["replica"] for s in shard_summary} <= {"replica-0", "replica-1"}
     success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert success["rows"] == len(ids) and success["rows_error"] == 6 and not success["failed_shards"]
+
+
+@pytest.mark.parametrize("replicas, layout", [
+    (1, (1, {"num_cpus": 2}, 2)),  # one replica on a 2-core node uses both cores
+    (2, (2, {"num_cpus": 1}, 1)),
+    ("auto", (2, {"num_cpus": 1}, 1)),
+    (3, (3, {"num_cpus": 1}, 1)),  # more than fit: the third waits for a core
+])
+def test_replica_layout_shares_the_cores(local_ray, tmp_path: Path, replicas, layout) -> None:
+    spec = load_spec(write_spec(tmp_path / "job.yaml", tmp_path / "in", tmp_path / "out", execution__replicas=replicas))
+    assert replica_layout(spec, num_shards=10) == layout
+    assert replica_layout(spec, num_shards=1)[0] == 1
 
 
 def test_resume_does_nothing_overwrite_redoes_error_if_exists_refuses(local_ray, tmp_path: Path) -> None:

@@ -157,7 +157,15 @@ def replica_layout(spec: JobSpec, num_shards: int) -> tuple[int, dict[str, float
     if tp > 1:  # the ranks of one replica share a node (tp_replica packs them)
         fit = max(1, replicas_that_fit(tp, use_gpu=bool(gpus)))
     wanted = fit if spec.execution.replicas == "auto" else spec.execution.replicas
-    return max(1, min(wanted, num_shards)), resources, threads
+    n = max(1, min(wanted, num_shards))
+    if not gpus and tp == 1:
+        # Fewer replicas than cores: share each node's cores out, so that one replica on a
+        # laptop uses all of them instead of one (a replica cannot span nodes).
+        nodes = [int(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd.get("Alive")]
+        nodes = [c for c in nodes if c > 0] or [cpus]
+        threads = max(1, min(nodes) // -(-n // len(nodes)))
+        resources = {"num_cpus": threads}
+    return n, resources, threads
 
 
 def run_job(spec: JobSpec, *, address: Optional[str] = None, dashboard: bool = True,
