@@ -10,6 +10,7 @@ Usage::
 
     python -m batchgen bench --json            # the full benchmark (minutes on a 2-core CPU)
     python -m batchgen bench --quick --json    # a tiny model, for tests
+    python -m batchgen bench --pipeline --skip-hf --json   # + 1,000 prompts as Ray jobs, 1 and 2 replicas
 """
 
 from __future__ import annotations
@@ -112,17 +113,16 @@ def _sync(device: torch.device) -> None:
 class EngineSystem:
     """batchgen's engine: all requests submitted at once, one continuous batch.
 
-    A system under test is anything with ``run() -> tokens per request`` and ``info() -> dict``;
-    this is the hook for other front ends (a ``--pipeline`` mode through Ray is one more class).
+    A system under test is anything with ``run() -> tokens per request`` and ``info() -> dict``.
     """
 
-    def __init__(self, model: Transformer, wl: Workload, device: torch.device) -> None:
+    def __init__(self, model: Transformer, wl: Workload, device: torch.device, max_num_seqs: int = 64) -> None:
         from batchgen.engine import LLM, SamplingParams
 
         self.model, self.wl = model, wl
-        # The cache holds the whole workload at once (KV is sized for its longest request).
+        # KV is sized for max_num_seqs of the workload's longest request (the jobs' default).
         self.llm = LLM(model=model, device=str(device), max_model_len=wl.max_total_len,
-                       max_num_seqs=max(64, len(wl.prompts)))
+                       max_num_seqs=max_num_seqs)
         self.params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in wl.max_tokens]
         # Warm-up: first calls pay for allocator growth and kernel selection.
         warm = wl.prompts[:4]
@@ -317,7 +317,8 @@ def _machine(device: torch.device) -> str:
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     """The ``bench`` options, for ``batchgen bench`` and ``python -m batchgen.bench``."""
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--prompts", type=int, default=64, help="number of requests (default 64)")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="number of requests (default 64; 1000 with --pipeline)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--hf-batch", type=int, default=32, help="transformers batch size (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the workload")
@@ -326,12 +327,16 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=1, help="timed runs per system; medians are reported")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for both systems (default: torch's, one per core)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="also run the workload as a Ray job (Parquet in and out) at each --replicas count")
+    p.add_argument("--replicas", default="1,2", help="replica counts for --pipeline (default 1,2)")
+    p.add_argument("--shard-rows", type=int, default=100, help="rows per shard for --pipeline (default 100)")
     p.add_argument("--gpu-extras", action="store_true",
                    help="CUDA only: single-stream decode of a 7B-shaped model vs HBM bandwidth")
 
 
 def _validate(args: argparse.Namespace) -> Optional[str]:
-    for name in ("prompts", "hf_batch", "repeat", "threads"):
+    for name in ("prompts", "hf_batch", "repeat", "threads", "shard_rows"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
     if args.device is not None:
@@ -343,6 +348,11 @@ def _validate(args: argparse.Namespace) -> Optional[str]:
             return f"--device {args.device}: CUDA is not available here"
         if dev.type not in ("cpu", "cuda"):
             return f"--device {args.device}: only cpu and cuda are supported"
+    try:
+        if min(int(n) for n in args.replicas.split(",")) < 1:
+            raise ValueError
+    except ValueError:
+        return f"--replicas must be a comma-separated list of integers >= 1, got {args.replicas!r}"
     if args.gpu_extras and not (torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")):
         return "--gpu-extras needs a CUDA device"
     return None
@@ -360,14 +370,18 @@ def run_bench(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     margs = QUICK_ARGS if args.quick else BENCH_ARGS
     lens = (4, 24) if args.quick else (8, 128)
-    wl = make_workload(args.prompts, margs.vocab_size, args.seed, lens, lens)
+    n_prompts = args.prompts or (1000 if args.pipeline else 64)
+    wl = make_workload(n_prompts, margs.vocab_size, args.seed, lens, lens)
+    if args.pipeline:
+        from batchgen.bench_pipeline import pipeline_workload
+
+        wl = pipeline_workload(wl)  # what a job's tokenizer makes of the prompt texts
 
     model = build_model(margs, args.seed, device, dtype)
     hf = None if args.skip_hf else build_hf(model, device, dtype)
     peak = measure_peak_gflops(device, dtype, n=(512 if args.quick else 4096) * (2 if device.type == "cuda" else 1))
     bandwidth = measure_bandwidth_gbps(device, (16 if args.quick else 1024) << 20)
 
-    # The systems under test; a ``--pipeline`` mode (the engine behind Ray) is one more entry here.
     systems = [(EngineSystem(model, wl, device), RunResult(tokens=[]))]
     if hf is not None:
         systems.append((HFSystem(hf, wl, args.hf_batch, device), RunResult(tokens=[])))
@@ -415,6 +429,12 @@ def run_bench(args: argparse.Namespace) -> int:
         check = compare_tokens(model, hf, wl, ours.tokens, theirs.tokens, TIE_TOL[dtype])
         report.update(tokens_match_fraction=check["tokens_match_fraction"], divergences=check["divergences"],
                       tie_tolerance=check["tie_tolerance"], ok=check["ok"])
+    if args.pipeline:
+        from batchgen.bench_pipeline import run_pipelines
+
+        report["pipeline"] = run_pipelines(model, wl, ours, [int(n) for n in args.replicas.split(",")],
+                                           args.repeat, args.shard_rows, 64, device, TIE_TOL[dtype])
+        report["ok"] = report["ok"] and all(r["ok"] for r in report["pipeline"])
     if args.gpu_extras:
         del hf, model, systems
         report["gpu_extras"] = gpu_extras(device, dtype, args.seed)
@@ -439,6 +459,10 @@ def _print_report(r: dict[str, Any], as_json: bool) -> None:
                   f"{d['logit_gap']:.2e} ({kind})")
     print(f"{r['device']} ({r['machine']}), {r['dtype']}, {r['torch_threads']} threads, "
           f"peak RSS {r['peak_rss_mib']:.0f} MiB, KV cache {r['kv_cache_bytes'] / 2**20:.0f} MiB")
+    for p in r.get("pipeline", []):
+        print(f"pipeline, {p['replicas']} replica(s): {p['tokens_per_s']:7.1f} tok/s, "
+              f"{statistics.median(p['seconds']):.1f} s = {p['overhead_vs_engine']:+.1%} vs the bare engine "
+              f"({p['shards']} shards; tokens match {p['tokens_match_fraction']:.4f})")
     if "gpu_extras" in r:
         g = r["gpu_extras"]
         print(f"7B single-stream decode {g['decode_tokens_per_s']:.1f} tok/s = {g['fraction_of_bound']:.2f} "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -55,12 +56,51 @@ def test_module_entry_point_without_hf() -> None:
     assert report["tokens_match_fraction"] is None and report["ok"] is True
 
 
+def test_pipeline_mode_runs_real_jobs_with_the_engines_tokens() -> None:
+    """--pipeline: the workload as Parquet through run_job on a local Ray, 1 and 2 replicas."""
+    before = set(Path(tempfile.gettempdir()).glob("batchgen-bench-pipeline-*"))
+    out = subprocess.run([sys.executable, "-m", "batchgen.bench", "--quick", "--json", "--skip-hf", "--pipeline",
+                          "--prompts", "30", "--shard-rows", "10"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["ok"] is True and report["workload"]["prompts"] == 30
+    assert [p["replicas"] for p in report["pipeline"]] == [1, 2]
+    for p in report["pipeline"]:
+        assert p["shards"] == 3 and p["tokens_match_fraction"] == 1.0 and p["divergences"] == []
+        assert p["tokens_per_s"] > 0 and p["seconds"][0] > 0 and p["ray_start_seconds"] > 0
+        assert 1 <= len(p["replica_busy_seconds"]) <= p["replicas"]
+    assert set(Path(tempfile.gettempdir()).glob("batchgen-bench-pipeline-*")) <= before, "job files are removed"
+
+
+def test_word_tokenizer_round_trips_every_prompt_id(tmp_path: Path) -> None:
+    from batchgen.bench import make_workload
+    from batchgen.bench_pipeline import ANCHOR_ID, pipeline_workload, prompt_text, word_tokenizer
+    from batchgen.tokenizer import IncrementalDecoder, Tokenizer
+
+    (tmp_path / "tokenizer.model").write_bytes(word_tokenizer(32000))
+    tok = Tokenizer(tmp_path / "tokenizer.model")
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (32000, 1, 2)
+    wl = pipeline_workload(make_workload(200, 32000, 0, (8, 128), (8, 128)))
+    for p in wl.prompts:
+        assert p[0] == 1 and ANCHOR_ID not in p
+        assert tok.encode(prompt_text(p), bos=True) == p
+    # Any generated ids (control tokens, the anchor included) stream to the text of a plain decode.
+    ids = [5, 3, 31999, 2, 0, 4, 3, 3, 17]
+    dec = IncrementalDecoder(tok)
+    streamed = "".join(dec.add(t) for t in ids) + dec.finish()
+    assert streamed == dec.text == tok.decode(ids)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--prompts", "0"], "--prompts must be >= 1"),
     (["--hf-batch", "0"], "--hf-batch must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--device", "meta"], "only cpu and cuda"),
     (["--device", "tpu"], "--device 'tpu'"),
+    (["--shard-rows", "0"], "--shard-rows must be >= 1"),
+    (["--pipeline", "--replicas", "1,0"], "--replicas must be a comma-separated list"),
+    (["--pipeline", "--replicas", "two"], "--replicas must be a comma-separated list"),
 ])
 def test_bad_arguments_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--quick", *argv]) == 2
