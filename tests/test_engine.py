@@ -76,6 +76,24 @@ def test_batch_invariance_of_greedy_tokens(model: Transformer) -> None:
         assert alone.token_ids == b.token_ids
 
 
+def test_abort_drops_some_requests_and_the_rest_run_on_exactly(model: Transformer) -> None:
+    prompts = _prompts(6, seed=11)
+    llm = LLM(model=model, device="cpu", max_num_seqs=3)  # 3 running, 3 waiting
+    ids = [llm.add_request(p, SamplingParams(max_tokens=12, ignore_eos=True), request_id=f"r{i}")
+           for i, p in enumerate(prompts)]
+    outs = {o.request_id: o for _ in range(3) for o in llm.step()}
+    assert llm.num_waiting == 3 and not outs
+    llm.abort(["r0", "r4"])  # one running, one waiting
+    assert llm.num_waiting == 2
+    while llm.has_unfinished():
+        outs.update((o.request_id, o) for o in llm.step())
+    assert sorted(outs) == [r for r in ids if r not in ("r0", "r4")]
+    for i, p in enumerate(prompts):
+        if f"r{i}" in outs:
+            assert outs[f"r{i}"].token_ids == _reference_greedy(model, p, 12)
+    assert llm.blocks.num_free == llm.blocks.num_blocks  # the aborted rows' blocks came back
+
+
 def test_seeded_sampling_does_not_depend_on_batch(model: Transformer) -> None:
     prompts = _prompts(6, seed=7)
     sp = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=11, ignore_eos=True)

@@ -149,6 +149,26 @@ def test_nack_requeues_now_and_counts_an_attempt() -> None:
     assert (retry["shard_id"], retry["attempt"]) == ("s0", 2)
 
 
+def test_shared_leases_skip_shards_that_failed_before() -> None:
+    q, _ = make_queue(3)
+    first = q.lease("r1")
+    assert first["solo"] is False
+    q.nack(first["lease_id"], "replica died")  # s0 goes to the back, suspect now
+    assert q.lease("r2", shared=True)["shard_id"] == "s1"
+    assert q.lease("r2", shared=True)["shard_id"] == "s2"
+    assert q.lease("r2", shared=True) is None  # only s0 is left, and it must run alone
+    retry = q.lease("r3")
+    assert (retry["shard_id"], retry["attempt"], retry["solo"]) == ("s0", 2, True)
+
+
+def test_replacements_of_a_dead_shard_run_alone() -> None:
+    q, _ = make_queue(1, max_attempts=1)
+    q.nack(q.lease("r1")["lease_id"], "boom")
+    q.requeue_dead("s0", {"s0.a": {"i": 0}, "s0.b": {"i": 1}})
+    assert q.lease("r1", shared=True) is None
+    assert [q.lease("r1")["solo"], q.lease("r2")["solo"]] == [True, True]
+
+
 def test_release_replica_returns_all_its_leases_at_once() -> None:
     q, _ = make_queue(3)
     a, b, c = q.lease("r1"), q.lease("r1"), q.lease("r2")

@@ -275,6 +275,61 @@ def test_a_raising_row_is_cornered_in_process_and_the_rest_completes(model_dir: 
     assert not worker.llm.has_unfinished()
 
 
+def _three_shards(model_dir: Path, tmp_path: Path, raise_row: Optional[int] = None) -> tuple[Any, list]:
+    inp = tmp_path / "in3"
+    inp.mkdir()
+    prompts = [f"{i}+{i % 7}=" for i in range(24)]
+    if raise_row is not None:
+        prompts[raise_row] = "XRAISE " + prompts[raise_row]
+    pq.write_table(pa.table({"id": list(range(24)), "prompt": prompts}), inp / "x.parquet", row_group_size=8)
+    spec = validate_spec(job_spec(model_dir, inp, tmp_path / "out", shard_rows=8))
+    spec = spec.model_copy(update={"sampling": spec.sampling.model_copy(update={"overrides": {}})})
+    return spec, plan_shards(spec.input, 8)
+
+
+def test_shards_in_flight_together_give_what_each_gives_alone(model_dir: Path, tmp_path: Path) -> None:
+    from batchgen.engine import LLM
+
+    spec, shards = _three_shards(model_dir, tmp_path)
+    worker = ShardWorker(spec, LLM(str(model_dir), dtype="float32", device="cpu", max_num_seqs=4))
+    alone = [worker.process(s)[0].to_pylist() for s in shards]
+    runs = [worker.start(shards[0])]
+    assert not worker.wants_more()  # 8 rows queued for 4 slots: no need for more yet
+    done, steps, drop_at = [], 0, -1
+    while worker.inflight:
+        if worker.wants_more() and len(runs) < 3:
+            runs.append(worker.start(shards[len(runs)]))
+            assert len(worker.inflight) <= 2  # never more than the engine needs
+            drop_at = steps + 1 if len(runs) == 3 else -1
+        done += worker.step()
+        steps += 1
+        if steps == drop_at:
+            worker.drop(runs[2])  # its lease was lost: its rows go, the others stay
+            assert runs[2] not in worker.inflight
+    assert len(runs) == 3 and sorted(map(id, done)) == sorted(map(id, runs[:2]))
+    for run, expected in zip(runs[:2], alone[:2]):
+        assert run.error is None and worker.finish(run)[0].to_pylist() == expected
+    assert not worker.llm.has_unfinished() and worker.llm.blocks.num_free == worker.llm.blocks.num_blocks
+
+
+def test_a_raising_row_fails_only_its_own_row_among_shards_in_flight(model_dir: Path, tmp_path: Path) -> None:
+    from batchgen.engine import LLM
+
+    spec, shards = _three_shards(model_dir, tmp_path, raise_row=11)  # row 3 of the second shard
+    llm = LLM(str(model_dir), dtype="float32", device="cpu", max_num_seqs=32)
+    alone = [ShardWorker(spec, llm).process(s)[0].to_pylist() for s in shards]
+    worker = ShardWorker(spec, llm, Faults.parse(faults(tmp_path)))
+    runs = [worker.start(s) for s in shards]
+    done = worker.step()  # the hook raises after the first step: every shard is re-run apart
+    assert sorted(map(id, done)) == sorted(map(id, runs)) and all(run.error is None for run in runs)
+    for i, (run, expected) in enumerate(zip(runs, alone)):
+        rows = worker.finish(run)[0].to_pylist()
+        if i == 1:
+            assert "injected fault" in rows[3]["error"]
+            rows[3], expected[3] = None, None
+        assert rows == expected
+
+
 def test_fault_hook_is_inert_unless_set_and_rejects_typos() -> None:
     assert Faults.parse(None) is None and Faults.parse("") is None
     with pytest.raises(ValueError, match="unknown key"):

@@ -9,8 +9,9 @@ Usage::
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -127,6 +128,18 @@ class LLM:
         self.scheduler.add(req)
         return rid
 
+    def abort(self, request_ids: Iterable[str]) -> None:
+        """Drop these requests, queued, running or finished but not yet returned, and free their
+        blocks (a shard given up while others keep running)."""
+        drop = set(request_ids)
+        sched = self.scheduler
+        for req in [r for r in sched.running + list(sched.waiting) if r.request_id in drop]:
+            sched.finish(req)
+        sched.waiting = deque(r for r in sched.waiting if r.request_id not in drop)
+        for rid in drop:
+            self._streams.pop(rid, None)
+        self._finished = [o for o in self._finished if o.request_id not in drop]
+
     def abort_all(self) -> None:
         """Drop every queued and running request and free their blocks (an abandoned shard)."""
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
@@ -134,6 +147,11 @@ class LLM:
         self.scheduler.waiting.clear()
         self._streams.clear()
         self._finished = []
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued but not admitted yet: a caller feeding the engine adds more when this is 0."""
+        return len(self.scheduler.waiting)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._finished)

@@ -96,8 +96,11 @@ class JobMetrics:
         tokens_out: int,
         replica: str,
         seconds: float,
+        busy_seconds: float | None = None,
     ) -> None:
-        """Record one committed shard (call it only for an accepted ack)."""
+        """Record one committed shard (call it only for an accepted ack). ``busy_seconds``: the
+        replica's time that these tokens stand for (its time since its previous commit, as
+        shards overlap); default ``seconds``."""
         m, tags = self._m, self._tags()
         # Ray counters reject increments <= 0 (a shard may well have no failed rows) and any
         # type but int/float (numpy or Arrow scalars), hence the filter and float().
@@ -112,7 +115,9 @@ class JobMetrics:
                 counter.inc(float(value), tags)
         if seconds > 0:
             m.shard_seconds.observe(float(seconds), tags)
-            m.replica_tokens_per_s.set(float(tokens_out) / float(seconds), self._tags(replica))
+        busy = seconds if busy_seconds is None else busy_seconds
+        if busy > 0:
+            m.replica_tokens_per_s.set(float(tokens_out) / float(busy), self._tags(replica))
 
     def shard_failed(self, replica: str) -> None:
         """Record one failed shard attempt on `replica`."""

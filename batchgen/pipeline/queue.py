@@ -45,6 +45,8 @@ class _Shard:
     payload: Any
     state: ShardState = "pending"
     attempts: int = 0
+    # Failed before, or replaces a shard that did: it may take whatever runs beside it down too.
+    suspect: bool = False
     errors: list[str] = field(default_factory=list)
     lease: _Lease | None = None  # the live lease while state == "leased"
     result: dict | None = None
@@ -97,16 +99,27 @@ class ShardQueue:
 
     # -- replica side ------------------------------------------------------------------------
 
-    def lease(self, replica_id: str) -> dict | None:
+    def lease(self, replica_id: str, shared: bool = False) -> dict | None:
         """Lease the next pending shard to `replica_id`, or None if none is pending right now.
 
-        Returns {"lease_id", "shard_id", "payload", "attempt"} (attempt counts from 1). None does
-        not mean the job is over: leased shards may still come back; see `is_finished`.
+        `shared=True` says the replica already runs other shards: then only a shard that never
+        failed (and does not replace one that did) is leased, so that a shard whose rows crash
+        their process runs alone and cannot use up its neighbours' attempts.
+
+        Returns {"lease_id", "shard_id", "payload", "attempt", "solo"} (attempt counts from 1;
+        solo: run it alone). None does not mean the job is over: leased shards may still come
+        back; see `is_finished`.
         """
         self.reap()
         if self._closed or not self._pending:
             return None
-        shard = self._pending.popleft()
+        if shared:
+            shard = next((s for s in self._pending if not s.suspect), None)
+            if shard is None:
+                return None
+            self._pending.remove(shard)
+        else:
+            shard = self._pending.popleft()
         shard.attempts += 1
         self._leases_granted += 1
         lease = _Lease(
@@ -124,6 +137,7 @@ class ShardQueue:
             "shard_id": shard.shard_id,
             "payload": shard.payload,
             "attempt": lease.attempt,
+            "solo": shard.suspect,
         }
 
     def heartbeat(self, lease_id: str) -> bool:
@@ -214,6 +228,7 @@ class ShardQueue:
         self._replaced[shard_id] = list(replacements)
         for new_id, payload in replacements.items():
             self._add(new_id, payload)
+            self._shards[new_id].suspect = True
 
     def settle_dead(self, shard_id: str, result: dict) -> None:
         """Commit the dead-lettered `shard_id` with a `result` the driver produced itself (for a
@@ -302,6 +317,7 @@ class ShardQueue:
         self._end(lease, state)
         shard = lease.shard
         shard.errors.append(f"attempt {lease.attempt} on {lease.replica_id}: {error}")
+        shard.suspect = True
         if shard.attempts >= self._max_attempts:
             shard.state = "dead"
         else:

@@ -8,20 +8,23 @@ Failure handling, from the smallest blast radius up:
 
 - A poison row (null, empty, invalid UTF-8, too long for the context, bad override) becomes an
   error row without touching the others (``build_prompts`` and the engine report it).
-- A row whose *generation raises* is cornered in the process: the rows not finished yet are run
-  again in halves, down to single rows, and a row that still raises alone becomes an error row
-  (``generation failed: ...``). If no row of the shard could be generated at all, the failure
-  looks like the engine's rather than the rows', so the attempt fails instead (nack) and the
-  queue retries the shard, possibly on another replica.
+- A row whose *generation raises* is cornered in the process: each in-flight shard's rows not
+  finished yet are run again, shard by shard, in halves, down to single rows, and a row that
+  still raises alone becomes an error row (``generation failed: ...``). If no row of a shard
+  could be generated at all, the failure looks like the engine's rather than the rows', so that
+  attempt fails instead (nack) and the queue retries the shard, possibly on another replica.
 - A CUDA error (not an out-of-memory one) leaves the device unusable for this process: the
   attempt is nacked and the process exits, so that Ray starts a fresh one.
 - A replica process that dies (SIGKILL, OOM killer, a row that crashes it) is restarted by Ray;
-  the driver hands its leases back at once. A shard that keeps killing replicas runs out of
-  attempts and the driver splits it (see :mod:`batchgen.pipeline.driver`).
+  the driver hands its leases back at once. A shard that failed once (and every piece of a
+  split one) then runs alone, so a row that kills its process cannot use up the attempts of
+  the shards beside it; one that keeps killing replicas runs out of attempts and the driver
+  splits it (see :mod:`batchgen.pipeline.driver`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -204,13 +207,42 @@ class _Item:
     text: str  # the raw prompt text, for the fault hook
 
 
+@dataclass(eq=False)
+class ShardRun:
+    """One shard in the engine: its rows' results so far and the rows still generating."""
+
+    shard: Shard
+    table: pa.Table
+    results: list[Optional[RowResult]]
+    pending: dict[str, _Item]  # engine request id -> row still generating
+    keep_going: Callable[[], None]
+    started: float
+    context: Any = None  # the caller's (the replica keeps its lease here)
+    error: Optional[Exception] = None  # set when the shard cannot be completed: nack it
+    texts: list[str] = field(default_factory=list)  # prompts, for the fault hook
+    solo: bool = False  # failed before: nothing else joins the engine while it runs
+    stepped: bool = False
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+
 class ShardWorker:
-    """Runs shards through one engine."""
+    """Runs shards through one engine, several at a time.
+
+    A replica starts the next shard while the current one's last rows are still generating, so
+    the engine's batch never drains between shards (with one shard at a time, every shard ends
+    with a tail of steps that run a few rows through all the weights). Each shard's rows carry
+    their own request ids, so outputs go back to their shard and a lost lease drops only its rows.
+    """
 
     def __init__(self, spec: JobSpec, llm: LLM, faults: Optional[Faults] = None) -> None:
         self.spec = spec
         self.llm = llm
         self.faults = faults
+        self.inflight: list[ShardRun] = []
+        self._tags = itertools.count()
 
     def _prompt(self, row: PromptRow) -> Any:
         if self.spec.input.chat and self.llm.tokenizer is not None:
@@ -218,12 +250,34 @@ class ShardWorker:
         return row.prompt
 
     def process(self, shard: Shard, keep_going: Callable[[], None] = lambda: None) -> tuple[pa.Table, dict]:
-        """The output table of ``shard`` and its counts. ``keep_going`` is called between engine
-        steps (heartbeats); it raises to abandon the shard.
+        """The output table of ``shard`` and its counts, run alone. ``keep_going`` is called between
+        engine steps (heartbeats); it raises to abandon the shard.
 
         Raises:
             LeaseLost: from ``keep_going``.
             Exception: when reading fails, or when no row could be generated (see the module doc).
+        """
+        run = self.start(shard, keep_going)
+        while not run.done:
+            try:
+                keep_going()
+            except BaseException:
+                self.drop(run)
+                raise
+            self.step()
+        if run in self.inflight:  # no row reached the engine (all were error rows)
+            self.inflight.remove(run)
+        if run.error is not None:
+            raise run.error
+        return self.finish(run)
+
+    def start(self, shard: Shard, keep_going: Callable[[], None] = lambda: None, context: Any = None,
+              solo: bool = False) -> ShardRun:
+        """Read ``shard`` and queue its rows in the engine; :meth:`step` then runs them with the
+        other shards in flight (none will be added while a ``solo`` shard runs).
+
+        Raises:
+            Exception: when the shard cannot be read (the attempt fails; nothing was queued).
         """
         spec = self.spec
         started = time.monotonic()
@@ -231,33 +285,97 @@ class ShardWorker:
         table = with_retries(fs, f"reading shard {shard.shard_id}",
                              lambda: read_shard(shard, spec.input_columns()))
         rows = build_prompts(table, spec)
-        results: list[Optional[RowResult]] = [None] * len(rows)
-        todo: list[_Item] = []
+        run = ShardRun(shard, table, [None] * len(rows), {}, keep_going, started, context, solo=solo)
+        tag = f"{next(self._tags)}/"
         for i, row in enumerate(rows):
             if row.error is not None:
-                results[i] = row.error
+                run.results[i] = row.error
                 continue
             try:
-                todo.append(_Item(i, self._prompt(row), row_sampling(spec, row), row.prompt or ""))
+                item = _Item(i, self._prompt(row), row_sampling(spec, row), row.prompt or "")
             except ValueError as e:
-                results[i] = f"bad sampling override: {e}"
-        self._generate(todo, results, keep_going)
-        done = [r for r in results if r is not None]
-        assert len(done) == len(rows), "every row has a result"
+                run.results[i] = f"bad sampling override: {e}"
+                continue
+            run.pending[tag + str(i)] = item
+            run.texts.append(item.text)
+            self.llm.add_request(item.prompt, item.params, request_id=tag + str(i))
+        self.inflight.append(run)
+        return run
+
+    def drop(self, run: ShardRun) -> None:
+        """Give up ``run`` (its lease is gone): its rows leave the engine, the others go on."""
+        self.llm.abort(list(run.pending))
+        run.pending.clear()
+        if run in self.inflight:
+            self.inflight.remove(run)
+
+    def wants_more(self) -> bool:
+        """Whether a new shard would keep the engine busy: nothing in flight, or every queued row
+        already admitted (the batch will shrink as rows finish unless more arrive)."""
+        if not self.inflight:
+            return True
+        if any(run.solo for run in self.inflight):
+            return False
+        cap = 1 + -(-self.llm.scheduler.max_num_seqs // max(1, self.spec.execution.shard_rows))
+        return self.llm.num_waiting == 0 and len(self.inflight) < cap
+
+    def step(self) -> list[ShardRun]:
+        """One engine step for every shard in flight; returns (and forgets) the shards now complete,
+        with ``error`` set on those that must be retried.
+
+        If the step raises, every in-flight shard's unfinished rows are re-run shard by shard,
+        in halves, to corner the rows at fault (see the module doc); a CUDA error is re-raised.
+        """
+        try:
+            for out in self.llm.step():
+                self._record(out)
+            if self.faults is not None:
+                self.faults.on_step()
+                for run in self.inflight:
+                    if not run.stepped:
+                        run.stepped = True
+                        self.faults.on_rows(run.texts)
+        except Exception as exc:  # noqa: BLE001 - isolate whatever the engine raised
+            self.llm.abort_all()
+            if is_fatal(exc):
+                raise
+            for run in self.inflight:
+                items, run.pending = list(run.pending.values()), {}
+                try:
+                    self._generate(items, run.results, run.keep_going)
+                except Exception as e:  # noqa: BLE001 - this shard's attempt fails, not the others
+                    if is_fatal(e):
+                        raise
+                    run.error = e
+        done = [run for run in self.inflight if run.done]
+        self.inflight = [run for run in self.inflight if not run.done]
+        return done
+
+    def _record(self, out: CompletionOutput) -> None:
+        for run in self.inflight:
+            item = run.pending.pop(out.request_id, None)
+            if item is not None:
+                run.results[item.index] = out
+                return
+
+    def finish(self, run: ShardRun) -> tuple[pa.Table, dict]:
+        """The output table and counts of a complete shard."""
+        done = [r for r in run.results if r is not None]
+        assert len(done) == len(run.results), "every row has a result"
         outs = [r for r in done if not isinstance(r, str)]
         counts = {
-            "rows": len(rows),
+            "rows": len(done),
             "rows_ok": sum(o.ok for o in outs),
             "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
             "completion_tokens": sum(len(o.token_ids) for o in outs),
-            "seconds": time.monotonic() - started,
+            "seconds": time.monotonic() - run.started,
         }
         counts["rows_error"] = counts["rows"] - counts["rows_ok"]
-        return output_table(spec, table, done), counts
+        return output_table(self.spec, run.table, done), counts
 
     def _generate(self, todo: list[_Item], results: list[Optional[RowResult]],
                   keep_going: Callable[[], None]) -> None:
-        """Generate ``todo`` into ``results``, cornering rows whose generation raises."""
+        """Generate ``todo`` into ``results`` alone in the engine, cornering rows whose generation raises."""
         groups = [todo] if todo else []
         failed: list[tuple[int, Exception]] = []
         while groups:
@@ -265,6 +383,7 @@ class ShardWorker:
             try:
                 self._run_group(group, results, keep_going)
             except LeaseLost:
+                self.llm.abort_all()
                 raise
             except Exception as exc:  # noqa: BLE001 - isolate whatever the engine raised
                 self.llm.abort_all()
@@ -336,6 +455,7 @@ class Replica:
         self.replica_id = replica_id
         self.faults = Faults.parse(faults)
         self.worker: Optional[ShardWorker] = None
+        self._last_commit = 0.0
 
     def ready(self) -> str:
         return f"{self.replica_id}@{_host()} pid {os.getpid()}"
@@ -345,7 +465,11 @@ class Replica:
             self.faults.at(point)
 
     def run(self) -> dict:
-        """Lease, process, publish and ack shards until the queue has nothing left (or is closed)."""
+        """Lease, process, publish and ack shards until the queue has nothing left (or is closed).
+
+        The next shard is leased as soon as the engine has admitted every row it holds, so its
+        rows fill the slots that the current shards' last rows leave (see :class:`ShardWorker`).
+        """
         import ray
 
         from batchgen.pipeline.metrics import JobMetrics
@@ -353,47 +477,91 @@ class Replica:
         if self.worker is None:
             self._fault("load")
             self.worker = ShardWorker(self.spec, build_llm(self.spec), self.faults)
+        worker = self.worker
         metrics = JobMetrics(self.spec.name)
         done = 0
+        next_ask = 0.0  # when the queue had nothing, ask again only after a pause, not every step
         while True:
-            lease = ray.get(self.queue.lease.remote(self.replica_id))
-            if lease is None:
-                if ray.get(self.queue.is_finished.remote()):
-                    return {"replica": self.replica_id, "shards": done}
-                time.sleep(0.5)  # others hold leases that may still come back
-                continue
-            task: Task = lease["payload"]
-            shard = task.shard
-            last_beat = time.monotonic()
-
-            def keep_going() -> None:
-                nonlocal last_beat
-                if time.monotonic() - last_beat >= self.spec.execution.heartbeat_s:
-                    last_beat = time.monotonic()
-                    if not ray.get(self.queue.heartbeat.remote(lease["lease_id"])):
-                        raise LeaseLost(shard.shard_id)
-
+            if worker.wants_more() and time.monotonic() >= next_ask:
+                # With shards in flight, ask only for shards that never failed (see ShardQueue.lease).
+                lease = ray.get(self.queue.lease.remote(self.replica_id, bool(worker.inflight)))
+                if lease is not None:
+                    self._start(lease, metrics)
+                    continue
+                if not worker.inflight:
+                    if ray.get(self.queue.is_finished.remote()):
+                        return {"replica": self.replica_id, "shards": done}
+                    time.sleep(0.5)  # others hold leases that may still come back
+                    continue
+                next_ask = time.monotonic() + 0.5
             try:
-                table, counts = self.worker.process(shard, keep_going)
-                summary = {
-                    "shard_id": shard.shard_id, "input_file": shard.relpath, "row_start": shard.row_start,
-                    **counts, "attempts": lease["attempt"], "replica": self.replica_id, "host": _host(),
-                }
-                self._publish(task, table, summary)
-            except LeaseLost:
-                self.worker.llm.abort_all()
-                continue
-            except Exception as e:  # noqa: BLE001 - any failure of an attempt goes back to the queue
-                self.worker.llm.abort_all()
-                metrics.shard_failed(self.replica_id)
-                ray.get(self.queue.nack.remote(lease["lease_id"], f"{type(e).__name__}: {e}"))
-                if is_fatal(e):
-                    _exit(f"{type(e).__name__}: the device is unusable in this process")
-                continue
-            if ray.get(self.queue.ack.remote(lease["lease_id"], summary)):
-                done += 1
-                metrics.shard_done(counts["rows_ok"], counts["rows_error"], counts["prompt_tokens"],
-                                   counts["completion_tokens"], self.replica_id, counts["seconds"])
+                for run in list(worker.inflight):
+                    try:
+                        run.keep_going()
+                    except LeaseLost:
+                        worker.drop(run)
+                finished = worker.step()
+            except Exception as e:  # noqa: BLE001 - a CUDA error (others are the rows'): start afresh
+                for run in worker.inflight:
+                    self._fail(run.context, e, metrics)
+                _exit(f"{type(e).__name__}: {e}; this process's device state is not trusted any more")
+            for run in finished:
+                done += self._complete(run, metrics)
+
+    def _start(self, lease: dict, metrics: Any) -> None:
+        import ray
+
+        shard = lease["payload"].shard
+        last_beat = time.monotonic()
+
+        def keep_going() -> None:
+            nonlocal last_beat
+            if time.monotonic() - last_beat >= self.spec.execution.heartbeat_s:
+                last_beat = time.monotonic()
+                if not ray.get(self.queue.heartbeat.remote(lease["lease_id"])):
+                    raise LeaseLost(shard.shard_id)
+
+        try:
+            self.worker.start(shard, keep_going, context=lease, solo=lease["solo"])
+        except Exception as e:  # noqa: BLE001 - unreadable shard: this attempt fails
+            self._fail(lease, e, metrics)
+
+    def _complete(self, run: ShardRun, metrics: Any) -> int:
+        """Publish and ack a finished shard (or nack it); 1 if the queue took the ack."""
+        import ray
+
+        lease, task = run.context, run.context["payload"]
+        if isinstance(run.error, LeaseLost):
+            return 0
+        if run.error is not None:
+            self._fail(lease, run.error, metrics)
+            return 0
+        try:
+            table, counts = self.worker.finish(run)
+            summary = {
+                "shard_id": task.shard.shard_id, "input_file": task.shard.relpath, "row_start": task.shard.row_start,
+                **counts, "attempts": lease["attempt"], "replica": self.replica_id, "host": _host(),
+            }
+            self._publish(task, table, summary)
+        except Exception as e:  # noqa: BLE001 - any failure of an attempt goes back to the queue
+            self._fail(lease, e, metrics)
+            return 0
+        if not ray.get(self.queue.ack.remote(lease["lease_id"], summary)):
+            return 0
+        # Shards overlap: the replica's rate is this shard's tokens over the time since the
+        # previous commit (or since this shard started), not over the shard's own lifetime.
+        now = time.monotonic()
+        since = max(self._last_commit, now - counts["seconds"])
+        self._last_commit = now
+        metrics.shard_done(counts["rows_ok"], counts["rows_error"], counts["prompt_tokens"],
+                           counts["completion_tokens"], self.replica_id, counts["seconds"], now - since)
+        return 1
+
+    def _fail(self, lease: dict, error: BaseException, metrics: Any) -> None:
+        import ray
+
+        metrics.shard_failed(self.replica_id)
+        ray.get(self.queue.nack.remote(lease["lease_id"], f"{type(error).__name__}: {error}"))
 
     def _publish(self, task: Task, table: pa.Table, summary: dict) -> None:
         fs, root = resolve_filesystem(self.spec.output.path)
