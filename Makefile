@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # GPU box) is kept; only where none is importable do we install the CPU wheel.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test demo test bench bench-pipeline clean
 
 $(PY):
 	python3 -m venv --system-site-packages $(VENV)
@@ -31,6 +31,10 @@ test: install-test
 
 bench: install-test
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m batchgen bench --json
+
+# The same model as a 1,000-row Ray job at 1 and 2 replicas, against the bare engine (~12 min on 2 cores).
+bench-pipeline: install-test
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m batchgen bench --pipeline --skip-hf --json
 
 clean:
 	rm -rf $(VENV) demo-out
