@@ -7,6 +7,7 @@ Exit codes: 0 ok; 1 the work ran but something in it failed (a row, a shard, a c
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -181,7 +182,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo_args(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The CLI's parser; with ``command``, the other mounted commands get no arguments (their
+    modules are not imported)."""
     parser = argparse.ArgumentParser(prog="batchgen", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -217,26 +220,31 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("output", help="the job's output.path")
     st.set_defaults(func=cmd_status)
 
-    from batchgen.bench import add_bench_args, run_bench
-    from batchgen.demo.run import add_demo_args
-    from batchgen.pipeline.verify import add_verify_args, run_verify
-    from batchgen.plan import add_plan_args, run_plan
-
-    # Commands whose module brings its own arguments: (name, help, add its arguments, run it).
+    # Commands whose module brings its own arguments: (name, help, module, its add-arguments and
+    # run functions). Only the module of the command being run is imported: bench and demo
+    # pull in torch, and `batchgen validate` or `--help` should not wait for it.
     mounted = [
-        ("plan", "does a model fit on given GPUs: weights, KV cache, batch per GPU", add_plan_args, run_plan),
-        ("bench", "tokens/s of the engine against HF generate on a mixed batch", add_bench_args, run_bench),
-        ("verify", "check that every input row is in the output exactly once", add_verify_args, run_verify),
-        ("demo", "run the bundled model on held-out problems through the pipeline", add_demo_args, cmd_demo),
+        ("plan", "does a model fit on given GPUs: weights, KV cache, batch per GPU",
+         "batchgen.plan", "add_plan_args", "run_plan"),
+        ("bench", "tokens/s of the engine against HF generate on a mixed batch (--pipeline: as Ray jobs)",
+         "batchgen.bench", "add_bench_args", "run_bench"),
+        ("verify", "check that every input row is in the output exactly once",
+         "batchgen.pipeline.verify", "add_verify_args", "run_verify"),
+        ("demo", "run the bundled model on held-out problems through the pipeline",
+         "batchgen.demo.run", "add_demo_args", None),
     ]
-    for name, help_text, add_args, run in mounted:
+    for name, help_text, module, add_name, run_name in mounted:
         p = sub.add_parser(name, help=help_text)
-        add_args(p)
-        p.set_defaults(func=run)
+        if command in (None, name):
+            mod = importlib.import_module(module)
+            getattr(mod, add_name)(p)
+            p.set_defaults(func=getattr(mod, run_name) if run_name else cmd_demo)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The command is the first word (the top-level parser has no options but --help).
+    parser = build_parser(argv[0] if argv and not argv[0].startswith("-") else "")
     args = parser.parse_args(argv)
     return args.func(args)
