@@ -5,7 +5,7 @@ to 127.0.0.1, and kill its processes: replicas (``ray::Replica``, found among th
 descendants only, so nothing else on the machine is touched) and the driver itself. Failures
 that must happen at an exact point (a crashing row, a crash during model load or while a
 file is being published) come from the replicas' test hook, ``BATCHGEN_FAULTS``
-(:class:`batchgen.pipeline.replica.Faults`). Every check ends with ``verify``.
+(:class:`batchgen.pipeline.faults.Faults`). Every check ends with ``verify``.
 
 ``BATCHGEN_SOAK=1`` adds a longer chaos run.
 """
@@ -31,7 +31,8 @@ import yaml
 
 from batchgen.pipeline import verify
 from batchgen.pipeline.driver import run_job
-from batchgen.pipeline.replica import Faults, ShardWorker
+from batchgen.pipeline.faults import Faults
+from batchgen.pipeline.replica import ShardWorker
 from batchgen.pipeline.shards import plan_shards
 from batchgen.pipeline.spec import SpecError, validate_spec
 

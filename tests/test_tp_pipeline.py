@@ -205,8 +205,9 @@ def test_killed_ranks_mid_shard_restart_the_replica_without_loss(local_ray, mode
     assert len(killed) == 2 and len(waits) == 2, (killed, waits)
     # The other rank failed on its own, well within the collective timeout.
     assert max(waits) < TP_TIMEOUT_S + 5, waits
-    # Each kill cost exactly one attempt: the shard in flight was handed back and done again.
-    assert sum(r["attempts"] for r in results.values()) == len(shards) + 2
+    # Each kill cost one attempt per shard in flight (a replica runs up to two side by side
+    # here): they were handed back and done again.
+    assert len(shards) + 2 <= sum(r["attempts"] for r in results.values()) <= len(shards) + 4
     got = _written(spec)
     assert [r["id"] for r in got] == list(range(24))
     assert got == _reference(spec, shards)

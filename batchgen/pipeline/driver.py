@@ -49,7 +49,8 @@ import ray
 from batchgen.pipeline import writer
 from batchgen.pipeline.metrics import JobMetrics, ProgressLogger
 from batchgen.pipeline.queue import create_queue
-from batchgen.pipeline.replica import FAULTS_ENV, Faults, Replica, Task, output_table
+from batchgen.pipeline.faults import FAULTS_ENV, Faults
+from batchgen.pipeline.replica import Replica, Task, output_table
 from batchgen.pipeline.shards import (
     InputReport, Shard, list_input_files, plan_shards, read_shard, resolve_filesystem, validate_input,
 )

@@ -25,25 +25,22 @@ Failure handling, from the smallest blast radius up:
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import socket
-import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
 import pyarrow as pa
 
 from batchgen.engine import LLM, CompletionOutput, SamplingParams
+from batchgen.pipeline.faults import Faults, exit_replica
 from batchgen.pipeline.shards import PromptRow, Shard, build_prompts, read_shard, resolve_filesystem
 from batchgen.pipeline.spec import JobSpec
 from batchgen.pipeline.writer import output_schema, publish_part, publish_shard, with_retries
 
-#: Environment variable of the driver that turns on :class:`Faults` (a test hook).
-FAULTS_ENV = "BATCHGEN_FAULTS"
-#: Exit status of a replica process that a fault hook or a CUDA error ends on purpose.
-FAULT_EXIT_CODE = 87
 
 #: A row's outcome: the engine's output, or the reason it could not run.
 RowResult = Union[CompletionOutput, str]
@@ -51,83 +48,6 @@ RowResult = Union[CompletionOutput, str]
 
 class LeaseLost(Exception):
     """The queue gave this shard to someone else (our lease expired): drop the work."""
-
-
-# --------------------------------------------------------------------------------------- test hook
-
-@dataclass(frozen=True)
-class Faults:
-    """TEST HOOK, never for production: failures injected into replicas on purpose, so that tests
-    can check that recovery really works. Inert unless ``BATCHGEN_FAULTS`` is set (in the
-    driver's environment; the driver hands it to its replicas) to a JSON object with any of:
-
-    - ``"raise_on": TEXT``: generating a group of rows in which a prompt contains TEXT raises a
-      ``RuntimeError`` (after the first engine step), like an engine bug triggered by one row.
-    - ``"exit_on": TEXT``: the same, but the replica process dies (``os._exit``), like a crash.
-    - ``"exit_once_at": {POINT: MARKER_PATH}``: the first replica process that reaches POINT
-      (``load``: before the model loads; ``publish``: output bytes staged, not yet visible)
-      and manages to create the file MARKER_PATH exits; later ones find the file and go on.
-    - ``"step_delay_s": SECONDS``: sleep after every engine step, as a bigger model would take,
-      so that a test's kills land in the middle of a job made for a tiny model.
-    """
-
-    raise_on: Optional[str] = None
-    exit_on: Optional[str] = None
-    exit_once_at: dict[str, str] = field(default_factory=dict)
-    step_delay_s: float = 0.0
-
-    POINTS = ("load", "publish")
-
-    @classmethod
-    def parse(cls, raw: Optional[str]) -> Optional["Faults"]:
-        """The faults described by ``raw`` (JSON), or None when it is empty.
-
-        Raises:
-            ValueError: naming the unknown key or point, or saying why the JSON is invalid.
-        """
-        if not raw:
-            return None
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{FAULTS_ENV} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{FAULTS_ENV} must be a JSON object")
-        unknown = set(data) - {"raise_on", "exit_on", "exit_once_at", "step_delay_s"}
-        if unknown:
-            raise ValueError(f"{FAULTS_ENV}: unknown key(s) {sorted(unknown)}")
-        points = data.get("exit_once_at", {})
-        if not isinstance(points, dict) or set(points) - set(cls.POINTS):
-            raise ValueError(f"{FAULTS_ENV}: exit_once_at maps points {cls.POINTS} to marker files")
-        return cls(data.get("raise_on"), data.get("exit_on"), dict(points), float(data.get("step_delay_s", 0)))
-
-    def on_step(self) -> None:
-        """Called after every engine step."""
-        if self.step_delay_s:
-            time.sleep(self.step_delay_s)
-
-    def on_rows(self, prompts: Sequence[Optional[str]]) -> None:
-        """Called while a group of rows is being generated."""
-        if self.exit_on and any(p and self.exit_on in p for p in prompts):
-            _exit(f"a prompt contains {self.exit_on!r}")
-        if self.raise_on and any(p and self.raise_on in p for p in prompts):
-            raise RuntimeError(f"injected fault: a prompt contains {self.raise_on!r}")
-
-    def at(self, point: str) -> None:
-        """Called when a replica reaches ``point``; exits if this process is the first there."""
-        marker = self.exit_once_at.get(point)
-        if marker is None:
-            return
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-        _exit(f"first replica at {point!r}")
-
-
-def _exit(why: str) -> None:
-    print(f"batchgen replica pid {os.getpid()}: exiting on purpose ({why})", file=sys.stderr, flush=True)
-    os._exit(FAULT_EXIT_CODE)
 
 
 # --------------------------------------------------------------------------------------- engine side
@@ -456,6 +376,9 @@ class Replica:
         self.faults = Faults.parse(faults)
         self.worker: Optional[ShardWorker] = None
         self._last_commit = 0.0
+        # One thread: shards are published in the order they finish, one at a time.
+        self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchgen-publish")
+        self._publishing: list[tuple[Future, dict, dict, dict]] = []  # (future, lease, counts, summary)
 
     def ready(self) -> str:
         return f"{self.replica_id}@{_host()} pid {os.getpid()}"
@@ -469,6 +392,9 @@ class Replica:
 
         The next shard is leased as soon as the engine has admitted every row it holds, so its
         rows fill the slots that the current shards' last rows leave (see :class:`ShardWorker`).
+        Finished shards are published on a background thread: a slow object store (a PUT that
+        retries for a minute) neither stalls the engine nor starves the heartbeats of the
+        shards still running.
         """
         import ray
 
@@ -482,6 +408,7 @@ class Replica:
         done = 0
         next_ask = 0.0  # when the queue had nothing, ask again only after a pause, not every step
         while True:
+            done += self._collect_published(metrics, wait_s=0.0 if worker.inflight else 0.2)
             if worker.wants_more() and time.monotonic() >= next_ask:
                 # With shards in flight, ask only for shards that never failed (see ShardQueue.lease).
                 lease = ray.get(self.queue.lease.remote(self.replica_id, bool(worker.inflight)))
@@ -489,11 +416,15 @@ class Replica:
                     self._start(lease, metrics)
                     continue
                 if not worker.inflight:
+                    if self._publishing:
+                        continue  # our own leases are still open: the queue cannot be finished
                     if ray.get(self.queue.is_finished.remote()):
                         return {"replica": self.replica_id, "shards": done}
                     time.sleep(0.5)  # others hold leases that may still come back
                     continue
                 next_ask = time.monotonic() + 0.5
+            if not worker.inflight:
+                continue
             try:
                 for run in list(worker.inflight):
                     try:
@@ -504,9 +435,9 @@ class Replica:
             except Exception as e:  # noqa: BLE001 - a CUDA error (others are the rows'): start afresh
                 for run in worker.inflight:
                     self._fail(run.context, e, metrics)
-                _exit(f"{type(e).__name__}: {e}; this process's device state is not trusted any more")
+                exit_replica(f"{type(e).__name__}: {e}; this process's device state is not trusted any more")
             for run in finished:
-                done += self._complete(run, metrics)
+                self._complete(run, metrics)
 
     def _start(self, lease: dict, metrics: Any) -> None:
         import ray
@@ -526,36 +457,56 @@ class Replica:
         except Exception as e:  # noqa: BLE001 - unreadable shard: this attempt fails
             self._fail(lease, e, metrics)
 
-    def _complete(self, run: ShardRun, metrics: Any) -> int:
-        """Publish and ack a finished shard (or nack it); 1 if the queue took the ack."""
-        import ray
-
+    def _complete(self, run: ShardRun, metrics: Any) -> None:
+        """Hand a finished shard to the publishing thread (or nack it)."""
         lease, task = run.context, run.context["payload"]
         if isinstance(run.error, LeaseLost):
-            return 0
+            return
         if run.error is not None:
             self._fail(lease, run.error, metrics)
-            return 0
+            return
         try:
             table, counts = self.worker.finish(run)
-            summary = {
-                "shard_id": task.shard.shard_id, "input_file": task.shard.relpath, "row_start": task.shard.row_start,
-                **counts, "attempts": lease["attempt"], "replica": self.replica_id, "host": _host(),
-            }
-            self._publish(task, table, summary)
         except Exception as e:  # noqa: BLE001 - any failure of an attempt goes back to the queue
             self._fail(lease, e, metrics)
+            return
+        summary = {
+            "shard_id": task.shard.shard_id, "input_file": task.shard.relpath, "row_start": task.shard.row_start,
+            **counts, "attempts": lease["attempt"], "replica": self.replica_id, "host": _host(),
+        }
+        future = self._publisher.submit(self._publish, task, table, summary)
+        self._publishing.append((future, lease, counts, summary))
+
+    def _collect_published(self, metrics: Any, wait_s: float) -> int:
+        """Ack the shards whose publishing ended (nack those where it failed); the number acked."""
+        import ray
+
+        if not self._publishing:
             return 0
-        if not ray.get(self.queue.ack.remote(lease["lease_id"], summary)):
-            return 0
-        # Shards overlap: the replica's rate is this shard's tokens over the time since the
-        # previous commit (or since this shard started), not over the shard's own lifetime.
-        now = time.monotonic()
-        since = max(self._last_commit, now - counts["seconds"])
-        self._last_commit = now
-        metrics.shard_done(counts["rows_ok"], counts["rows_error"], counts["prompt_tokens"],
-                           counts["completion_tokens"], self.replica_id, counts["seconds"], now - since)
-        return 1
+        if wait_s:
+            futures_wait([f for f, *_ in self._publishing], timeout=wait_s, return_when=FIRST_COMPLETED)
+        acked, still = 0, []
+        for entry in self._publishing:
+            future, lease, counts, summary = entry
+            if not future.done():
+                still.append(entry)
+                continue
+            error = future.exception()
+            if error is not None:
+                self._fail(lease, error, metrics)
+                continue
+            if not ray.get(self.queue.ack.remote(lease["lease_id"], summary)):
+                continue
+            acked += 1
+            # Shards overlap: the replica's rate is this shard's tokens over the time since the
+            # previous commit (or since this shard started), not over the shard's own lifetime.
+            now = time.monotonic()
+            since = max(self._last_commit, now - counts["seconds"])
+            self._last_commit = now
+            metrics.shard_done(counts["rows_ok"], counts["rows_error"], counts["prompt_tokens"],
+                               counts["completion_tokens"], self.replica_id, counts["seconds"], now - since)
+        self._publishing = still
+        return acked
 
     def _fail(self, lease: dict, error: BaseException, metrics: Any) -> None:
         import ray

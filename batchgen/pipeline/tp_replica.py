@@ -44,7 +44,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from batchgen.engine import CompletionOutput, SamplingParams
 from batchgen.engine.tp import TPError, TPLeaderLLM, destroy_tp_group, follower_loop, init_tp_group
-from batchgen.pipeline.replica import FAULT_EXIT_CODE, Replica, ShardWorker
+from batchgen.pipeline.faults import FAULT_EXIT_CODE
+from batchgen.pipeline.replica import Replica, ShardWorker
 from batchgen.pipeline.spec import JobSpec
 
 #: Collective timeout of a step: how long a dead or frozen rank can stall the others.
