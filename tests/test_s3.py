@@ -40,8 +40,10 @@ boto3 = pytest.importorskip("boto3", reason="boto3 is a test dependency")
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "batchgen-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+#: The S3 client's tries per request in this test (BATCHGEN_S3_MAX_ATTEMPTS; batchgen's default is 10).
+SDK_TRIES = 3
 #: Uploads of the chosen shard file refused in a row: more than one attempt's 5 tries x 3 SDK tries.
-REFUSED_UPLOADS = 16
+REFUSED_UPLOADS = 5 * SDK_TRIES + 1
 
 
 class FaultProxy(ThreadingHTTPServer):
@@ -190,6 +192,7 @@ def test_job_on_flaky_s3_completes_exactly_once(model_dir: Path, moto_port: int,
     for key, value in CREDENTIALS.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("BATCHGEN_S3_ENDPOINT", f"http://127.0.0.1:{moto_port}")
+    monkeypatch.setenv("BATCHGEN_S3_MAX_ATTEMPTS", str(SDK_TRIES))
     ids = write_input(direct_s3(moto_port))
     spec = validate_spec({
         "name": "s3-chaos",
@@ -208,7 +211,8 @@ def test_job_on_flaky_s3_completes_exactly_once(model_dir: Path, moto_port: int,
     endpoint = f"http://127.0.0.1:{proxy.server_address[1]}"
     monkeypatch.setenv("BATCHGEN_S3_ENDPOINT", endpoint)
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "BATCHGEN_S3_ENDPOINT": endpoint, **CREDENTIALS}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "BATCHGEN_S3_ENDPOINT": endpoint,
+                                       "BATCHGEN_S3_MAX_ATTEMPTS": str(SDK_TRIES), **CREDENTIALS}})
     try:
         summary = run_job(spec, progress_every_s=2)
     finally:

@@ -90,6 +90,16 @@ def test_s3_endpoint_override_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fs.region == "eu-west-1"
 
 
+def test_s3_client_retries_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHGEN_S3_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("BATCHGEN_S3_MAX_ATTEMPTS", "3")
+    assert resolve_filesystem("s3://bucket/x")[0].type_name == "s3"
+    for bad in ("0", "three"):
+        monkeypatch.setenv("BATCHGEN_S3_MAX_ATTEMPTS", bad)
+        with pytest.raises(ValueError, match=f"BATCHGEN_S3_MAX_ATTEMPTS='{bad}': expected an integer >= 1"):
+            resolve_filesystem("s3://bucket/x")
+
+
 @pytest.mark.parametrize("suffix,message", [
     ("nope", "input.path: no such file or directory"),
     ("empty", "input.path: no *.parquet files under"),

@@ -378,7 +378,8 @@ class Replica:
         self._last_commit = 0.0
         # One thread: shards are published in the order they finish, one at a time.
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchgen-publish")
-        self._publishing: list[tuple[Future, dict, dict, dict]] = []  # (future, lease, counts, summary)
+        # (future, lease, counts, summary, heartbeat) of each shard being published
+        self._publishing: list[tuple[Future, dict, dict, dict, Callable[[], None]]] = []
 
     def ready(self) -> str:
         return f"{self.replica_id}@{_host()} pid {os.getpid()}"
@@ -475,7 +476,7 @@ class Replica:
             **counts, "attempts": lease["attempt"], "replica": self.replica_id, "host": _host(),
         }
         future = self._publisher.submit(self._publish, task, table, summary)
-        self._publishing.append((future, lease, counts, summary))
+        self._publishing.append((future, lease, counts, summary, run.keep_going))
 
     def _collect_published(self, metrics: Any, wait_s: float) -> int:
         """Ack the shards whose publishing ended (nack those where it failed); the number acked."""
@@ -483,11 +484,18 @@ class Replica:
 
         if not self._publishing:
             return 0
+        # A lease lives until its shard is acked: one publish retrying for minutes (the others
+        # queue behind it on the one thread) must not let the leases of the others expire.
+        for *_, keep_going in self._publishing:
+            try:
+                keep_going()
+            except LeaseLost:
+                pass  # someone else has it now; our ack will be refused or win as a late ack
         if wait_s:
             futures_wait([f for f, *_ in self._publishing], timeout=wait_s, return_when=FIRST_COMPLETED)
         acked, still = 0, []
         for entry in self._publishing:
-            future, lease, counts, summary = entry
+            future, lease, counts, summary, _ = entry
             if not future.done():
                 still.append(entry)
                 continue

@@ -31,8 +31,9 @@ from batchgen.pipeline.spec import InputSpec, JobSpec, SpecError, check_sampling
 #: Environment variables that point ``s3://`` at another endpoint (MinIO, moto...), first wins.
 S3_ENDPOINT_ENV = ("BATCHGEN_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 #: Transient object-store errors (500s, throttling, resets) are retried by the S3 client itself,
-#: with AWS's standard backoff, well beyond its default of 3 tries.
-S3_RETRIES = pafs.AwsStandardS3RetryStrategy(max_attempts=10)
+#: with AWS's standard backoff, by default well beyond its own default of 3 tries.
+S3_MAX_ATTEMPTS_ENV = "BATCHGEN_S3_MAX_ATTEMPTS"
+S3_MAX_ATTEMPTS = 10
 _GLOB_CHARS = "*?["
 _INT_OVERRIDES = {"max_tokens", "top_k", "seed"}
 
@@ -69,13 +70,25 @@ def _s3_with_endpoint(endpoint: str, region: str) -> pafs.S3FileSystem:
     parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
     # Path-style addressing (arrow's default with an endpoint override) is what MinIO/moto expect.
     return pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme, region=region,
-                             retry_strategy=S3_RETRIES)
+                             retry_strategy=_s3_retries())
 
 
 @functools.lru_cache(maxsize=16)
 def _s3_for_bucket(bucket: str) -> pafs.FileSystem:
     # Cached per bucket: without a region in the URI, we ask AWS where the bucket lives.
-    return pafs.S3FileSystem(region=pafs.resolve_s3_region(bucket), retry_strategy=S3_RETRIES)
+    return pafs.S3FileSystem(region=pafs.resolve_s3_region(bucket), retry_strategy=_s3_retries())
+
+
+def _s3_retries() -> pafs.S3RetryStrategy:
+    """The S3 client's retries: ``BATCHGEN_S3_MAX_ATTEMPTS`` tries per request (default 10)."""
+    raw = os.environ.get(S3_MAX_ATTEMPTS_ENV, "").strip()
+    try:
+        attempts = int(raw) if raw else S3_MAX_ATTEMPTS
+        if attempts < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{S3_MAX_ATTEMPTS_ENV}={raw!r}: expected an integer >= 1") from None
+    return pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)
 
 
 def join_uri(base: str, *parts: str) -> str:
