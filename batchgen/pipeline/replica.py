@@ -410,7 +410,7 @@ class Replica:
         next_ask = 0.0  # when the queue had nothing, ask again only after a pause, not every step
         while True:
             done += self._collect_published(metrics, wait_s=0.0 if worker.inflight else 0.2)
-            if worker.wants_more() and time.monotonic() >= next_ask:
+            if worker.wants_more() and (not worker.inflight or time.monotonic() >= next_ask):
                 # With shards in flight, ask only for shards that never failed (see ShardQueue.lease).
                 lease = ray.get(self.queue.lease.remote(self.replica_id, bool(worker.inflight)))
                 if lease is not None:
