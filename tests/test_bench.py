@@ -20,7 +20,8 @@ import torch
 
 from batchgen.bench import (QUICK_ARGS, Workload, compare_tokens, linear_flops_per_token, main,
                             min_traffic_bytes, request_flops)
-from batchgen.model import ModelArgs, Transformer
+from batchgen.model import Transformer
+from reference import reference_greedy, sharp_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,27 +115,10 @@ def test_gpu_options_need_cuda(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--quick", "--device", "cuda"]) == 2
 
 
-def _tiny(seed: int = 0, n_kv_heads: int = 2, max_seq_len: int = 128) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=300,
-                                  multiple_of=16, max_seq_len=max_seq_len)).eval()
-    with torch.no_grad():
-        model.output.weight.mul_(8)  # peaked logits: no near-ties decided by rounding
-    return model
-
-
-def _reference(model: Transformer, prompt: list[int], n: int) -> list[int]:
-    toks = list(prompt)
-    with torch.inference_mode():
-        for _ in range(n):
-            toks.append(int(model.logits_full(torch.tensor([toks]))[0, -1].argmax()))
-    return toks[len(prompt):]
-
-
 def test_divergence_check_tells_near_ties_from_bugs() -> None:
-    model = _tiny()
+    model = sharp_model()
     prompt = [5, 17, 42, 9]
-    good = _reference(model, prompt, 6)
+    good = reference_greedy(model, prompt, 6)
     with torch.inference_mode():
         logits = model.logits_full(torch.tensor([prompt + good[:2]]))[0, -1]
     worst = int(logits.argmin())

@@ -8,26 +8,11 @@ import torch
 from batchgen.engine import LLM, SamplingParams
 from batchgen.engine.kv_cache import bytes_per_block
 from batchgen.model import AttentionMetadata, ModelArgs, Transformer
+from reference import reference_greedy, sharp_model
 
 
 def _model(n_kv_heads: int = 2, seed: int = 0, max_seq_len: int = 128) -> Transformer:
-    torch.manual_seed(seed)
-    args = ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=n_kv_heads, vocab_size=300,
-                     multiple_of=16, max_seq_len=max_seq_len)
-    model = Transformer(args).eval()
-    # Sharper logits than the default init: random models are full of near-ties, and a tie
-    # decided by the last bit of a different summation order is not what these tests are about.
-    with torch.no_grad():
-        model.output.weight.mul_(8)
-    return model
-
-
-def _reference_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
-    toks = list(prompt)
-    with torch.inference_mode():
-        for _ in range(n):
-            toks.append(int(model.logits_full(torch.tensor([toks]))[0, -1].argmax()))
-    return toks[len(prompt):]
+    return sharp_model(n_layers=3, n_heads=8, n_kv_heads=n_kv_heads, seed=seed, max_seq_len=max_seq_len)
 
 
 def _prompts(n: int, seed: int = 1, lo: int = 1, hi: int = 40) -> list[list[int]]:
@@ -51,7 +36,7 @@ def test_continuous_batching_matches_reference(n_kv_heads: int) -> None:
     outs = llm.generate(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])
     for p, m, o in zip(prompts, max_tokens, outs):
         assert o.finish_reason == "length"
-        assert o.token_ids == _reference_greedy(model, p, m)
+        assert o.token_ids == reference_greedy(model, p, m)
         assert o.prompt_token_ids == p
 
 
@@ -63,7 +48,7 @@ def test_preemption_under_a_small_cache_keeps_tokens_exact(model: Transformer) -
     outs = llm.generate(prompts, SamplingParams(max_tokens=30, ignore_eos=True))
     assert llm.scheduler.num_preemptions > 0
     for p, o in zip(prompts, outs):
-        assert o.token_ids == _reference_greedy(model, p, 30)
+        assert o.token_ids == reference_greedy(model, p, 30)
     assert llm.blocks.num_free == 6  # every block came back
 
 
@@ -90,7 +75,7 @@ def test_abort_drops_some_requests_and_the_rest_run_on_exactly(model: Transforme
     assert sorted(outs) == [r for r in ids if r not in ("r0", "r4")]
     for i, p in enumerate(prompts):
         if f"r{i}" in outs:
-            assert outs[f"r{i}"].token_ids == _reference_greedy(model, p, 12)
+            assert outs[f"r{i}"].token_ids == reference_greedy(model, p, 12)
     assert llm.blocks.num_free == llm.blocks.num_blocks  # the aborted rows' blocks came back
 
 
@@ -153,7 +138,7 @@ def test_prompt_too_long_is_a_row_error_or_truncated() -> None:
     trunc = llm.generate([long_prompt], SamplingParams(max_tokens=4, ignore_eos=True, truncate_prompt=True))[0]
     assert trunc.finish_reason == "length" and len(trunc.token_ids) == 4
     assert trunc.prompt_token_ids == long_prompt[-60:]
-    assert trunc.token_ids == _reference_greedy(model, long_prompt[-60:], 4)
+    assert trunc.token_ids == reference_greedy(model, long_prompt[-60:], 4)
     # Generation stops at the context length even when max_tokens asks for more.
     near = llm.generate([list(range(3, 63))], SamplingParams(max_tokens=50, ignore_eos=True))[0]
     assert near.finish_reason == "length" and len(near.token_ids) == 4
@@ -218,7 +203,7 @@ def test_mixed_prefill_and_decode_steps_match_reference(n_kv_heads: int) -> None
     llm = LLM(model=model, device="cpu", max_num_seqs=3)  # finished rows are refilled mid-decode
     outs = llm.generate(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])
     for p, m, o in zip(prompts, max_tokens, outs):
-        assert o.token_ids == _reference_greedy(model, p, m)
+        assert o.token_ids == reference_greedy(model, p, m)
     assert any(s.is_prefill and s.num_decode > 0 for s in steps), "no mixed step ran"
     lens = [[e - b for b, e in zip(s.cu_seqlens, s.cu_seqlens[1:])] for s in steps if s.is_prefill]
     assert any(len(set(x)) > 1 for x in lens), "no padded prefill of unequal lengths ran"
@@ -235,7 +220,7 @@ def test_block_compaction_keeps_tokens_exact() -> None:
     outs = llm.generate(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])
     assert any(s.block_moves is not None for s in steps), "no compaction ran"
     for p, m, o in zip(prompts, max_tokens, outs):
-        assert o.token_ids == _reference_greedy(model, p, m)
+        assert o.token_ids == reference_greedy(model, p, m)
     assert llm.blocks.num_free == llm.blocks.num_blocks
 
 

@@ -15,22 +15,13 @@ import pytest
 import torch
 
 from batchgen.checkpoint import load_args, load_model, save_hf, save_meta
-from batchgen.model import Transformer
+from reference import reference_greedy
 
 transformers = pytest.importorskip("transformers", reason="transformers is needed for parity tests")
 
 PROMPT = [1, 5, 7]
 STEPS = 20
 STORIES_FIRST_TEN = [461, 461, 401, 401, 401, 461, 378, 455, 473, 456]
-
-
-def greedy(model: Transformer, prompt: list[int], steps: int) -> list[int]:
-    """Greedy continuation of ``prompt`` by re-running the full sequence each step (no cache)."""
-    tokens = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            tokens.append(int(model.logits_full(torch.tensor([tokens]))[0, -1].argmax()))
-    return tokens[len(prompt):]
 
 
 def hf_greedy(model: Any, prompt: list[int], steps: int) -> list[int]:
@@ -74,7 +65,7 @@ def test_hf_layout_matches_transformers(hf_case: dict[str, Any]) -> None:
     model = load_model(hf_case["dir"] / "hf", dtype="float32", device="cpu")
     with torch.no_grad():
         assert_logits_close(model.logits_full(hf_case["tokens"]), hf_case["logits"])
-    assert greedy(model, PROMPT, STEPS) == hf_case["greedy"]
+    assert reference_greedy(model, PROMPT, STEPS) == hf_case["greedy"]
 
 
 @pytest.mark.parametrize("num_shards", [1, 2])
@@ -93,7 +84,7 @@ def test_meta_layout_of_same_weights_matches(hf_case: dict[str, Any], num_shards
     model = load_model(meta_dir, dtype="float32", device="cpu")
     with torch.no_grad():
         assert_logits_close(model.logits_full(hf_case["tokens"]), hf_case["logits"])
-    assert greedy(model, PROMPT, STEPS) == hf_case["greedy"]
+    assert reference_greedy(model, PROMPT, STEPS) == hf_case["greedy"]
 
 
 def test_save_hf_output_loads_in_transformers(hf_case: dict[str, Any]) -> None:
@@ -130,6 +121,6 @@ def stories_reference(shared_dir: Path) -> list[int]:
 def test_real_stories260k_greedy(shared_dir: Path, stories_reference: list[int], layout: str) -> None:
     assert stories_reference[:10] == STORIES_FIRST_TEN
     model = load_model(shared_dir / "models" / f"stories260K-{layout}", dtype="float32", device="cpu")
-    got = greedy(model, [1], STEPS)
+    got = reference_greedy(model, [1], STEPS)
     assert got[:10] == STORIES_FIRST_TEN
     assert got == stories_reference

@@ -21,6 +21,7 @@ from batchgen.checkpoint import save_hf, save_meta
 from batchgen.engine import LLM, SamplingParams
 from batchgen.engine.tp import TPError, TPLeaderLLM, destroy_tp_group, follower_loop, init_tp_group
 from batchgen.model import ModelArgs, Transformer
+from reference import sharp_model
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 # Greedy continuation of [BOS] by stories260K, checked against llama2.c and transformers.
@@ -46,15 +47,8 @@ def _free_port() -> int:
 
 
 def _random_state_dict(n_kv_heads: int, seed: int) -> tuple[dict, ModelArgs]:
-    torch.manual_seed(seed)
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=300,
-                     multiple_of=16, max_seq_len=128)
-    model = Transformer(args)
-    with torch.no_grad():
-        # Sharper logits than the default init: a near-tie decided by the last bit of a
-        # different all-reduce summation order is not what these tests are about.
-        model.output.weight.mul_(8)
-    return model.state_dict(), args
+    model = sharp_model(n_kv_heads=n_kv_heads, seed=seed)
+    return model.state_dict(), model.args
 
 
 def _prompts() -> list[list[int]]:

@@ -24,6 +24,7 @@ import torch
 from batchgen.checkpoint import save_hf
 from batchgen.engine import LLM, SamplingParams
 from batchgen.model import ModelArgs, Transformer
+from reference import sharp_model
 from batchgen.pipeline.driver import plan_job
 from batchgen.pipeline.queue import create_queue
 from batchgen.pipeline.replica import ShardWorker, Task, build_llm
@@ -54,16 +55,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random GQA model (2 KV heads: one per rank) with the real LLaMA tokenizer."""
     if not TOKENIZER.is_file():
         pytest.skip(f"the LLaMA tokenizer is not at {TOKENIZER} (shared test data, see its README)")
-    torch.manual_seed(0)
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=16,
-                     max_seq_len=128)
-    model = Transformer(args)
-    with torch.no_grad():
-        # Sharp logits: a near-tie settled by the last bit of another summation order is not
-        # what these tests are about.
-        model.output.weight.mul_(8)
+    model = sharp_model(vocab_size=32000)
     out = tmp_path_factory.mktemp("tp_model") / "model"
-    save_hf(model.state_dict(), args, out)
+    save_hf(model.state_dict(), model.args, out)
     shutil.copy(TOKENIZER, out / "tokenizer.model")
     return out
 
