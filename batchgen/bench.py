@@ -38,6 +38,9 @@ BENCH_ARGS = ModelArgs(dim=768, n_layers=12, n_heads=12, hidden_dim=2048, vocab_
 QUICK_ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=512,
                        max_seq_len=128)
 
+# Request slots of the engine, as in a job (the default model.max_num_seqs).
+MAX_NUM_SEQS = 64
+
 # A divergence is tolerated only where the two tokens' logits are closer than this. fp32
 # implementations differ by ~1e-5 in the logits; bf16's rounding step near |logit| ~ 2 is ~1e-2.
 TIE_TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -116,7 +119,8 @@ class EngineSystem:
     A system under test is anything with ``run() -> tokens per request`` and ``info() -> dict``.
     """
 
-    def __init__(self, model: Transformer, wl: Workload, device: torch.device, max_num_seqs: int = 64) -> None:
+    def __init__(self, model: Transformer, wl: Workload, device: torch.device,
+                 max_num_seqs: int = MAX_NUM_SEQS) -> None:
         from batchgen.engine import LLM, SamplingParams
 
         self.model, self.wl = model, wl
@@ -433,7 +437,7 @@ def run_bench(args: argparse.Namespace) -> int:
         from batchgen.bench_pipeline import run_pipelines
 
         report["pipeline"] = run_pipelines(model, wl, ours, [int(n) for n in args.replicas.split(",")],
-                                           args.repeat, args.shard_rows, 64, device, TIE_TOL[dtype])
+                                           args.repeat, args.shard_rows, MAX_NUM_SEQS, TIE_TOL[dtype])
         report["ok"] = report["ok"] and all(r["ok"] for r in report["pipeline"])
     if args.gpu_extras:
         del hf, model, systems

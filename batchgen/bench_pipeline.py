@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from batchgen.bench import RunResult, Workload
 from batchgen.model import Transformer
 
@@ -102,7 +100,7 @@ class PipelineBench:
                  log_to_driver=False)
         return time.perf_counter() - t0
 
-    def spec(self, replicas: int, device: torch.device) -> Any:
+    def spec(self, replicas: int) -> Any:
         from batchgen.pipeline.spec import validate_spec
 
         return validate_spec({
@@ -116,13 +114,13 @@ class PipelineBench:
             "execution": {"replicas": replicas, "shard_rows": self.shard_rows},
         })
 
-    def run(self, replicas: int, device: torch.device, result: RunResult) -> dict[str, Any]:
+    def run(self, replicas: int, result: RunResult) -> dict[str, Any]:
         """One timed job (Ray already up; replica start and model load included); tokens into ``result``."""
         import pyarrow.parquet as pq
 
         from batchgen.pipeline.driver import run_job
 
-        spec = self.spec(replicas, device)
+        spec = self.spec(replicas)
         t0 = time.perf_counter()
         summary = run_job(spec, dashboard=False, progress_every_s=3600)
         result.seconds.append(time.perf_counter() - t0)
@@ -147,7 +145,7 @@ class PipelineBench:
 
 
 def run_pipelines(model: Transformer, wl: Workload, engine: RunResult, replicas: list[int], repeat: int,
-                  shard_rows: int, max_num_seqs: int, device: torch.device, tie_tol: float,
+                  shard_rows: int, max_num_seqs: int, tie_tol: float,
                   workdir: Optional[str] = None) -> list[dict[str, Any]]:
     """Each replica count's job ``repeat`` times; overhead and token agreement against ``engine``."""
     from batchgen.bench import compare_tokens
@@ -159,7 +157,7 @@ def run_pipelines(model: Transformer, wl: Workload, engine: RunResult, replicas:
             for n in replicas:
                 result = RunResult(tokens=[])
                 for _ in range(repeat):
-                    info = bench.run(n, device, result)
+                    info = bench.run(n, result)
                 check = compare_tokens(model, None, wl, result.tokens, engine.tokens, tie_tol)
                 reports.append({
                     **info,
