@@ -15,6 +15,7 @@ import ray
 import yaml
 
 from batchgen.pipeline.driver import replica_layout, run_job
+from batchgen.pipeline.faults import FAULTS_ENV
 from batchgen.pipeline.spec import SpecError, load_spec
 from batchgen.tokenizer import Tokenizer
 
@@ -100,8 +101,36 @@ def test_job_end_to_end_every_row_exactly_once(local_ray, tmp_path: Path) -> Non
     assert sum(s["rows_error"] for s in shard_summary) == 6
     assert sum(s["completion_tokens"] for s in shard_summary) == sum(r["completion_tokens"] for r in rows.values())
     assert {s["replica"] for s in shard_summary} <= {"replica-0", "replica-1"}
+    assert all(s["started"] <= s["finished"] for s in shard_summary)
     success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert success["rows"] == len(ids) and success["rows_error"] == 6 and not success["failed_shards"]
+
+
+def test_one_replica_runs_the_next_shard_beside_the_last_rows_of_the_current(local_ray, tmp_path: Path) -> None:
+    """Overlap: a replica leases the next shard once its engine has admitted every row it holds,
+    so a shard starts before the one leased before it has finished (one at a time, the engine's
+    batch would drain to a few rows at the end of every shard)."""
+    write_input(tmp_path / "in", files=1, rows=60)
+    spec = load_spec(write_spec(tmp_path / "job.yaml", tmp_path / "in", tmp_path / "out", execution__replicas=1))
+    run_job(spec)
+    shards = sorted(pq.read_table(tmp_path / "out" / "summary.parquet").to_pylist(), key=lambda s: s["started"])
+    assert len(shards) == 3 and {s["replica"] for s in shards} == {"replica-0"}
+    for before, after in zip(shards, shards[1:]):
+        assert after["started"] < before["finished"], (before, after)
+
+
+def test_leases_are_heartbeated_while_their_shard_is_being_published(local_ray, tmp_path: Path, monkeypatch) -> None:
+    """A publish slower than the lease timeout (a retrying object store) must not let the lease
+    expire: the shard would be leased and generated again."""
+    write_input(tmp_path / "in", files=1, rows=40)
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"publish_delay_s": 2.5}))
+    spec = load_spec(write_spec(tmp_path / "job.yaml", tmp_path / "in", tmp_path / "out", execution__replicas=1,
+                                execution__lease_timeout_s=1, execution__heartbeat_s=0.2))
+    seen: list[dict] = []
+    run_job(spec, progress_every_s=0.5, on_stats=seen.append)
+    assert seen[-1]["attempts"] == 2  # one lease per shard: none expired and was granted again
+    shards = pq.read_table(tmp_path / "out" / "summary.parquet").to_pylist()
+    assert [s["attempts"] for s in shards] == [1, 1]
 
 
 @pytest.mark.parametrize("replicas, layout", [

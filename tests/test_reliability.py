@@ -236,6 +236,8 @@ def check_output(inp: Path, out: Path, ids: list[int], poison: dict[int, str]) -
     assert sum(summary["rows_error"].to_pylist()) == len(poison)
     assert sum(summary["rows_ok"].to_pylist()) == len(ids) - len(poison)
     assert sum(summary["completion_tokens"].to_pylist()) == sum(table["completion_tokens"].to_pylist())
+    # Every shard has a timeline, split ones too (their pieces' earliest start, latest finish).
+    assert all(s["started"] is not None and s["started"] <= s["finished"] for s in summary.to_pylist())
     success = json.loads((out / "_SUCCESS").read_text())
     assert (success["rows"], success["rows_error"]) == (len(ids), len(poison))
     assert not (out / "parts").exists()

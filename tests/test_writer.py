@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from pathlib import Path
@@ -250,13 +251,17 @@ def test_output_path_that_is_a_file(job: tuple[JobSpec, list[Shard], str], tmp_p
 
 # ------------------------------------------------------------------------------------------ summary
 
+def utc(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+
+
 def test_summary_success_and_status_round_trip(job: tuple[JobSpec, list[Shard], str], tmp_path: Path) -> None:
     spec, shards, input_fp = job
     out = spec.output.path
     assert writer.job_status(out)["exists"] is False
     writer.prepare_output(spec, shards, input_fp)
     commit(spec, shards[2], rows_ok=9, rows_error=1, prompt_tokens=30, completion_tokens=10, seconds=1.5,
-           attempts=2, replica="replica-1", host="h")
+           started=1795000000.25, finished=1795000001.75, attempts=2, replica="replica-1", host="h")
     commit(spec, shards[0], rows_ok=10, rows_error=0, attempts=1)
     status = writer.job_status(out)
     assert (status["total_shards"], status["committed_shards"], status["total_rows"], status["committed_rows"],
@@ -272,7 +277,8 @@ def test_summary_success_and_status_round_trip(job: tuple[JobSpec, list[Shard], 
     assert as_rows[1] == {"shard_id": shards[2].shard_id, "input_file": "part-0.parquet", "row_start": 20,
                           "row_groups": None, "rows": 10, "rows_ok": 9, "rows_error": 1, "prompt_tokens": 30,
                           "completion_tokens": 10, "seconds": 1.5, "attempts": 2, "replica": "replica-1",
-                          "host": "h"}
+                          "host": "h", "started": utc(1795000000.25), "finished": utc(1795000001.75)}
+    assert as_rows[0]["started"] is None  # a shard committed without times (an older writer)
     with pytest.raises(ValueError, match="unknown field"):
         writer.write_summary(LOCAL, out, [{"shard_id": "x", "row": 1}])
 

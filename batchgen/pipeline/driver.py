@@ -508,12 +508,23 @@ class _Run:
         acks = [split.done[qid] for qid in order]
         summary = {"shard_id": shard.shard_id, "input_file": shard.relpath, "row_start": shard.row_start,
                    "seconds": sum(float(a.get("seconds") or 0) for a in acks),
+                   **_span(acks),
                    "attempts": split.spent_attempts + sum(int(a.get("attempts") or 0) for a in acks),
                    "replica": ",".join(sorted({str(a.get("replica")) for a in acks})),
                    "host": ",".join(sorted({str(a.get("host")) for a in acks}))}
         writer.merge_parts(self.fs, self.root, shard.shard_id, order, summary=summary)
         self.merged += 1
         log.info("%s: merged %d pieces", shard.shard_id, len(order))
+
+
+def _span(acks: list[dict]) -> dict[str, float]:
+    """The pieces' earliest start and latest finish (where they recorded them)."""
+    span = {}
+    for key, pick in (("started", min), ("finished", max)):
+        times = [float(a[key]) for a in acks if a.get(key) is not None]
+        if times:
+            span[key] = pick(times)
+    return span
 
 
 # --------------------------------------------------------------------------------------- the end

@@ -29,12 +29,15 @@ class Faults:
       and manages to create the file MARKER_PATH exits; later ones find the file and go on.
     - ``"step_delay_s": SECONDS``: sleep after every engine step, as a bigger model would take,
       so that a test's kills land in the middle of a job made for a tiny model.
+    - ``"publish_delay_s": SECONDS``: sleep before every shard's output is made visible, as a
+      slow object store would, so that a test can check what happens meanwhile.
     """
 
     raise_on: Optional[str] = None
     exit_on: Optional[str] = None
     exit_once_at: dict[str, str] = field(default_factory=dict)
     step_delay_s: float = 0.0
+    publish_delay_s: float = 0.0
 
     POINTS = ("load", "publish")
 
@@ -53,13 +56,14 @@ class Faults:
             raise ValueError(f"{FAULTS_ENV} is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{FAULTS_ENV} must be a JSON object")
-        unknown = set(data) - {"raise_on", "exit_on", "exit_once_at", "step_delay_s"}
+        unknown = set(data) - {"raise_on", "exit_on", "exit_once_at", "step_delay_s", "publish_delay_s"}
         if unknown:
             raise ValueError(f"{FAULTS_ENV}: unknown key(s) {sorted(unknown)}")
         points = data.get("exit_once_at", {})
         if not isinstance(points, dict) or set(points) - set(cls.POINTS):
             raise ValueError(f"{FAULTS_ENV}: exit_once_at maps points {cls.POINTS} to marker files")
-        return cls(data.get("raise_on"), data.get("exit_on"), dict(points), float(data.get("step_delay_s", 0)))
+        return cls(data.get("raise_on"), data.get("exit_on"), dict(points), float(data.get("step_delay_s", 0)),
+                   float(data.get("publish_delay_s", 0)))
 
     def on_step(self) -> None:
         """Called after every engine step."""
@@ -75,6 +79,8 @@ class Faults:
 
     def at(self, point: str) -> None:
         """Called when a replica reaches ``point``; exits if this process is the first there."""
+        if point == "publish" and self.publish_delay_s:
+            time.sleep(self.publish_delay_s)
         marker = self.exit_once_at.get(point)
         if marker is None:
             return

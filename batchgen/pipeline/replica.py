@@ -136,7 +136,8 @@ class ShardRun:
     results: list[Optional[RowResult]]
     pending: dict[str, _Item]  # engine request id -> row still generating
     keep_going: Callable[[], None]
-    started: float
+    started: float  # time.monotonic(), for durations
+    started_at: float  # time.time(), for the summary's timeline
     context: Any = None  # the caller's (the replica keeps its lease here)
     error: Optional[Exception] = None  # set when the shard cannot be completed: nack it
     texts: list[str] = field(default_factory=list)  # prompts, for the fault hook
@@ -200,12 +201,12 @@ class ShardWorker:
             Exception: when the shard cannot be read (the attempt fails; nothing was queued).
         """
         spec = self.spec
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         fs, _ = resolve_filesystem(shard.path)
         table = with_retries(fs, f"reading shard {shard.shard_id}",
                              lambda: read_shard(shard, spec.input_columns()))
         rows = build_prompts(table, spec)
-        run = ShardRun(shard, table, [None] * len(rows), {}, keep_going, started, context, solo=solo)
+        run = ShardRun(shard, table, [None] * len(rows), {}, keep_going, started, started_at, context, solo=solo)
         tag = f"{next(self._tags)}/"
         for i, row in enumerate(rows):
             if row.error is not None:
@@ -289,6 +290,8 @@ class ShardWorker:
             "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
             "completion_tokens": sum(len(o.token_ids) for o in outs),
             "seconds": time.monotonic() - run.started,
+            "started": run.started_at,
+            "finished": time.time(),
         }
         counts["rows_error"] = counts["rows"] - counts["rows_ok"]
         return output_table(self.spec, run.table, done), counts

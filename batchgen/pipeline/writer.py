@@ -73,10 +73,15 @@ SUMMARY_SCHEMA = pa.schema([
     ("prompt_tokens", pa.int64()),
     ("completion_tokens", pa.int64()),
     ("seconds", pa.float64()),
+    # When the shard's rows were read and when its last row finished (UTC). Shards overlap in a
+    # replica's engine, so "seconds" alone cannot tell a timeline; these can.
+    ("started", pa.timestamp("ms", tz="UTC")),
+    ("finished", pa.timestamp("ms", tz="UTC")),
     ("attempts", pa.int32()),
     ("replica", pa.string()),
     ("host", pa.string()),
 ])
+_SUMMARY_TIMES = [f.name for f in SUMMARY_SCHEMA if pa.types.is_timestamp(f.type)]
 
 
 class OutputError(SpecError):
@@ -493,6 +498,9 @@ def write_summary(fs: pafs.FileSystem, out_root: str, rows: Iterable[Mapping[str
                                                           r.get("shard_id") or ""))
     for r in rows:
         _check_summary_keys(r)
+        for key in _SUMMARY_TIMES:  # footers hold epoch seconds (JSON has no time type)
+            if r.get(key) is not None:
+                r[key] = dt.datetime.fromtimestamp(float(r[key]), dt.timezone.utc)
     table = pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
