@@ -10,6 +10,7 @@ Usage::
 
     python -m batchgen bench --json            # the full benchmark (minutes on a 2-core CPU)
     python -m batchgen bench --quick --json    # a tiny model, for tests
+    python -m batchgen bench --dtype bfloat16 --json   # both systems in bf16 (the default on CUDA)
     python -m batchgen bench --pipeline --skip-hf --json   # + 1,000 prompts as Ray jobs, 1 and 2 replicas
 """
 
@@ -267,15 +268,17 @@ def measure_bandwidth_gbps(device: torch.device, nbytes: int, reps: int = 5) -> 
     return 2 * nbytes / best / 1e9
 
 
-def gpu_extras(device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, Any]:
-    """Single-stream decode of a 7B-shaped random model against HBM bandwidth / weight bytes.
+def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
+                         args: Optional[ModelArgs] = None, steps: int = 256) -> dict[str, Any]:
+    """Single-stream decode of a random model (default: Llama 2 7B's shape) against memory
+    bandwidth / weight bytes (``--gpu-extras``, where the bandwidth is the GPU's HBM).
 
     One request decodes alone, so every step reads all weights once: bandwidth / weight bytes
     is the ceiling on its tokens per second.
     """
     from batchgen.engine import LLM, SamplingParams
 
-    args = ModelArgs.from_preset("llama-2-7b")
+    args = args or ModelArgs.from_preset("llama-2-7b")
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
     model = model.to_empty(device=device)  # allocated once, in dtype: 13.5 GB in bf16
@@ -287,7 +290,6 @@ def gpu_extras(device: torch.device, dtype: torch.dtype, seed: int) -> dict[str,
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     llm = LLM(model=model, device=str(device), max_model_len=1024, max_num_seqs=1, kv_cache_bytes=1 << 30)
     prompt = torch.randint(3, args.vocab_size, (16,), generator=torch.Generator().manual_seed(seed)).tolist()
-    steps = 256
 
     def timed(n: int) -> float:
         _sync(device)
@@ -298,13 +300,17 @@ def gpu_extras(device: torch.device, dtype: torch.dtype, seed: int) -> dict[str,
 
     timed(8)  # warm-up
     decode_s = timed(steps + 1) - timed(1)  # the prefill (and first token) cancels out
-    bw = measure_bandwidth_gbps(device, 2 << 30)
+    bw = measure_bandwidth_gbps(device, min(2 << 30, max(64 << 20, weight_bytes)))  # far past any cache
     tok_s = steps / decode_s
     bound = bw * 1e9 / weight_bytes
     del llm, model
-    torch.cuda.empty_cache()
-    return {"model": "llama-2-7b shape, random", "weight_bytes": weight_bytes, "decode_tokens_per_s": tok_s,
-            "hbm_copy_gbps": bw, "bandwidth_bound_tokens_per_s": bound, "fraction_of_bound": tok_s / bound}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    n = count_parameters(args)
+    return {"model": f"random, dim {args.dim}, {args.n_layers} layers, "
+                     + (f"{n / 1e9:.1f}B params" if n >= 1e9 else f"{n / 1e6:.1f}M params"),
+            "dtype": str(dtype).removeprefix("torch."), "weight_bytes": weight_bytes, "decode_tokens_per_s": tok_s,
+            "copy_gbps": bw, "bandwidth_bound_tokens_per_s": bound, "fraction_of_bound": tok_s / bound}
 
 
 def _machine(device: torch.device) -> str:
@@ -335,6 +341,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="also run the workload as a Ray job (Parquet in and out) at each --replicas count")
     p.add_argument("--replicas", default="1,2", help="replica counts for --pipeline (default 1,2)")
     p.add_argument("--shard-rows", type=int, default=100, help="rows per shard for --pipeline (default 100)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="weights and activations of both systems (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--gpu-extras", action="store_true",
                    help="CUDA only: single-stream decode of a 7B-shaped model vs HBM bandwidth")
 
@@ -371,7 +379,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     margs = QUICK_ARGS if args.quick else BENCH_ARGS
     lens = (4, 24) if args.quick else (8, 128)
     n_prompts = args.prompts or (1000 if args.pipeline else 64)
@@ -441,7 +450,7 @@ def run_bench(args: argparse.Namespace) -> int:
         report["ok"] = report["ok"] and all(r["ok"] for r in report["pipeline"])
     if args.gpu_extras:
         del hf, model, systems
-        report["gpu_extras"] = gpu_extras(device, dtype, args.seed)
+        report["gpu_extras"] = single_stream_decode(device, dtype, args.seed)
 
     _print_report(report, args.json)
     return 0 if report["ok"] else 1
@@ -469,7 +478,7 @@ def _print_report(r: dict[str, Any], as_json: bool) -> None:
               f"({p['shards']} shards; tokens match {p['tokens_match_fraction']:.4f})")
     if "gpu_extras" in r:
         g = r["gpu_extras"]
-        print(f"7B single-stream decode {g['decode_tokens_per_s']:.1f} tok/s = {g['fraction_of_bound']:.2f} "
+        print(f"single-stream decode ({g['model']}) {g['decode_tokens_per_s']:.1f} tok/s = {g['fraction_of_bound']:.2f} "
               f"of bandwidth/weights ({g['bandwidth_bound_tokens_per_s']:.1f} tok/s)")
 
 

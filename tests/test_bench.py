@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from batchgen.bench import (QUICK_ARGS, Workload, compare_tokens, linear_flops_per_token, main,
-                            min_traffic_bytes, request_flops)
+                            min_traffic_bytes, request_flops, single_stream_decode)
 from batchgen.model import Transformer
 from reference import reference_greedy, sharp_model
 
@@ -46,6 +46,25 @@ def test_quick_bench_reports_every_field_and_tokens_match(capsys: pytest.Capture
     assert report["tokens_match_fraction"] == 1.0 and report["divergences"] == [] and report["ok"] is True
     # The useful FLOPs are a property of the workload, not of the run.
     assert report["achieved_gflops"] == pytest.approx(report["useful_gflop"] / report["batchgen_seconds"][0])
+
+
+def test_bf16_bench_checks_tokens_with_the_bf16_tie_tolerance(capsys: pytest.CaptureFixture[str]) -> None:
+    """--dtype bfloat16 runs the GPU's precision on the CPU: both systems in bf16, ties up to 5e-2."""
+    pytest.importorskip("transformers", reason="the baseline is transformers' generate")
+    rc = main(["--quick", "--json", "--prompts", "6", "--hf-batch", "4", "--dtype", "bfloat16"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0, report
+    assert report["dtype"] == "bfloat16" and report["tie_tolerance"] == 0.05 and report["ok"] is True
+    assert report["tokens_match_fraction"] > 0.5  # bf16 rounding gives near-ties, not chaos
+
+
+def test_single_stream_decode_reports_its_bandwidth_bound() -> None:
+    """What --gpu-extras measures on a 7B shape, here on a tiny one on the CPU."""
+    r = single_stream_decode(torch.device("cpu"), torch.float32, 0, QUICK_ARGS, steps=8)
+    assert r["weight_bytes"] == 4 * sum(p.numel() for p in Transformer(QUICK_ARGS).parameters())
+    assert r["decode_tokens_per_s"] > 0 and r["copy_gbps"] > 0
+    assert r["bandwidth_bound_tokens_per_s"] == pytest.approx(r["copy_gbps"] * 1e9 / r["weight_bytes"])
+    assert r["fraction_of_bound"] == pytest.approx(r["decode_tokens_per_s"] / r["bandwidth_bound_tokens_per_s"])
 
 
 def test_module_entry_point_without_hf() -> None:
