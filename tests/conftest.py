@@ -18,8 +18,10 @@ from typing import Any, Callable
 import pytest
 from ray_head import free_port
 
-# The read-only real tokenizer and tiny checkpoints live beside the repository (see its README).
-SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+# The read-only real tokenizer and tiny checkpoints live beside the repository (see its README),
+# or inside it where only the repository travels (a GPU machine: see bench/NOTES.md).
+_REPO = Path(__file__).resolve().parents[1]
+SHARED_DIR = next((d for d in (_REPO / "shared", _REPO.parent / "shared") if d.is_dir()), _REPO.parent / "shared")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,79 @@
+"""The engine on a GPU: the same tokens as on the CPU (fp32), and bf16 against transformers.
+
+Skipped where CUDA is absent, which includes CI: these run on a lent GPU machine (see the
+runbook in bench/NOTES.md). ``BATCHGEN_TEST_DEVICE=cpu`` runs them on the CPU, which checks
+the tests themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchgen.bench import main as bench_main
+from batchgen.engine import LLM, SamplingParams
+from reference import sharp_model
+
+DEVICE = os.environ.get("BATCHGEN_TEST_DEVICE", "cuda")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                 reason="needs a CUDA GPU (BATCHGEN_TEST_DEVICE=cpu runs these on the CPU)")]
+
+# Mixed lengths, so one step holds prefills and decodes and the paged tables have padding.
+PROMPTS = [[1], [1, 461, 401], [1] + list(range(300, 340)), [1, 5, 7, 9, 11, 13], [1, 378, 455, 473]]
+
+
+def first_divergence_is_a_tie(model: torch.nn.Module, prompt: list[int], a: list[int], b: list[int],
+                              tol: float) -> bool:
+    """Where ``a`` and ``b`` first differ, the two tokens' logits (fp32, no cache) are within ``tol``."""
+    j = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if j is None:
+        return len(a) == len(b)
+    with torch.inference_mode():
+        logits = model.logits_full(torch.tensor([prompt + a[:j]]))[0, -1]
+    return abs(float(logits[a[j]] - logits[b[j]])) <= tol
+
+
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_fp32_engine_on_the_device_gives_the_cpu_engines_tokens(shared_dir: Path, layout: str) -> None:
+    """The trained GQA checkpoint: every request's greedy tokens as on the CPU, up to near-ties."""
+    path = shared_dir / "models" / f"stories260K-{layout}"
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (40, 25, 60, 33, 48)]
+    cpu = LLM(path, dtype="float32", device="cpu", max_num_seqs=4)
+    dev = LLM(path, dtype="float32", device=DEVICE, max_num_seqs=4)
+    want = [o.token_ids for o in cpu.generate(PROMPTS, params)]
+    got = [o.token_ids for o in dev.generate(PROMPTS, params)]
+    for prompt, a, b in zip(PROMPTS, got, want):
+        assert first_divergence_is_a_tie(cpu.model, prompt, a, b, 1e-3), (prompt, a, b)
+
+
+def test_bf16_engine_on_the_device_picks_the_top_token_at_every_step() -> None:
+    """bf16 end to end (weights, KV cache, activations): at every step of every request the
+    chosen token is the fp32 reference's top one, up to bf16 rounding. A broken cache or mask
+    misses by whole units of logit, rounding by hundredths."""
+    prompts = [[1], [1, 5, 7, 9], [1] + list(range(100, 140)), [1, 17, 42, 9, 200, 33], [1, 250, 251]]
+    llm = LLM(model=sharp_model().to(dtype=torch.bfloat16), device=DEVICE, max_num_seqs=3)
+    assert llm.model.layers[0].attention.k_cache.dtype == torch.bfloat16
+    assert llm.model.layers[0].attention.k_cache.device.type == torch.device(DEVICE).type
+    outs = llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
+    reference = sharp_model()  # fp32 on the CPU: the same weights before the cast
+    for prompt, out in zip(prompts, outs):
+        assert len(out.token_ids) == 20
+        for t, token in enumerate(out.token_ids):
+            with torch.inference_mode():
+                logits = reference.logits_full(torch.tensor([prompt + out.token_ids[:t]]))[0, -1]
+            assert float(logits.max() - logits[token]) <= 0.25, (prompt, t, token)
+
+
+def test_bf16_bench_against_transformers_on_the_device(capsys: pytest.CaptureFixture[str]) -> None:
+    """The bench's own check (every first divergence a near-tie within 5e-2) on the device."""
+    pytest.importorskip("transformers", reason="the baseline is transformers' generate")
+    rc = bench_main(["--quick", "--json", "--device", DEVICE, "--dtype", "bfloat16", "--prompts", "12",
+                     "--hf-batch", "4"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["ok"] is True, report["divergences"]
+    assert report["dtype"] == "bfloat16" and report["device"].startswith(DEVICE)
