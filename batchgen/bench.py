@@ -121,17 +121,21 @@ class EngineSystem:
     """
 
     def __init__(self, model: Transformer, wl: Workload, device: torch.device,
-                 max_num_seqs: int = MAX_NUM_SEQS) -> None:
+                 max_num_seqs: int = MAX_NUM_SEQS, cuda_graphs: bool = False) -> None:
         from batchgen.engine import LLM, SamplingParams
 
         self.model, self.wl = model, wl
         # KV is sized for max_num_seqs of the workload's longest request (the jobs' default).
         self.llm = LLM(model=model, device=str(device), max_model_len=wl.max_total_len,
-                       max_num_seqs=max_num_seqs)
+                       max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs)
         self.params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in wl.max_tokens]
-        # Warm-up: first calls pay for allocator growth and kernel selection.
-        warm = wl.prompts[:4]
-        self.llm.generate(warm, [SamplingParams(max_tokens=4, ignore_eos=True)] * len(warm))
+        # Warm-up: first calls pay for allocator growth and kernel selection. With graphs, the
+        # whole workload once, so that every graph it needs is recorded before the timing.
+        if cuda_graphs:
+            self.run()
+        else:
+            warm = wl.prompts[:4]
+            self.llm.generate(warm, [SamplingParams(max_tokens=4, ignore_eos=True)] * len(warm))
 
     def run(self) -> list[list[int]]:
         return [o.token_ids for o in self.llm.generate(self.wl.prompts, self.params)]
@@ -140,7 +144,7 @@ class EngineSystem:
         kv = sum(t.numel() * t.element_size() for layer in self.model.layers
                  for t in (layer.attention.k_cache, layer.attention.v_cache))
         return {"kv_cache_bytes": kv, "kv_cache_tokens": self.llm.kv_cache_tokens,
-                "preemptions": self.llm.scheduler.num_preemptions}
+                "preemptions": self.llm.scheduler.num_preemptions, "cuda_graphs": self.llm.runner.graphs is not None}
 
 
 class HFSystem:
@@ -288,29 +292,36 @@ def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
             p.normal_(0.0, 0.02, generator=g)
     model.eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    llm = LLM(model=model, device=str(device), max_model_len=1024, max_num_seqs=1, kv_cache_bytes=1 << 30)
     prompt = torch.randint(3, args.vocab_size, (16,), generator=torch.Generator().manual_seed(seed)).tolist()
 
-    def timed(n: int) -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        llm.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))
-        _sync(device)
-        return time.perf_counter() - t0
+    def decode_rate(cuda_graphs: bool) -> float:
+        llm = LLM(model=model, device=str(device), max_model_len=1024, max_num_seqs=1, kv_cache_bytes=1 << 30,
+                  cuda_graphs=cuda_graphs)
 
-    timed(8)  # warm-up
-    decode_s = timed(steps + 1) - timed(1)  # the prefill (and first token) cancels out
+        def timed(n: int) -> float:
+            _sync(device)
+            t0 = time.perf_counter()
+            llm.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))
+            _sync(device)
+            return time.perf_counter() - t0
+
+        timed(steps + 1)  # warm-up at full length: with graphs, every table width gets recorded here
+        return steps / (timed(steps + 1) - timed(1))  # the prefill (and first token) cancels out
+
+    tok_s = decode_rate(False)
+    graphs_tok_s = decode_rate(True) if device.type == "cuda" else None
     bw = measure_bandwidth_gbps(device, min(2 << 30, max(64 << 20, weight_bytes)))  # far past any cache
-    tok_s = steps / decode_s
     bound = bw * 1e9 / weight_bytes
-    del llm, model
+    del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     n = count_parameters(args)
     return {"model": f"random, dim {args.dim}, {args.n_layers} layers, "
                      + (f"{n / 1e9:.1f}B params" if n >= 1e9 else f"{n / 1e6:.1f}M params"),
             "dtype": str(dtype).removeprefix("torch."), "weight_bytes": weight_bytes, "decode_tokens_per_s": tok_s,
-            "copy_gbps": bw, "bandwidth_bound_tokens_per_s": bound, "fraction_of_bound": tok_s / bound}
+            "copy_gbps": bw, "bandwidth_bound_tokens_per_s": bound, "fraction_of_bound": tok_s / bound,
+            "cuda_graphs_decode_tokens_per_s": graphs_tok_s,
+            "cuda_graphs_fraction_of_bound": graphs_tok_s / bound if graphs_tok_s else None}
 
 
 def _machine(device: torch.device) -> str:
@@ -344,7 +355,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="weights and activations of both systems (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--gpu-extras", action="store_true",
-                   help="CUDA only: single-stream decode of a 7B-shaped model vs HBM bandwidth")
+                   help="CUDA only: single-stream decode of a 7B-shaped model vs HBM bandwidth, "
+                        "eager and from CUDA graphs")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: batchgen replays decode steps of up to 8 rows from CUDA graphs")
 
 
 def _validate(args: argparse.Namespace) -> Optional[str]:
@@ -365,8 +379,9 @@ def _validate(args: argparse.Namespace) -> Optional[str]:
             raise ValueError
     except ValueError:
         return f"--replicas must be a comma-separated list of integers >= 1, got {args.replicas!r}"
-    if args.gpu_extras and not (torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")):
-        return "--gpu-extras needs a CUDA device"
+    for flag in ("gpu_extras", "cuda_graphs"):
+        if getattr(args, flag) and not (torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")):
+            return f"--{flag.replace('_', '-')} needs a CUDA device"
     return None
 
 
@@ -395,7 +410,7 @@ def run_bench(args: argparse.Namespace) -> int:
     peak = measure_peak_gflops(device, dtype, n=(512 if args.quick else 4096) * (2 if device.type == "cuda" else 1))
     bandwidth = measure_bandwidth_gbps(device, (16 if args.quick else 1024) << 20)
 
-    systems = [(EngineSystem(model, wl, device), RunResult(tokens=[]))]
+    systems = [(EngineSystem(model, wl, device, cuda_graphs=args.cuda_graphs), RunResult(tokens=[]))]
     if hf is not None:
         systems.append((HFSystem(hf, wl, args.hf_batch, device), RunResult(tokens=[])))
     # Alternate the systems: on a shared machine the load drifts, and each then sees the same.
@@ -480,6 +495,9 @@ def _print_report(r: dict[str, Any], as_json: bool) -> None:
         g = r["gpu_extras"]
         print(f"single-stream decode ({g['model']}) {g['decode_tokens_per_s']:.1f} tok/s = {g['fraction_of_bound']:.2f} "
               f"of bandwidth/weights ({g['bandwidth_bound_tokens_per_s']:.1f} tok/s)")
+        if g["cuda_graphs_decode_tokens_per_s"]:
+            print(f"  from CUDA graphs {g['cuda_graphs_decode_tokens_per_s']:.1f} tok/s = "
+                  f"{g['cuda_graphs_fraction_of_bound']:.2f} of the bound")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -111,7 +111,9 @@ class AttentionMetadata:
     Decode: one new token per sequence; keys are read back from the paged cache through
     ``block_tables`` (padded with the null block 0) and masked past ``context_lens``.
     ``block_owner[j]`` is the ``block_tables`` row holding block ``j``, for every block id below
-    the largest one in the tables (0 where no decode row holds it).
+    the largest one in the tables (0 where no decode row holds it): decode attention then reads
+    the cache in place. Without ``block_owner`` it gathers each row's blocks instead, which
+    keeps every shape a function of the tables' shape alone (what a CUDA graph needs).
     """
 
     is_prefill: bool
@@ -220,10 +222,13 @@ class _Step:
         B, W = tables.shape
         bs, G = attn.k_cache.shape[2], attn.n_local_heads // attn.n_local_kv_heads
         span = torch.arange(W * bs, device=dev)
+        self.tables, self.owner = tables, owner
+        if owner is None:  # gathered: SDPA's boolean mask [B, 1, 1, W * bs], True inside the context
+            self.mask = (span < meta.context_lens[:, None]).view(B, 1, 1, W * bs)
+            return
         # Additive mask in softmax layout [B, 1, 1, W, bs]: 0 inside the context, -inf past it.
         self.bias = torch.zeros(B, W * bs, device=dev).masked_fill_(span >= meta.context_lens[:, None], float("-inf"))
         self.bias = self.bias.view(B, 1, 1, W, bs)
-        self.tables, self.owner = tables, owner
         self.scores = torch.empty(B, attn.n_local_kv_heads, G, W, bs, device=dev)
         # Per-block probabilities; blocks no row holds stay 0 so their (unused) outputs are finite.
         self.probs = torch.zeros(owner.shape[0], attn.n_local_kv_heads, G, bs, device=dev, dtype=attn.k_cache.dtype)
@@ -288,7 +293,7 @@ class Attention(nn.Module):
         n = step.n_decode
         outs = []
         if n:
-            outs.append(self._decode(q[:n], step))
+            outs.append(self._decode(q[:n], step) if step.owner is not None else self._decode_gathered(q[:n], step))
         if step.seqs:
             outs.append(self._prefill(q[n:], k[n:], v[n:], step))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -333,6 +338,21 @@ class Attention(nn.Module):
         probs[step.tables] = p.view(B, Hkv, G, W, bs).permute(0, 3, 1, 2, 4)
         ob = torch.matmul(probs, vc)  # [hi, Hkv, G, D]: each block's share of its row's output
         return ob[step.tables].sum(1).view(B, Hq, D)
+
+
+    def _decode_gathered(self, q: torch.Tensor, step: _Step) -> torch.Tensor:
+        """:meth:`_decode` by gathering each row's blocks into a dense [B, Hkv, W * bs, D] copy.
+
+        More bytes moved than in place, but no shape depends on the blocks' ids: this is the
+        decode attention that CUDA graphs replay (``batchgen.engine.graphs``).
+        """
+        B, Hq, Hkv, D = q.shape[0], self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        W, bs = step.tables.shape[1], self.k_cache.shape[2]
+        k = self.k_cache[step.tables].transpose(1, 2).reshape(B, Hkv, W * bs, D)  # [B, W, Hkv, bs, D] -> rows
+        v = self.v_cache[step.tables].transpose(1, 2).reshape(B, Hkv, W * bs, D)
+        o = F.scaled_dot_product_attention(q.view(B, Hq, 1, D), k, v, attn_mask=step.mask,
+                                           enable_gqa=Hq != Hkv)  # [B, Hq, 1, D]
+        return o.view(B, Hq, D)
 
 
 class FeedForward(nn.Module):

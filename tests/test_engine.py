@@ -152,6 +152,11 @@ def test_bad_prompts_are_row_errors(model: Transformer) -> None:
     assert outs[3].ok
 
 
+def test_a_model_on_another_device_than_the_engine_is_refused() -> None:
+    with pytest.raises(ValueError, match="weights are on meta but the engine runs on cpu"):
+        LLM(model=sharp_model().to("meta"), device="cpu")
+
+
 def test_sampling_params_are_validated() -> None:
     for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(stop=[""])):
         with pytest.raises(ValueError):

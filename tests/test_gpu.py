@@ -16,6 +16,7 @@ import torch
 
 from batchgen.bench import main as bench_main
 from batchgen.engine import LLM, SamplingParams
+from batchgen.engine.graphs import DecodeGraphs, eager_capture
 from reference import sharp_model
 
 DEVICE = os.environ.get("BATCHGEN_TEST_DEVICE", "cuda")
@@ -25,6 +26,18 @@ pytestmark = [pytest.mark.gpu,
 
 # Mixed lengths, so one step holds prefills and decodes and the paged tables have padding.
 PROMPTS = [[1], [1, 461, 401], [1] + list(range(300, 340)), [1, 5, 7, 9, 11, 13], [1, 378, 455, 473]]
+
+
+def device_llm(graphs: bool, *args, **kwargs) -> LLM:
+    """An engine on DEVICE; with ``graphs``, small decode steps replay from CUDA graphs (on the
+    CPU from the stand-in that keeps a graph's contract, see tests/test_graphs.py)."""
+    if graphs and DEVICE == "cuda":
+        return LLM(*args, device=DEVICE, cuda_graphs=True, **kwargs)
+    llm = LLM(*args, device=DEVICE, **kwargs)
+    if graphs:
+        llm.runner.graphs = DecodeGraphs(llm.model, llm.blocks.block_size, llm.max_model_len, llm.device,
+                                         eager_capture)
+    return llm
 
 
 def first_divergence_is_a_tie(model: torch.nn.Module, prompt: list[int], a: list[int], b: list[int],
@@ -38,25 +51,28 @@ def first_divergence_is_a_tie(model: torch.nn.Module, prompt: list[int], a: list
     return abs(float(logits[a[j]] - logits[b[j]])) <= tol
 
 
-@pytest.mark.parametrize("layout", ["hf", "meta"])
-def test_fp32_engine_on_the_device_gives_the_cpu_engines_tokens(shared_dir: Path, layout: str) -> None:
-    """The trained GQA checkpoint: every request's greedy tokens as on the CPU, up to near-ties."""
+@pytest.mark.parametrize("layout, graphs", [("hf", False), ("meta", False), ("hf", True)])
+def test_fp32_engine_on_the_device_gives_the_cpu_engines_tokens(shared_dir: Path, layout: str, graphs: bool) -> None:
+    """The trained GQA checkpoint: every request's greedy tokens as on the CPU, up to near-ties,
+    also when decode steps of up to 8 rows replay from CUDA graphs."""
     path = shared_dir / "models" / f"stories260K-{layout}"
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (40, 25, 60, 33, 48)]
     cpu = LLM(path, dtype="float32", device="cpu", max_num_seqs=4)
-    dev = LLM(path, dtype="float32", device=DEVICE, max_num_seqs=4)
+    dev = device_llm(graphs, path, dtype="float32", max_num_seqs=4)
     want = [o.token_ids for o in cpu.generate(PROMPTS, params)]
     got = [o.token_ids for o in dev.generate(PROMPTS, params)]
     for prompt, a, b in zip(PROMPTS, got, want):
         assert first_divergence_is_a_tie(cpu.model, prompt, a, b, 1e-3), (prompt, a, b)
+    assert bool(graphs) == bool(dev.runner.graphs and dev.runner.graphs.graphs)  # graphs were recorded
 
 
-def test_bf16_engine_on_the_device_picks_the_top_token_at_every_step() -> None:
+@pytest.mark.parametrize("graphs", [False, True])
+def test_bf16_engine_on_the_device_picks_the_top_token_at_every_step(graphs: bool) -> None:
     """bf16 end to end (weights, KV cache, activations): at every step of every request the
     chosen token is the fp32 reference's top one, up to bf16 rounding. A broken cache or mask
     misses by whole units of logit, rounding by hundredths."""
     prompts = [[1], [1, 5, 7, 9], [1] + list(range(100, 140)), [1, 17, 42, 9, 200, 33], [1, 250, 251]]
-    llm = LLM(model=sharp_model().to(dtype=torch.bfloat16), device=DEVICE, max_num_seqs=3)
+    llm = device_llm(graphs, model=sharp_model().to(device=DEVICE, dtype=torch.bfloat16), max_num_seqs=3)
     assert llm.model.layers[0].attention.k_cache.dtype == torch.bfloat16
     assert llm.model.layers[0].attention.k_cache.device.type == torch.device(DEVICE).type
     outs = llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))

@@ -15,6 +15,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
+from batchgen.engine.graphs import DecodeGraphs
 from batchgen.engine.kv_cache import BlockManager, allocate_kv_cache, bytes_per_block
 from batchgen.engine.request import CompletionOutput, Request, SamplingParams
 from batchgen.engine.runner import ModelRunner
@@ -47,10 +48,13 @@ class LLM:
                  tokenizer: Optional[Tokenizer] = None, dtype: str = "auto", device: Optional[str] = None,
                  kv_cache_bytes: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
-                 max_model_len: Optional[int] = None, world_size: int = 1, rank: int = 0) -> None:
+                 max_model_len: Optional[int] = None, world_size: int = 1, rank: int = 0,
+                 cuda_graphs: bool = False) -> None:
         """Load ``model_dir`` (Meta or HF layout) or wrap an already built ``model``.
 
         ``max_model_len`` sets the context length (default: the checkpoint's ``max_seq_len``).
+        ``cuda_graphs`` replays decode steps of up to 8 rows from CUDA graphs (one process only,
+        not tensor-parallel; see ``batchgen.engine.graphs``).
         """
         self.device = torch.device(device) if device else default_device()
         if model is None:
@@ -61,6 +65,10 @@ class LLM:
             model = load_model(model_dir, dtype=dtype, device=self.device, world_size=world_size, rank=rank)
             if tokenizer is None:
                 tokenizer = load_tokenizer(model_dir)
+        on = next(model.parameters()).device
+        if on.type != self.device.type or (self.device.index is not None and on != self.device):
+            raise ValueError(f"the model's weights are on {on} but the engine runs on {self.device}: "
+                             f"move the model there first (model.to({str(self.device)!r}))")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_id if tokenizer is not None else DEFAULT_EOS_ID
@@ -82,7 +90,12 @@ class LLM:
         allocate_kv_cache(model, num_blocks, block_size, cache_dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens or max(self.max_model_len, 2048))
-        self.runner = ModelRunner(model, self.blocks, self.device)
+        graphs = None
+        if cuda_graphs:
+            if self.device.type != "cuda" or world_size > 1:
+                raise ValueError(f"cuda_graphs needs one CUDA device, not {self.device} with world_size={world_size}")
+            graphs = DecodeGraphs(model, block_size, self.max_model_len, self.device)
+        self.runner = ModelRunner(model, self.blocks, self.device, graphs)
         self._ids = itertools.count()
         self._streams: dict[str, tuple[IncrementalDecoder, Optional[StopStringMatcher]]] = {}
         self._finished: list[CompletionOutput] = []

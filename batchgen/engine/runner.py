@@ -6,8 +6,11 @@ from the paged cache), then every uncached token of the requests being prefilled
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from batchgen.engine.graphs import DecodeGraphs
 from batchgen.engine.kv_cache import BlockManager
 from batchgen.engine.request import Request
 from batchgen.engine.sampler import sample
@@ -15,15 +18,21 @@ from batchgen.model import AttentionMetadata, Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, blocks: BlockManager, device: torch.device) -> None:
+    def __init__(self, model: Transformer, blocks: BlockManager, device: torch.device,
+                 graphs: Optional[DecodeGraphs] = None) -> None:
         self.model = model
         self.blocks = blocks
         self.block_size = blocks.block_size
         self.device = device
+        self.graphs = graphs  # small decode-only steps replay from these (see engine/graphs.py)
 
     def _to(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         # Built on the host, copied once: cheaper than many small device writes.
         return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+
+    def _slot(self, req: Request, position: int) -> int:
+        """The flat cache slot of ``req``'s token at ``position``."""
+        return req.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
     def prepare(self, decode: list[Request], prefill: list[Request], moves: list[tuple[int, int]]
                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
@@ -31,10 +40,9 @@ class ModelRunner:
 
         ``moves`` are the block copies (src, dst) of a compaction, made before the step runs.
         """
-        bs = self.block_size
         ids = [req.token_ids[-1] for req in decode]
         positions = [len(req) - 1 for req in decode]
-        slots = [req.block_table[p // bs] * bs + p % bs for req, p in zip(decode, positions)]
+        slots = [self._slot(req, p) for req, p in zip(decode, positions)]
         last = list(range(len(decode)))
         cu = [0]
         for req in prefill:
@@ -42,8 +50,7 @@ class ModelRunner:
             n = len(req)
             ids.extend(req.token_ids)
             positions.extend(range(n))
-            table = req.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(n))
+            slots.extend(self._slot(req, p) for p in range(n))
             cu.append(cu[-1] + n)
             last.append(len(decode) + cu[-1] - 1)
 
@@ -67,11 +74,17 @@ class ModelRunner:
     def run(self, decode: list[Request], prefill: list[Request], moves: list[tuple[int, int]]
             ) -> tuple[list[int], list[float] | None]:
         """One forward step; returns the next token (and logprob) of each request, decode first."""
-        ids, positions, meta, last = self.prepare(decode, prefill, moves)
-        hidden = self.model(ids, positions, meta)  # [T, dim]
-        if len(last) != hidden.shape[0]:
-            hidden = hidden[self._to(last)]  # [B, dim]: only the last token of each sequence
-        logits = self.model.compute_logits(hidden)  # [B, vocab] fp32
+        if self.graphs is not None and not prefill and not moves and self.graphs.fits(len(decode)):
+            positions = [len(req) - 1 for req in decode]
+            logits = self.graphs.run([req.token_ids[-1] for req in decode], positions,
+                                     [self._slot(req, p) for req, p in zip(decode, positions)],
+                                     [req.block_table for req in decode])
+        else:
+            ids, positions_t, meta, last = self.prepare(decode, prefill, moves)
+            hidden = self.model(ids, positions_t, meta)  # [T, dim]
+            if len(last) != hidden.shape[0]:
+                hidden = hidden[self._to(last)]  # [B, dim]: only the last token of each sequence
+            logits = self.model.compute_logits(hidden)  # [B, vocab] fp32
         reqs = decode + prefill
         for req in reqs:
             req.num_cached = len(req)

@@ -1,0 +1,126 @@
+"""Decode steps of small batches replayed from CUDA graphs.
+
+A decode step of a few rows launches ~40 small kernels per layer. On a GPU the time to launch
+them from Python can exceed the time they run (a 7B model at batch 1 streams its weights in
+~5 ms on an H100), so the step is recorded once as a CUDA graph and replayed with one launch.
+
+A graph replays fixed work on fixed memory, so a step must have fixed shapes: the batch is
+padded up to a bucket (1, 2, 4, 8 rows) and the block tables to a power-of-two width, and decode
+attention gathers each row's blocks (``Attention._decode_gathered``) instead of reading the pool
+in place up to its highest block in use. The inputs live in static buffers that each step
+overwrites before the replay. Padding rows decode token 0 at position 0 into the null block 0,
+which the graph zeroes again at its end, so block 0 stays the all-zero padding block.
+
+Bigger batches run eagerly: their launches are spread over more work, and the in-place
+attention reads less than the gathered one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from batchgen.model import AttentionMetadata, Transformer
+
+#: Batch buckets that get a graph. A decode step of more rows runs eagerly.
+BATCH_BUCKETS = (1, 2, 4, 8)
+
+#: ``capture(fn)`` records ``fn`` (no arguments, returns a tensor) and returns ``(replay, out)``:
+#: ``replay()`` runs the recorded work again, leaving the result in ``out``.
+Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
+
+
+def cuda_capture(pool: list) -> Capture:
+    """Record with ``torch.cuda.CUDAGraph``; the graphs share one memory pool (held in ``pool``)."""
+
+    def capture(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool[0] if pool else None):
+            out = fn()
+        if not pool:
+            pool.append(graph.pool())
+        return graph.replay, out
+
+    return capture
+
+
+def eager_capture(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+    """A stand-in for :func:`cuda_capture` with a graph's contract (the same function, the same
+    output tensor, inputs read from the static buffers), for devices without graphs: tests."""
+    out = fn().clone()
+    return (lambda: out.copy_(fn())), out
+
+
+class DecodeGraphs:
+    """Replays padded decode steps of up to ``max(BATCH_BUCKETS)`` rows; one graph per
+    (batch bucket, table width) pair, recorded the first time that pair is needed."""
+
+    def __init__(self, model: Transformer, block_size: int, max_model_len: int, device: torch.device,
+                 capture: Optional[Capture] = None) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.max_blocks = -(-max_model_len // block_size)
+        self.capture = capture or cuda_capture([])
+        n = max(BATCH_BUCKETS)
+        # Static inputs: every replay reads these very tensors.
+        self.ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slots = torch.zeros(n, dtype=torch.long, device=device)
+        self.tables = torch.zeros(n, self.max_blocks, dtype=torch.long, device=device)
+        self.context_lens = torch.ones(n, dtype=torch.long, device=device)
+        self.graphs: dict[tuple[int, int], tuple[Callable[[], None], torch.Tensor]] = {}
+
+    def fits(self, rows: int) -> bool:
+        return rows <= max(BATCH_BUCKETS)
+
+    def _width(self, blocks: int) -> int:
+        w = 1
+        while w < blocks:
+            w *= 2
+        return min(w, self.max_blocks)
+
+    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Logits [B, vocab] (fp32) of one decode step: each row's last token ``ids``, its
+        ``positions``, the cache ``slots`` its K/V go to and its block ``tables``.
+
+        The result is a view of the graph's output: read it before the next call.
+        """
+        B = len(ids)
+        bucket = next(b for b in BATCH_BUCKETS if b >= B)
+        width = self._width(max(len(t) for t in tables))
+        padded = [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * (bucket - B)
+        pad = bucket - B
+        # One host-to-device copy per buffer; padding rows decode token 0 at position 0 in slot 0.
+        self.ids[:bucket].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        self.positions[:bucket].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slots[:bucket].copy_(torch.tensor(slots + [0] * pad), non_blocking=True)
+        self.context_lens[:bucket].copy_(torch.tensor([p + 1 for p in positions] + [1] * pad), non_blocking=True)
+        self.tables[:bucket, :width].copy_(torch.tensor(padded), non_blocking=True)
+        key = (bucket, width)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(self._step_fn(bucket, width))
+        replay, out = self.graphs[key]
+        replay()
+        return out[:B]
+
+    def _step_fn(self, bucket: int, width: int) -> Callable[[], torch.Tensor]:
+        model = self.model
+        ids, positions = self.ids[:bucket], self.positions[:bucket]
+        meta = AttentionMetadata(is_prefill=False, slot_mapping=self.slots[:bucket],
+                                 block_tables=self.tables[:bucket, :width], context_lens=self.context_lens[:bucket])
+
+        def step() -> torch.Tensor:
+            logits = model.compute_logits(model(ids, positions, meta))  # [bucket, vocab]
+            for layer in model.layers:  # padding rows wrote into the null block: zero it again
+                layer.attention.k_cache[0].zero_()
+                layer.attention.v_cache[0].zero_()
+            return logits
+
+        return step
