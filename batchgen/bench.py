@@ -283,6 +283,9 @@ def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
     from batchgen.engine import LLM, SamplingParams
 
     args = args or ModelArgs.from_preset("llama-2-7b")
+    n_params = count_parameters(args)
+    weight_bytes = n_params * dtype.itemsize
+    bw = measure_bandwidth_gbps(device, min(2 << 30, max(64 << 20, weight_bytes)))  # far past any cache
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
     model = model.to_empty(device=device)  # allocated once, in dtype: 13.5 GB in bf16
@@ -291,7 +294,6 @@ def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
         for p in model.parameters():
             p.normal_(0.0, 0.02, generator=g)
     model.eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     prompt = torch.randint(3, args.vocab_size, (16,), generator=torch.Generator().manual_seed(seed)).tolist()
 
     def decode_rate(cuda_graphs: bool) -> float:
@@ -310,14 +312,9 @@ def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
 
     tok_s = decode_rate(False)
     graphs_tok_s = decode_rate(True) if device.type == "cuda" else None
-    bw = measure_bandwidth_gbps(device, min(2 << 30, max(64 << 20, weight_bytes)))  # far past any cache
     bound = bw * 1e9 / weight_bytes
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    n = count_parameters(args)
     return {"model": f"random, dim {args.dim}, {args.n_layers} layers, "
-                     + (f"{n / 1e9:.1f}B params" if n >= 1e9 else f"{n / 1e6:.1f}M params"),
+                     + (f"{n_params / 1e9:.1f}B params" if n_params >= 1e9 else f"{n_params / 1e6:.1f}M params"),
             "dtype": str(dtype).removeprefix("torch."), "weight_bytes": weight_bytes, "decode_tokens_per_s": tok_s,
             "copy_gbps": bw, "bandwidth_bound_tokens_per_s": bound, "fraction_of_bound": tok_s / bound,
             "cuda_graphs_decode_tokens_per_s": graphs_tok_s,
