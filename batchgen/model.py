@@ -339,7 +339,6 @@ class Attention(nn.Module):
         ob = torch.matmul(probs, vc)  # [hi, Hkv, G, D]: each block's share of its row's output
         return ob[step.tables].sum(1).view(B, Hq, D)
 
-
     def _decode_gathered(self, q: torch.Tensor, step: _Step) -> torch.Tensor:
         """:meth:`_decode` by gathering each row's blocks into a dense [B, Hkv, W * bs, D] copy.
 
@@ -348,7 +347,8 @@ class Attention(nn.Module):
         """
         B, Hq, Hkv, D = q.shape[0], self.n_local_heads, self.n_local_kv_heads, self.head_dim
         W, bs = step.tables.shape[1], self.k_cache.shape[2]
-        k = self.k_cache[step.tables].transpose(1, 2).reshape(B, Hkv, W * bs, D)  # [B, W, Hkv, bs, D] -> rows
+        # [B, W, Hkv, bs, D] -> [B, Hkv, W * bs, D]: each row's context, block after block
+        k = self.k_cache[step.tables].transpose(1, 2).reshape(B, Hkv, W * bs, D)
         v = self.v_cache[step.tables].transpose(1, 2).reshape(B, Hkv, W * bs, D)
         o = F.scaled_dot_product_attention(q.view(B, Hq, 1, D), k, v, attn_mask=step.mask,
                                            enable_gqa=Hq != Hkv)  # [B, Hq, 1, D]

@@ -95,8 +95,8 @@ class DecodeGraphs:
         B = len(ids)
         bucket = next(b for b in BATCH_BUCKETS if b >= B)
         width = self._width(max(len(t) for t in tables))
-        padded = [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * (bucket - B)
         pad = bucket - B
+        padded = [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad
         # One host-to-device copy per buffer; padding rows decode token 0 at position 0 in slot 0.
         self.ids[:bucket].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
         self.positions[:bucket].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
