@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from batchgen.engine import LLM
+from batchgen.engine.graphs import Capture, DecodeGraphs, eager_capture
 from batchgen.model import ModelArgs, Transformer
 
 
@@ -29,3 +31,17 @@ def reference_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]
         for _ in range(n):
             toks.append(int(model.logits_full(torch.tensor([toks]))[0, -1].argmax()))
     return toks[len(prompt):]
+
+
+def random_prompts(n: int, seed: int = 1, lo: int = 1, hi: int = 40) -> list[list[int]]:
+    """``n`` prompts of random ids in [3, 300), lengths uniform in [lo, hi)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 300, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def stand_in_graphs(llm: LLM, capture: Capture = eager_capture) -> DecodeGraphs:
+    """Make ``llm`` replay its small decode steps through ``capture`` (default: the stand-in that
+    keeps a CUDA graph's contract on any device, see tests/test_graphs.py); returns the graphs."""
+    llm.runner.graphs = DecodeGraphs(llm.model, llm.blocks.block_size, llm.max_model_len, llm.device, capture)
+    return llm.runner.graphs

@@ -8,17 +8,11 @@ import torch
 from batchgen.engine import LLM, SamplingParams
 from batchgen.engine.kv_cache import bytes_per_block
 from batchgen.model import AttentionMetadata, ModelArgs, Transformer
-from reference import reference_greedy, sharp_model
+from reference import random_prompts, reference_greedy, sharp_model
 
 
 def _model(n_kv_heads: int = 2, seed: int = 0, max_seq_len: int = 128) -> Transformer:
     return sharp_model(n_layers=3, n_heads=8, n_kv_heads=n_kv_heads, seed=seed, max_seq_len=max_seq_len)
-
-
-def _prompts(n: int, seed: int = 1, lo: int = 1, hi: int = 40) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 300, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +23,7 @@ def model() -> Transformer:
 @pytest.mark.parametrize("n_kv_heads", [8, 2])  # MHA and GQA
 def test_continuous_batching_matches_reference(n_kv_heads: int) -> None:
     model = _model(n_kv_heads)
-    prompts = _prompts(10)
+    prompts = random_prompts(10)
     max_tokens = [3, 17, 1, 25, 9, 30, 2, 12, 20, 5]
     # max_num_seqs < number of prompts: slots are refilled as rows finish.
     llm = LLM(model=model, device="cpu", max_num_seqs=4)
@@ -41,7 +35,7 @@ def test_continuous_batching_matches_reference(n_kv_heads: int) -> None:
 
 
 def test_preemption_under_a_small_cache_keeps_tokens_exact(model: Transformer) -> None:
-    prompts = _prompts(8, seed=3, lo=10, hi=30)
+    prompts = random_prompts(8, seed=3, lo=10, hi=30)
     per_block = bytes_per_block(model, 16, torch.float32)
     llm = LLM(model=model, device="cpu", kv_cache_bytes=per_block * 6, max_num_seqs=8)
     assert llm.blocks.num_blocks == 6
@@ -53,7 +47,7 @@ def test_preemption_under_a_small_cache_keeps_tokens_exact(model: Transformer) -
 
 
 def test_batch_invariance_of_greedy_tokens(model: Transformer) -> None:
-    prompts = _prompts(12, seed=5)
+    prompts = random_prompts(12, seed=5)
     llm = LLM(model=model, device="cpu")
     batched = llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))
     for p, b in zip(prompts, batched):
@@ -62,7 +56,7 @@ def test_batch_invariance_of_greedy_tokens(model: Transformer) -> None:
 
 
 def test_abort_drops_some_requests_and_the_rest_run_on_exactly(model: Transformer) -> None:
-    prompts = _prompts(6, seed=11)
+    prompts = random_prompts(6, seed=11)
     llm = LLM(model=model, device="cpu", max_num_seqs=3)  # 3 running, 3 waiting
     ids = [llm.add_request(p, SamplingParams(max_tokens=12, ignore_eos=True), request_id=f"r{i}")
            for i, p in enumerate(prompts)]
@@ -80,7 +74,7 @@ def test_abort_drops_some_requests_and_the_rest_run_on_exactly(model: Transforme
 
 
 def test_seeded_sampling_does_not_depend_on_batch(model: Transformer) -> None:
-    prompts = _prompts(6, seed=7)
+    prompts = random_prompts(6, seed=7)
     sp = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=11, ignore_eos=True)
     llm = LLM(model=model, device="cpu")
     alone = llm.generate([prompts[0]], sp)[0].token_ids
@@ -94,7 +88,7 @@ def test_seeded_sampling_does_not_depend_on_batch(model: Transformer) -> None:
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy(model: Transformer) -> None:
-    prompts = _prompts(4, seed=9)
+    prompts = random_prompts(4, seed=9)
     llm = LLM(model=model, device="cpu")
     greedy = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))]
     k1 = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=1.5, top_k=1, seed=1, ignore_eos=True))
@@ -104,7 +98,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy(model: Transformer) -> None:
 
 
 def test_logprobs_are_the_chosen_tokens_log_softmax(model: Transformer) -> None:
-    prompt = _prompts(1, seed=13)[0]
+    prompt = random_prompts(1, seed=13)[0]
     llm = LLM(model=model, device="cpu")
     out = llm.generate([prompt], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=True))[0]
     seq = prompt + out.token_ids
@@ -115,7 +109,7 @@ def test_logprobs_are_the_chosen_tokens_log_softmax(model: Transformer) -> None:
 
 
 def test_eos_and_stop_token_ids_finish_with_stop(model: Transformer) -> None:
-    prompt = _prompts(1, seed=15)[0]
+    prompt = random_prompts(1, seed=15)[0]
     llm = LLM(model=model, device="cpu")
     free = llm.generate([prompt], SamplingParams(max_tokens=20, ignore_eos=True))[0].token_ids
     stop_tok = free[5]
@@ -203,7 +197,7 @@ def _record_steps(model: Transformer) -> list[AttentionMetadata]:
 def test_mixed_prefill_and_decode_steps_match_reference(n_kv_heads: int) -> None:
     model = _model(n_kv_heads=n_kv_heads)
     steps = _record_steps(model)
-    prompts = _prompts(9, seed=3, lo=2, hi=30)
+    prompts = random_prompts(9, seed=3, lo=2, hi=30)
     max_tokens = [4, 20, 2, 15, 9, 1, 12, 7, 18]
     llm = LLM(model=model, device="cpu", max_num_seqs=3)  # finished rows are refilled mid-decode
     outs = llm.generate(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])
@@ -219,7 +213,7 @@ def test_block_compaction_keeps_tokens_exact() -> None:
     steps = _record_steps(model)
     # Short requests take the low block ids and finish at once: their blocks become holes
     # below the long requests' blocks, which the long ones refill far slower than that.
-    prompts = _prompts(8, seed=5, lo=20, hi=30) + _prompts(4, seed=6, lo=20, hi=30)
+    prompts = random_prompts(8, seed=5, lo=20, hi=30) + random_prompts(4, seed=6, lo=20, hi=30)
     max_tokens = [2] * 8 + [40] * 4
     llm = LLM(model=model, device="cpu", block_size=4)
     outs = llm.generate(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])

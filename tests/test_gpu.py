@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from batchgen.bench import Workload, compare_tokens
 from batchgen.bench import main as bench_main
 from batchgen.engine import LLM, SamplingParams
-from batchgen.engine.graphs import DecodeGraphs, eager_capture
-from reference import sharp_model
+from reference import sharp_model, stand_in_graphs
 
 DEVICE = os.environ.get("BATCHGEN_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu,
@@ -35,20 +35,8 @@ def device_llm(graphs: bool, *args, **kwargs) -> LLM:
         return LLM(*args, device=DEVICE, cuda_graphs=True, **kwargs)
     llm = LLM(*args, device=DEVICE, **kwargs)
     if graphs:
-        llm.runner.graphs = DecodeGraphs(llm.model, llm.blocks.block_size, llm.max_model_len, llm.device,
-                                         eager_capture)
+        stand_in_graphs(llm)
     return llm
-
-
-def first_divergence_is_a_tie(model: torch.nn.Module, prompt: list[int], a: list[int], b: list[int],
-                              tol: float) -> bool:
-    """Where ``a`` and ``b`` first differ, the two tokens' logits (fp32, no cache) are within ``tol``."""
-    j = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    if j is None:
-        return len(a) == len(b)
-    with torch.inference_mode():
-        logits = model.logits_full(torch.tensor([prompt + a[:j]]))[0, -1]
-    return abs(float(logits[a[j]] - logits[b[j]])) <= tol
 
 
 @pytest.mark.parametrize("layout, graphs", [("hf", False), ("meta", False), ("hf", True)])
@@ -56,13 +44,15 @@ def test_fp32_engine_on_the_device_gives_the_cpu_engines_tokens(shared_dir: Path
     """The trained GQA checkpoint: every request's greedy tokens as on the CPU, up to near-ties,
     also when decode steps of up to 8 rows replay from CUDA graphs."""
     path = shared_dir / "models" / f"stories260K-{layout}"
-    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (40, 25, 60, 33, 48)]
+    wl = Workload(PROMPTS, [40, 25, 60, 33, 48])
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in wl.max_tokens]
     cpu = LLM(path, dtype="float32", device="cpu", max_num_seqs=4)
     dev = device_llm(graphs, path, dtype="float32", max_num_seqs=4)
     want = [o.token_ids for o in cpu.generate(PROMPTS, params)]
     got = [o.token_ids for o in dev.generate(PROMPTS, params)]
-    for prompt, a, b in zip(PROMPTS, got, want):
-        assert first_divergence_is_a_tie(cpu.model, prompt, a, b, 1e-3), (prompt, a, b)
+    # The bench's rule: at a first divergence the two tokens' fp32 logits are within 1e-3.
+    check = compare_tokens(cpu.model, None, wl, got, want, 1e-3)
+    assert check["ok"], check["divergences"]
     assert bool(graphs) == bool(dev.runner.graphs and dev.runner.graphs.graphs)  # graphs were recorded
 
 

@@ -15,15 +15,9 @@ import pytest
 import torch
 
 from batchgen.engine import LLM, SamplingParams
-from batchgen.engine.graphs import BATCH_BUCKETS, DecodeGraphs, eager_capture
+from batchgen.engine.graphs import BATCH_BUCKETS, eager_capture
 from batchgen.model import AttentionMetadata, Transformer
-from reference import reference_greedy, sharp_model
-
-
-def _prompts(n: int, seed: int, lo: int, hi: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 300, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+from reference import random_prompts, reference_greedy, sharp_model, stand_in_graphs
 
 
 def graph_llm(model: Transformer, **kwargs) -> tuple[LLM, list[Callable]]:
@@ -35,7 +29,7 @@ def graph_llm(model: Transformer, **kwargs) -> tuple[LLM, list[Callable]]:
         captured.append(fn)
         return eager_capture(fn)
 
-    llm.runner.graphs = DecodeGraphs(model, llm.blocks.block_size, llm.max_model_len, llm.device, capture)
+    stand_in_graphs(llm, capture)
     return llm, captured
 
 
@@ -44,7 +38,7 @@ def test_replayed_decode_steps_give_the_reference_tokens(n_kv_heads: int) -> Non
     model = sharp_model(n_layers=3, n_heads=8, n_kv_heads=n_kv_heads)
     steps: list[AttentionMetadata] = []
     model.register_forward_pre_hook(lambda mod, args: steps.append(args[2]))
-    prompts = _prompts(12, seed=7, lo=1, hi=10)
+    prompts = random_prompts(12, seed=7, lo=1, hi=10)
     max_tokens = [3, 17, 1, 25, 9, 30, 2, 12, 20, 5, 40, 11]
     # 10 slots: the first decode steps have more rows than any bucket and run eagerly; as rows
     # finish the batch falls through every bucket. Blocks of 4 tokens make the tables widen.
@@ -68,7 +62,7 @@ def test_replayed_decode_steps_give_the_reference_tokens(n_kv_heads: int) -> Non
 def test_replayed_steps_sample_and_report_logprobs_like_eager_ones() -> None:
     """Seeded sampling and logprobs read the replayed logits exactly as they read eager ones."""
     model = sharp_model()
-    prompts = _prompts(5, seed=3, lo=2, hi=20)
+    prompts = random_prompts(5, seed=3, lo=2, hi=20)
     params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=11, logprobs=True, ignore_eos=True)
     eager = LLM(model=model, device="cpu", max_num_seqs=5).generate(prompts, params)
     llm, _ = graph_llm(model, max_num_seqs=5)
