@@ -34,15 +34,19 @@ class ModelRunner:
         """The flat cache slot of ``req``'s token at ``position``."""
         return req.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
+    def _decode_inputs(self, decode: list[Request]) -> tuple[list[int], list[int], list[int]]:
+        """Each decoding request's last token, its position and the cache slot its K/V go to."""
+        positions = [len(req) - 1 for req in decode]
+        return ([req.token_ids[-1] for req in decode], positions,
+                [self._slot(req, p) for req, p in zip(decode, positions)])
+
     def prepare(self, decode: list[Request], prefill: list[Request], moves: list[tuple[int, int]]
                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Token ids, positions, attention metadata and the row of each request's last token.
 
         ``moves`` are the block copies (src, dst) of a compaction, made before the step runs.
         """
-        ids = [req.token_ids[-1] for req in decode]
-        positions = [len(req) - 1 for req in decode]
-        slots = [self._slot(req, p) for req, p in zip(decode, positions)]
+        ids, positions, slots = self._decode_inputs(decode)
         last = list(range(len(decode)))
         cu = [0]
         for req in prefill:
@@ -75,10 +79,7 @@ class ModelRunner:
             ) -> tuple[list[int], list[float] | None]:
         """One forward step; returns the next token (and logprob) of each request, decode first."""
         if self.graphs is not None and not prefill and not moves and self.graphs.fits(len(decode)):
-            positions = [len(req) - 1 for req in decode]
-            logits = self.graphs.run([req.token_ids[-1] for req in decode], positions,
-                                     [self._slot(req, p) for req, p in zip(decode, positions)],
-                                     [req.block_table for req in decode])
+            logits = self.graphs.run(*self._decode_inputs(decode), [req.block_table for req in decode])
         else:
             ids, positions_t, meta, last = self.prepare(decode, prefill, moves)
             hidden = self.model(ids, positions_t, meta)  # [T, dim]
