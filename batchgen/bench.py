@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -410,10 +411,20 @@ def run_bench(args: argparse.Namespace) -> int:
     systems = [(EngineSystem(model, wl, device, cuda_graphs=args.cuda_graphs), RunResult(tokens=[]))]
     if hf is not None:
         systems.append((HFSystem(hf, wl, args.hf_batch, device), RunResult(tokens=[])))
-    # Alternate the systems: on a shared machine the load drifts, and each then sees the same.
-    for _ in range(args.repeat):
-        for system, result in systems:
-            timed_run(system, device, result)
+    with ExitStack() as stack:
+        jobs = None
+        if args.pipeline:
+            from batchgen.bench_pipeline import pipeline_bench
+
+            jobs = stack.enter_context(pipeline_bench(model, wl, [int(n) for n in args.replicas.split(",")],
+                                                      args.shard_rows, MAX_NUM_SEQS))
+        # Alternate the systems (and the rounds of jobs): on a shared machine the load drifts,
+        # and each then sees the same.
+        for _ in range(args.repeat):
+            for system, result in systems:
+                timed_run(system, device, result)
+            if jobs is not None:
+                jobs.round()
     ours = systems[0][1]
     theirs = systems[1][1] if hf is not None else None
 
@@ -454,11 +465,8 @@ def run_bench(args: argparse.Namespace) -> int:
         check = compare_tokens(model, hf, wl, ours.tokens, theirs.tokens, TIE_TOL[dtype])
         report.update(tokens_match_fraction=check["tokens_match_fraction"], divergences=check["divergences"],
                       tie_tolerance=check["tie_tolerance"], ok=check["ok"])
-    if args.pipeline:
-        from batchgen.bench_pipeline import run_pipelines
-
-        report["pipeline"] = run_pipelines(model, wl, ours, [int(n) for n in args.replicas.split(",")],
-                                           args.repeat, args.shard_rows, MAX_NUM_SEQS, TIE_TOL[dtype])
+    if jobs is not None:
+        report["pipeline"] = jobs.report(ours, TIE_TOL[dtype])
         report["ok"] = report["ok"] and all(r["ok"] for r in report["pipeline"])
     if args.gpu_extras:
         del hf, model, systems
@@ -487,7 +495,8 @@ def _print_report(r: dict[str, Any], as_json: bool) -> None:
     for p in r.get("pipeline", []):
         print(f"pipeline, {p['replicas']} replica(s): {p['tokens_per_s']:7.1f} tok/s, "
               f"{statistics.median(p['seconds']):.1f} s = {p['overhead_vs_engine']:+.1%} vs the bare engine "
-              f"({p['shards']} shards; tokens match {p['tokens_match_fraction']:.4f})")
+              f"({p['shards']} shards, first started after {statistics.median(p['startup_seconds']):.1f} s; "
+              f"tokens match {p['tokens_match_fraction']:.4f})")
     if "gpu_extras" in r:
         g = r["gpu_extras"]
         print(f"single-stream decode ({g['model']}) {g['decode_tokens_per_s']:.1f} tok/s = {g['fraction_of_bound']:.2f} "

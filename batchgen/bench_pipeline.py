@@ -4,7 +4,8 @@ The bare engine answers "how fast is the engine"; a user runs jobs, which add Ra
 queue, Parquet in and out, per-shard publishing and the tail of each shard. This runs the same
 prompts, with the same weights, as a real job (``run_job``, local Ray on 127.0.0.1) at 1 and 2
 replicas, checks that every row's tokens are the bare engine's (a divergence only at a near-tie,
-as against transformers), and reports each job's wall time against the bare engine's.
+as against transformers), and reports each job's wall time against the bare engine's. The
+bare engine runs between rounds of jobs, with Ray stopped, so both see the same load drift.
 
 The random model needs a tokenizer so that its prompts can live in a Parquet text column: a
 synthetic SentencePiece model in which token ``i`` is the word ``t<i>``, so the text
@@ -16,8 +17,9 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from batchgen.bench import RunResult, Workload
 from batchgen.model import Transformer
@@ -64,16 +66,27 @@ def prompt_text(ids: list[int]) -> str:
 
 
 class PipelineBench:
-    """A model directory (HF layout + the word tokenizer), the workload as Parquet, and a local Ray."""
+    """A model directory (HF layout + the word tokenizer), the workload as Parquet, and its jobs.
 
-    def __init__(self, model: Transformer, wl: Workload, workdir: Path, shard_rows: int, max_num_seqs: int) -> None:
+    Each :meth:`round` starts a local Ray, runs every replica count's job once and stops Ray
+    again, so that the bare engine, timed between rounds, runs alone as in the main bench and
+    load drift on a shared machine lands on both.
+    """
+
+    def __init__(self, model: Transformer, wl: Workload, workdir: Path, replicas: list[int], shard_rows: int,
+                 max_num_seqs: int) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         from batchgen.checkpoint import save_hf
         from batchgen.tokenizer import Tokenizer
 
-        self.wl, self.workdir, self.shard_rows, self.max_num_seqs = wl, workdir, shard_rows, max_num_seqs
+        self.model, self.wl, self.workdir, self.replicas = model, wl, workdir, replicas
+        self.shard_rows, self.max_num_seqs = shard_rows, max_num_seqs
+        self.results = {n: RunResult(tokens=[]) for n in replicas}
+        self.startup_s: dict[int, list[float]] = {n: [] for n in replicas}
+        self.info: dict[int, dict[str, Any]] = {}
+        self.ray_start_s: list[float] = []
         self.model_dir = workdir / "model"
         save_hf({k: v.float().cpu() for k, v in model.state_dict().items()}, model.args, self.model_dir)
         (self.model_dir / "tokenizer.model").write_bytes(word_tokenizer(model.args.vocab_size))
@@ -87,7 +100,6 @@ class PipelineBench:
         pq.write_table(pa.table({"id": list(range(len(texts))), "prompt": texts,
                                  "max_tokens": pa.array(wl.max_tokens, pa.int32())}),
                        self.input, row_group_size=max(1, min(shard_rows, 1000)))
-        self.ray_start_s = self._start_ray()
 
     @staticmethod
     def _start_ray() -> float:
@@ -114,14 +126,25 @@ class PipelineBench:
             "execution": {"replicas": replicas, "shard_rows": self.shard_rows},
         })
 
-    def run(self, replicas: int, result: RunResult) -> dict[str, Any]:
-        """One timed job (Ray already up; replica start and model load included); tokens into ``result``."""
+    def round(self) -> None:
+        """Every replica count's job once, on a local Ray started for this round and stopped after it."""
+        import ray
+
+        self.ray_start_s.append(self._start_ray())
+        try:
+            for n in self.replicas:
+                self.info[n] = self.run(n)
+        finally:
+            ray.shutdown()
+
+    def run(self, replicas: int) -> dict[str, Any]:
+        """One timed job (Ray already up; replica start and model load included)."""
         import pyarrow.parquet as pq
 
         from batchgen.pipeline.driver import run_job
 
-        spec = self.spec(replicas)
-        t0 = time.perf_counter()
+        spec, result = self.spec(replicas), self.results[replicas]
+        wall0, t0 = time.time(), time.perf_counter()
         summary = run_job(spec, dashboard=False, progress_every_s=3600)
         result.seconds.append(time.perf_counter() - t0)
         out = Path(spec.output.path)
@@ -132,42 +155,43 @@ class PipelineBench:
                                f"({errors[0]['error'] if errors else ''})")
         by_id = {r["id"]: r["token_ids"] for r in rows}
         result.tokens = [by_id[i] for i in range(len(self.wl.prompts))]
-        shards = pq.read_table(out / "summary.parquet", columns=["replica", "seconds"]).to_pylist()
+        shards = pq.read_table(out / "summary.parquet", columns=["replica", "seconds", "started"]).to_pylist()
+        # Planning, actor start, model load and the first read: what a job costs before it computes.
+        self.startup_s[replicas].append(min(s["started"].timestamp() for s in shards) - wall0)
         busy: dict[str, float] = {}
         for s in shards:
             busy[s["replica"]] = busy.get(s["replica"], 0.0) + s["seconds"]
         return {"replicas": replicas, "shards": summary["shards"], "replica_busy_seconds": sorted(busy.values())}
 
-    def close(self) -> None:
-        import ray
+    def report(self, engine: RunResult, tie_tol: float) -> list[dict[str, Any]]:
+        """Each replica count's times, overhead and token agreement against the bare engine's runs.
 
-        ray.shutdown()
+        Uses only what the rounds kept in memory: the job files may already be removed.
+        """
+        from batchgen.bench import compare_tokens
+
+        reports = []
+        for n in self.replicas:
+            result = self.results[n]
+            check = compare_tokens(self.model, None, self.wl, result.tokens, engine.tokens, tie_tol)
+            reports.append({
+                **self.info[n],
+                "seconds": result.seconds,
+                "startup_seconds": self.startup_s[n],
+                "engine_seconds": engine.seconds,
+                "ray_start_seconds": self.ray_start_s,
+                "tokens_per_s": self.wl.output_tokens / result.median_s,
+                "overhead_vs_engine": result.median_s / engine.median_s - 1,
+                "tokens_match_fraction": check["tokens_match_fraction"],
+                "divergences": check["divergences"],
+                "ok": check["ok"],
+            })
+        return reports
 
 
-def run_pipelines(model: Transformer, wl: Workload, engine: RunResult, replicas: list[int], repeat: int,
-                  shard_rows: int, max_num_seqs: int, tie_tol: float,
-                  workdir: Optional[str] = None) -> list[dict[str, Any]]:
-    """Each replica count's job ``repeat`` times; overhead and token agreement against ``engine``."""
-    from batchgen.bench import compare_tokens
-
+@contextmanager
+def pipeline_bench(model: Transformer, wl: Workload, replicas: list[int], shard_rows: int, max_num_seqs: int,
+                   workdir: Optional[str] = None) -> Iterator[PipelineBench]:
+    """A :class:`PipelineBench` in a temporary directory that is removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="batchgen-bench-pipeline-", dir=workdir) as tmp:
-        bench = PipelineBench(model, wl, Path(tmp), shard_rows, max_num_seqs)
-        try:
-            reports = []
-            for n in replicas:
-                result = RunResult(tokens=[])
-                for _ in range(repeat):
-                    info = bench.run(n, result)
-                check = compare_tokens(model, None, wl, result.tokens, engine.tokens, tie_tol)
-                reports.append({
-                    **info,
-                    "seconds": result.seconds,
-                    "tokens_per_s": wl.output_tokens / result.median_s,
-                    "overhead_vs_engine": result.median_s / engine.median_s - 1,
-                    "tokens_match_fraction": check["tokens_match_fraction"],
-                    "divergences": check["divergences"],
-                    "ok": check["ok"],
-                })
-            return [{"ray_start_seconds": bench.ray_start_s, **r} for r in reports]
-        finally:
-            bench.close()
+        yield PipelineBench(model, wl, Path(tmp), replicas, shard_rows, max_num_seqs)

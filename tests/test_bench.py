@@ -89,7 +89,11 @@ def test_pipeline_mode_runs_real_jobs_with_the_engines_tokens() -> None:
     assert [p["replicas"] for p in report["pipeline"]] == [1, 2]
     for p in report["pipeline"]:
         assert p["shards"] == 3 and p["tokens_match_fraction"] == 1.0 and p["divergences"] == []
-        assert p["tokens_per_s"] > 0 and p["seconds"][0] > 0 and p["ray_start_seconds"] > 0
+        assert p["tokens_per_s"] > 0 and p["seconds"][0] > 0 and p["ray_start_seconds"][0] > 0
+        # One round: the bare engine once, then each job once; the first shard starts inside the job.
+        assert len(p["seconds"]) == len(p["engine_seconds"]) == len(p["startup_seconds"]) == 1
+        assert p["engine_seconds"] == report["batchgen_seconds"]
+        assert 0 < p["startup_seconds"][0] < p["seconds"][0]
         assert 1 <= len(p["replica_busy_seconds"]) <= p["replicas"]
     assert set(Path(tempfile.gettempdir()).glob("batchgen-bench-pipeline-*")) <= before, "job files are removed"
 
