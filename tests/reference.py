@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 
 from batchgen.engine import LLM
@@ -40,8 +42,11 @@ def random_prompts(n: int, seed: int = 1, lo: int = 1, hi: int = 40) -> list[lis
             for _ in range(n)]
 
 
-def stand_in_graphs(llm: LLM, capture: Capture = eager_capture) -> DecodeGraphs:
-    """Make ``llm`` replay its small decode steps through ``capture`` (default: the stand-in that
-    keeps a CUDA graph's contract on any device, see tests/test_graphs.py); returns the graphs."""
-    llm.runner.graphs = DecodeGraphs(llm.model, llm.blocks.block_size, llm.max_model_len, llm.device, capture)
+def stand_in_graphs(llm: LLM, capture: Capture = eager_capture, max_rows: Optional[int] = None,
+                    **kwargs: Any) -> DecodeGraphs:
+    """Make ``llm`` replay its decode steps of up to ``max_rows`` rows (default: all) through
+    ``capture`` (default: the stand-in that keeps a CUDA graph's contract on any device, see
+    tests/test_graphs.py); returns the graphs."""
+    llm.runner.graphs = DecodeGraphs(llm.model, llm.blocks.block_size, llm.max_model_len,
+                                     max_rows or llm.scheduler.max_num_seqs, llm.device, capture, **kwargs)
     return llm.runner.graphs

@@ -49,12 +49,12 @@ class LLM:
                  kv_cache_bytes: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
                  max_model_len: Optional[int] = None, world_size: int = 1, rank: int = 0,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: Optional[bool] = None) -> None:
         """Load ``model_dir`` (Meta or HF layout) or wrap an already built ``model``.
 
         ``max_model_len`` sets the context length (default: the checkpoint's ``max_seq_len``).
-        ``cuda_graphs`` replays decode steps of up to 8 rows from CUDA graphs (one process only,
-        not tensor-parallel; see ``batchgen.engine.graphs``).
+        ``cuda_graphs`` replays decode steps from CUDA graphs (see ``batchgen.engine.graphs``);
+        by default on when the engine runs on one CUDA device (not tensor-parallel).
         """
         self.device = torch.device(device) if device else default_device()
         if model is None:
@@ -91,10 +91,12 @@ class LLM:
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens or max(self.max_model_len, 2048))
         graphs = None
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and world_size == 1
         if cuda_graphs:
             if self.device.type != "cuda" or world_size > 1:
                 raise ValueError(f"cuda_graphs needs one CUDA device, not {self.device} with world_size={world_size}")
-            graphs = DecodeGraphs(model, block_size, self.max_model_len, self.device)
+            graphs = DecodeGraphs(model, block_size, self.max_model_len, max_num_seqs, self.device)
         self.runner = ModelRunner(model, self.blocks, self.device, graphs)
         self._ids = itertools.count()
         self._streams: dict[str, tuple[IncrementalDecoder, Optional[StopStringMatcher]]] = {}

@@ -1,18 +1,22 @@
-"""Decode steps of small batches replayed from CUDA graphs.
+"""Decode steps replayed from CUDA graphs.
 
-A decode step of a few rows launches ~40 small kernels per layer. On a GPU the time to launch
-them from Python can exceed the time they run (a 7B model at batch 1 streams its weights in
-~5 ms on an H100), so the step is recorded once as a CUDA graph and replayed with one launch.
+A decode step launches ~40 small kernels per layer. On a GPU the time to launch them from
+Python exceeds the time they run: a 7B model at batch 1 streams its weights in ~5 ms on an H100
+but takes ~22 ms to launch a step eagerly, and a 134M model's 64-row step is launch-bound too.
+So each step shape is recorded once as a CUDA graph and replayed with one launch.
 
 A graph replays fixed work on fixed memory, so a step must have fixed shapes: the batch is
-padded up to a bucket (1, 2, 4, 8 rows) and the block tables to a power-of-two width, and decode
-attention gathers each row's blocks (``Attention._decode_gathered``) instead of reading the pool
-in place up to its highest block in use. The inputs live in static buffers that each step
-overwrites before the replay. Padding rows decode token 0 at position 0 into the null block 0,
-which the graph zeroes again at its end, so block 0 stays the all-zero padding block.
+padded up to a bucket (powers of two, and ``max_rows``) and the block tables to a power-of-two
+width, and decode attention gathers each row's blocks (``Attention._decode_gathered``) instead
+of reading the pool in place up to its highest block in use. The inputs live in static buffers
+that each step overwrites before the replay, and every graph leaves its logits in one static
+buffer. Padding rows decode token 0 at position 0 into the null block 0, which the graph zeroes
+again at its end, so block 0 stays the all-zero padding block.
 
-Bigger batches run eagerly: their launches are spread over more work, and the in-place
-attention reads less than the gathered one.
+The gather copies every row's context out of the pool, so a replayed step moves about three
+times the KV bytes an eager one reads in place. Steps whose gathered K would pass
+``max_gather_bytes`` per layer (long contexts at big batches, where attention outweighs the
+launches) run eagerly.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import torch
 
 from batchgen.model import AttentionMetadata, Transformer
 
-#: Batch buckets that get a graph. A decode step of more rows runs eagerly.
-BATCH_BUCKETS = (1, 2, 4, 8)
+#: Largest gathered K (as much again for V) of one layer in a replayed step. For a 7B model on
+#: an H100 a step at this size spends ~5 ms more on the gather than in place, about what the
+#: graph saves in launches (bench/NOTES.md, "GPU").
+MAX_GATHER_BYTES = 128 << 20
 
 #: ``capture(fn)`` records ``fn`` (no arguments, returns a tensor) and returns ``(replay, out)``:
 #: ``replay()`` runs the recorded work again, leaving the result in ``out``.
@@ -51,6 +57,18 @@ def cuda_capture(pool: list) -> Capture:
     return capture
 
 
+def batch_buckets(max_rows: int) -> tuple[int, ...]:
+    """Batch sizes that get graphs: the powers of two below ``max_rows``, then ``max_rows``.
+
+    Padding a step up to its bucket costs little: until a few hundred rows a decode step's
+    matmuls are bound by reading the weights, whatever the number of rows.
+    """
+    buckets = [1]
+    while buckets[-1] * 2 < max_rows:
+        buckets.append(buckets[-1] * 2)
+    return tuple(buckets + [max_rows] if max_rows > 1 else buckets)
+
+
 def eager_capture(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
     """A stand-in for :func:`cuda_capture` with a graph's contract (the same function, the same
     output tensor, inputs read from the static buffers), for devices without graphs: tests."""
@@ -59,32 +77,42 @@ def eager_capture(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], t
 
 
 class DecodeGraphs:
-    """Replays padded decode steps of up to ``max(BATCH_BUCKETS)`` rows; one graph per
-    (batch bucket, table width) pair, recorded the first time that pair is needed."""
+    """Replays padded decode steps of up to ``max_rows`` rows; one graph per (batch bucket, table
+    width) pair, recorded the first time that pair is needed."""
 
-    def __init__(self, model: Transformer, block_size: int, max_model_len: int, device: torch.device,
-                 capture: Optional[Capture] = None) -> None:
+    def __init__(self, model: Transformer, block_size: int, max_model_len: int, max_rows: int,
+                 device: torch.device, capture: Optional[Capture] = None,
+                 max_gather_bytes: int = MAX_GATHER_BYTES) -> None:
         self.model = model
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
+        self.buckets = batch_buckets(max_rows)
         self.capture = capture or cuda_capture([])
-        n = max(BATCH_BUCKETS)
+        cache = model.layers[0].attention.k_cache  # [num_blocks, kv_heads, block_size, head_dim]
+        self.max_row_blocks = max_gather_bytes // (cache[0].numel() * cache.element_size())
+        n = max_rows
         # Static inputs: every replay reads these very tensors.
         self.ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
         self.slots = torch.zeros(n, dtype=torch.long, device=device)
         self.tables = torch.zeros(n, self.max_blocks, dtype=torch.long, device=device)
         self.context_lens = torch.ones(n, dtype=torch.long, device=device)
+        # Every graph writes its logits here, so the graphs hold no outputs of their own.
+        self.logits = torch.empty(n, model.args.vocab_size, dtype=torch.float32, device=device)
         self.graphs: dict[tuple[int, int], tuple[Callable[[], None], torch.Tensor]] = {}
 
-    def fits(self, rows: int) -> bool:
-        return rows <= max(BATCH_BUCKETS)
+    def _bucket(self, rows: int) -> int:
+        return next(b for b in self.buckets if b >= rows)
 
     def _width(self, blocks: int) -> int:
         w = 1
         while w < blocks:
             w *= 2
         return min(w, self.max_blocks)
+
+    def fits(self, rows: int, blocks: int) -> bool:
+        """Whether a decode step of ``rows`` rows, the longest holding ``blocks`` blocks, replays."""
+        return rows <= self.buckets[-1] and self._bucket(rows) * self._width(blocks) <= self.max_row_blocks
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
         """Logits [B, vocab] (fp32) of one decode step: each row's last token ``ids``, its
@@ -93,7 +121,7 @@ class DecodeGraphs:
         The result is a view of the graph's output: read it before the next call.
         """
         B = len(ids)
-        bucket = next(b for b in BATCH_BUCKETS if b >= B)
+        bucket = self._bucket(B)
         width = self._width(max(len(t) for t in tables))
         pad = bucket - B
         padded = [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad
@@ -116,11 +144,13 @@ class DecodeGraphs:
         meta = AttentionMetadata(is_prefill=False, slot_mapping=self.slots[:bucket],
                                  block_tables=self.tables[:bucket, :width], context_lens=self.context_lens[:bucket])
 
+        out = self.logits[:bucket]
+
         def step() -> torch.Tensor:
-            logits = model.compute_logits(model(ids, positions, meta))  # [bucket, vocab]
+            out.copy_(model.compute_logits(model(ids, positions, meta)))  # [bucket, vocab]
             for layer in model.layers:  # padding rows wrote into the null block: zero it again
                 layer.attention.k_cache[0].zero_()
                 layer.attention.v_cache[0].zero_()
-            return logits
+            return out
 
         return step

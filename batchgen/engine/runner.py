@@ -78,7 +78,8 @@ class ModelRunner:
     def run(self, decode: list[Request], prefill: list[Request], moves: list[tuple[int, int]]
             ) -> tuple[list[int], list[float] | None]:
         """One forward step; returns the next token (and logprob) of each request, decode first."""
-        if self.graphs is not None and not prefill and not moves and self.graphs.fits(len(decode)):
+        if (self.graphs is not None and decode and not prefill and not moves
+                and self.graphs.fits(len(decode), max(len(req.block_table) for req in decode))):
             logits = self.graphs.run(*self._decode_inputs(decode), [req.block_table for req in decode])
         else:
             ids, positions_t, meta, last = self.prepare(decode, prefill, moves)
