@@ -122,7 +122,7 @@ class EngineSystem:
     """
 
     def __init__(self, model: Transformer, wl: Workload, device: torch.device,
-                 max_num_seqs: int = MAX_NUM_SEQS, cuda_graphs: bool = False) -> None:
+                 max_num_seqs: int = MAX_NUM_SEQS, cuda_graphs: Optional[bool] = None) -> None:
         from batchgen.engine import LLM, SamplingParams
 
         self.model, self.wl = model, wl
@@ -132,7 +132,7 @@ class EngineSystem:
         self.params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in wl.max_tokens]
         # Warm-up: first calls pay for allocator growth and kernel selection. With graphs, the
         # whole workload once, so that every graph it needs is recorded before the timing.
-        if cuda_graphs:
+        if self.llm.runner.graphs is not None:
             self.run()
         else:
             warm = wl.prompts[:4]
@@ -355,8 +355,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-extras", action="store_true",
                    help="CUDA only: single-stream decode of a 7B-shaped model vs HBM bandwidth, "
                         "eager and from CUDA graphs")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="CUDA only: batchgen replays decode steps of up to 8 rows from CUDA graphs")
+    p.add_argument("--eager", action="store_true",
+                   help="CUDA: batchgen runs every step eagerly instead of replaying decode steps from CUDA graphs")
 
 
 def _validate(args: argparse.Namespace) -> Optional[str]:
@@ -377,9 +377,8 @@ def _validate(args: argparse.Namespace) -> Optional[str]:
             raise ValueError
     except ValueError:
         return f"--replicas must be a comma-separated list of integers >= 1, got {args.replicas!r}"
-    for flag in ("gpu_extras", "cuda_graphs"):
-        if getattr(args, flag) and not (torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")):
-            return f"--{flag.replace('_', '-')} needs a CUDA device"
+    if args.gpu_extras and not (torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")):
+        return "--gpu-extras needs a CUDA device"
     return None
 
 
@@ -408,7 +407,7 @@ def run_bench(args: argparse.Namespace) -> int:
     peak = measure_peak_gflops(device, dtype, n=(512 if args.quick else 4096) * (2 if device.type == "cuda" else 1))
     bandwidth = measure_bandwidth_gbps(device, (16 if args.quick else 1024) << 20)
 
-    systems = [(EngineSystem(model, wl, device, cuda_graphs=args.cuda_graphs), RunResult(tokens=[]))]
+    systems = [(EngineSystem(model, wl, device, cuda_graphs=False if args.eager else None), RunResult(tokens=[]))]
     if hf is not None:
         systems.append((HFSystem(hf, wl, args.hf_batch, device), RunResult(tokens=[])))
     with ExitStack() as stack:

@@ -31,8 +31,8 @@ PROMPTS = [[1], [1, 461, 401], [1] + list(range(300, 340)), [1, 5, 7, 9, 11, 13]
 def device_llm(graphs: bool, *args, **kwargs) -> LLM:
     """An engine on DEVICE; with ``graphs``, small decode steps replay from CUDA graphs (on the
     CPU from the stand-in that keeps a graph's contract, see tests/test_graphs.py)."""
-    if graphs and DEVICE == "cuda":
-        return LLM(*args, device=DEVICE, cuda_graphs=True, **kwargs)
+    if DEVICE == "cuda":
+        return LLM(*args, device=DEVICE, cuda_graphs=graphs, **kwargs)
     llm = LLM(*args, device=DEVICE, **kwargs)
     if graphs:
         stand_in_graphs(llm)

@@ -124,6 +124,8 @@ class ModelSpec(_Section):
                                              description="KV cache budget per GPU in GiB (2**30 bytes)")
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)
+    cuda_graphs: bool = Field(True, description="replay decode steps from CUDA graphs on a single-GPU replica; "
+                                                "false runs every step eagerly")
 
 
 class InputSpec(_Section):
