@@ -54,6 +54,7 @@ def test_minimal_spec_gets_defaults_and_name_from_file(tmp_path: Path) -> None:
     spec = load_spec(write_spec(tmp_path, BASE, "reviews summaries.yaml"))
     assert spec.name == "reviews-summaries"
     assert spec.model.dtype == "auto" and spec.model.tensor_parallel == 1 and spec.model.max_num_seqs == 64
+    assert spec.model.cuda_graphs is True  # used where a replica has one GPU; eager elsewhere
     assert spec.sampling.max_tokens == 128 and spec.sampling.temperature == 0.0 and spec.sampling.top_p == 1.0
     assert spec.output.mode == "resume"
     assert spec.execution.replicas == "auto" and spec.execution.shard_rows == 1000
@@ -113,6 +114,7 @@ def test_unknown_top_level_section() -> None:
 
 @pytest.mark.parametrize("section,key,value,message", [
     ("sampling", "max_tokens", "many", "sampling.max_tokens: Input should be a valid integer"),
+    ("model", "cuda_graphs", "sometimes", "model.cuda_graphs: Input should be a valid boolean"),
     ("sampling", "max_tokens", 1.5, "sampling.max_tokens: Input should be a valid integer"),
     ("sampling", "temperature", -0.1, "sampling.temperature: Input should be greater than or equal to 0"),
     ("sampling", "top_p", 0, "sampling.top_p: Input should be greater than 0"),
