@@ -27,9 +27,10 @@ import torch
 
 from batchgen.model import AttentionMetadata, Transformer
 
-#: Largest gathered K (as much again for V) of one layer in a replayed step. For a 7B model on
-#: an H100 a step at this size spends ~5 ms more on the gather than in place, about what the
-#: graph saves in launches (bench/NOTES.md, "GPU").
+#: Largest gathered K (as much again for V) of one layer in a replayed step. Measured with a 7B
+#: model on an H100 (bench/NOTES.md, "GPU"): at 4-16 rows replayed steps beat eager ones by
+#: 1.2-2.2x up to this size; at 64 rows, where eager steps are no longer launch-bound, the two
+#: tie at 64-128 MiB and replaying loses past it.
 MAX_GATHER_BYTES = 128 << 20
 
 #: ``capture(fn)`` records ``fn`` (no arguments, returns a tensor) and returns ``(replay, out)``:
