@@ -42,7 +42,7 @@ def device_llm(graphs: bool, *args, **kwargs) -> LLM:
 @pytest.mark.parametrize("layout, graphs", [("hf", False), ("meta", False), ("hf", True)])
 def test_fp32_engine_on_the_device_gives_the_cpu_engines_tokens(shared_dir: Path, layout: str, graphs: bool) -> None:
     """The trained GQA checkpoint: every request's greedy tokens as on the CPU, up to near-ties,
-    also when decode steps of up to 8 rows replay from CUDA graphs."""
+    also when decode steps replay from CUDA graphs."""
     path = shared_dir / "models" / f"stories260K-{layout}"
     wl = Workload(PROMPTS, [40, 25, 60, 33, 48])
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in wl.max_tokens]

@@ -13,10 +13,10 @@ that each step overwrites before the replay, and every graph leaves its logits i
 buffer. Padding rows decode token 0 at position 0 into the null block 0, which the graph zeroes
 again at its end, so block 0 stays the all-zero padding block.
 
-The gather copies every row's context out of the pool, so a replayed step moves about three
-times the KV bytes an eager one reads in place. Steps whose gathered K would pass
-``max_gather_bytes`` per layer (long contexts at big batches, where attention outweighs the
-launches) run eagerly.
+The gather copies every row's context out of the pool (and SDPA's layout copies it again), so a
+replayed step moves several times the KV bytes an eager one reads in place. Steps whose gathered K
+would pass ``max_gather_bytes`` per layer (long contexts at big batches, where attention outweighs
+the launches) run eagerly.
 """
 
 from __future__ import annotations
