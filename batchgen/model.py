@@ -182,6 +182,10 @@ def _fused_weight(module: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
     """
     lins = [getattr(module, n) for n in names]
     cached = module.__dict__.get("_fused")
+    if cached is not None and torch.compiler.is_compiling():
+        # torch.compile cannot trace the pointer check (it would split the graph there). Compiled
+        # decode steps only run after eager prefills have built the fused matrix.
+        return cached[0]
     if cached is not None and [lin.weight.data_ptr() for lin in lins] == cached[1]:
         return cached[0]
     # A plain tensor even inside inference_mode: the parameters will be views of it.

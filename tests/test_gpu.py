@@ -28,14 +28,15 @@ pytestmark = [pytest.mark.gpu,
 PROMPTS = [[1], [1, 461, 401], [1] + list(range(300, 340)), [1, 5, 7, 9, 11, 13], [1, 378, 455, 473]]
 
 
-def device_llm(graphs: bool, *args, **kwargs) -> LLM:
-    """An engine on DEVICE; with ``graphs``, small decode steps replay from CUDA graphs (on the
-    CPU from the stand-in that keeps a graph's contract, see tests/test_graphs.py)."""
+def device_llm(graphs: bool, *args, compile_decode: bool = False, **kwargs) -> LLM:
+    """An engine on DEVICE; with ``graphs``, decode steps replay from CUDA graphs (on the CPU from
+    the stand-in that keeps a graph's contract, see tests/test_graphs.py), compiled with
+    ``compile_decode``."""
     if DEVICE == "cuda":
-        return LLM(*args, device=DEVICE, cuda_graphs=graphs, **kwargs)
+        return LLM(*args, device=DEVICE, cuda_graphs=graphs, compile_decode=compile_decode, **kwargs)
     llm = LLM(*args, device=DEVICE, **kwargs)
     if graphs:
-        stand_in_graphs(llm)
+        stand_in_graphs(llm, compile_decode=compile_decode)
     return llm
 
 
@@ -56,13 +57,14 @@ def test_fp32_engine_on_the_device_gives_the_cpu_engines_tokens(shared_dir: Path
     assert bool(graphs) == bool(dev.runner.graphs and dev.runner.graphs.graphs)  # graphs were recorded
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_bf16_engine_on_the_device_picks_the_top_token_at_every_step(graphs: bool) -> None:
+@pytest.mark.parametrize("graphs, compiled", [(False, False), (True, False), (True, True)])
+def test_bf16_engine_on_the_device_picks_the_top_token_at_every_step(graphs: bool, compiled: bool) -> None:
     """bf16 end to end (weights, KV cache, activations): at every step of every request the
     chosen token is the fp32 reference's top one, up to bf16 rounding. A broken cache or mask
     misses by whole units of logit, rounding by hundredths."""
     prompts = [[1], [1, 5, 7, 9], [1] + list(range(100, 140)), [1, 17, 42, 9, 200, 33], [1, 250, 251]]
-    llm = device_llm(graphs, model=sharp_model().to(device=DEVICE, dtype=torch.bfloat16), max_num_seqs=3)
+    llm = device_llm(graphs, model=sharp_model().to(device=DEVICE, dtype=torch.bfloat16), max_num_seqs=3,
+                     compile_decode=compiled)
     assert llm.model.layers[0].attention.k_cache.dtype == torch.bfloat16
     assert llm.model.layers[0].attention.k_cache.device.type == torch.device(DEVICE).type
     outs = llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))

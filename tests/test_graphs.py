@@ -100,8 +100,29 @@ def test_decode_steps_whose_gather_is_too_big_run_eagerly() -> None:
     assert any(m.block_moves is None for m in eager_decode)
 
 
+def test_compiled_replayed_steps_give_the_reference_tokens() -> None:
+    """``compile_decode``: the replayed step through ``torch.compile`` (dynamic shapes), across
+    buckets and widths, gives the cache-free reference's tokens; one compiled function serves
+    every (bucket, width) pair."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = sharp_model(n_layers=2, n_heads=4, n_kv_heads=2)
+    prompts = random_prompts(5, seed=9, lo=1, hi=12)
+    max_tokens = [20, 3, 14, 30, 8]
+    llm, _ = graph_llm(model, {"compile_decode": True}, max_num_seqs=5, block_size=4)
+    outs = llm.generate(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])
+    for p, m, o in zip(prompts, max_tokens, outs):
+        assert o.token_ids == reference_greedy(model, p, m)
+    graphs = llm.runner.graphs
+    assert len({b for b, _ in graphs.graphs}) >= 3 and len({w for _, w in graphs.graphs}) >= 3
+    # Batch 1 and width 1 are compiled as special cases; every other pair reuses one compile.
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 1 <= compiled <= 4 < len(graphs.graphs), (compiled, sorted(graphs.graphs))
+
+
 def test_engines_on_the_cpu_run_eagerly_by_default() -> None:
     assert LLM(model=sharp_model(), device="cpu").runner.graphs is None
+    assert LLM(model=sharp_model(), device="cpu", compile_decode=True).runner.graphs is None  # nothing replays
 
 
 def test_replayed_steps_sample_and_report_logprobs_like_eager_ones() -> None:

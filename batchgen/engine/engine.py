@@ -49,12 +49,15 @@ class LLM:
                  kv_cache_bytes: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
                  max_model_len: Optional[int] = None, world_size: int = 1, rank: int = 0,
-                 cuda_graphs: Optional[bool] = None) -> None:
+                 cuda_graphs: Optional[bool] = None, compile_decode: bool = False) -> None:
         """Load ``model_dir`` (Meta or HF layout) or wrap an already built ``model``.
 
         ``max_model_len`` sets the context length (default: the checkpoint's ``max_seq_len``).
         ``cuda_graphs`` replays decode steps from CUDA graphs (see ``batchgen.engine.graphs``);
         by default on when the engine runs on one CUDA device (not tensor-parallel).
+        ``compile_decode`` compiles those replayed steps with ``torch.compile`` (a prototype made
+        them 20-40 % faster on an H100 for about a minute of compiling; see bench/NOTES.md). Where
+        no step replays it does nothing.
         """
         self.device = torch.device(device) if device else default_device()
         if model is None:
@@ -96,7 +99,8 @@ class LLM:
         if cuda_graphs:
             if self.device.type != "cuda" or world_size > 1:
                 raise ValueError(f"cuda_graphs needs one CUDA device, not {self.device} with world_size={world_size}")
-            graphs = DecodeGraphs(model, block_size, self.max_model_len, max_num_seqs, self.device)
+            graphs = DecodeGraphs(model, block_size, self.max_model_len, max_num_seqs, self.device,
+                                  compile_decode=compile_decode)
         self.runner = ModelRunner(model, self.blocks, self.device, graphs)
         self._ids = itertools.count()
         self._streams: dict[str, tuple[IncrementalDecoder, Optional[StopStringMatcher]]] = {}

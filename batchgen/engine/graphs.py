@@ -58,6 +58,17 @@ def cuda_capture(pool: list) -> Capture:
     return capture
 
 
+def decode_logits(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                  tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """Logits [B, vocab] (fp32) of a decode step that reads its blocks gathered (no ``block_owner``).
+
+    Every input is a tensor argument, so ``torch.compile(decode_logits, dynamic=True)`` compiles
+    once for all batch sizes and table widths instead of once per graph.
+    """
+    meta = AttentionMetadata(is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=context_lens)
+    return model.compute_logits(model(ids, positions, meta))
+
+
 def batch_buckets(max_rows: int) -> tuple[int, ...]:
     """Batch sizes that get graphs: the powers of two below ``max_rows``, then ``max_rows``.
 
@@ -83,8 +94,10 @@ class DecodeGraphs:
 
     def __init__(self, model: Transformer, block_size: int, max_model_len: int, max_rows: int,
                  device: torch.device, capture: Optional[Capture] = None,
-                 max_gather_bytes: int = MAX_GATHER_BYTES) -> None:
+                 max_gather_bytes: int = MAX_GATHER_BYTES, compile_decode: bool = False) -> None:
         self.model = model
+        # Compiling fuses the step's small kernels (norms, RoPE, casts); see bench/NOTES.md, "GPU".
+        self.forward = torch.compile(decode_logits, dynamic=True) if compile_decode else decode_logits
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
         self.buckets = batch_buckets(max_rows)
@@ -140,15 +153,12 @@ class DecodeGraphs:
         return out[:B]
 
     def _step_fn(self, bucket: int, width: int) -> Callable[[], torch.Tensor]:
-        model = self.model
-        ids, positions = self.ids[:bucket], self.positions[:bucket]
-        meta = AttentionMetadata(is_prefill=False, slot_mapping=self.slots[:bucket],
-                                 block_tables=self.tables[:bucket, :width], context_lens=self.context_lens[:bucket])
-
-        out = self.logits[:bucket]
+        model, forward, out = self.model, self.forward, self.logits[:bucket]
+        inputs = (self.ids[:bucket], self.positions[:bucket], self.slots[:bucket],
+                  self.tables[:bucket, :width], self.context_lens[:bucket])
 
         def step() -> torch.Tensor:
-            out.copy_(model.compute_logits(model(ids, positions, meta)))  # [bucket, vocab]
+            out.copy_(forward(model, *inputs))  # [bucket, vocab]
             for layer in model.layers:  # padding rows wrote into the null block: zero it again
                 layer.attention.k_cache[0].zero_()
                 layer.attention.v_cache[0].zero_()
