@@ -122,13 +122,14 @@ class EngineSystem:
     """
 
     def __init__(self, model: Transformer, wl: Workload, device: torch.device,
-                 max_num_seqs: int = MAX_NUM_SEQS, cuda_graphs: Optional[bool] = None) -> None:
+                 max_num_seqs: int = MAX_NUM_SEQS, cuda_graphs: Optional[bool] = None,
+                 compile_decode: bool = False) -> None:
         from batchgen.engine import LLM, SamplingParams
 
-        self.model, self.wl = model, wl
+        self.model, self.wl, self.compile_decode = model, wl, compile_decode
         # KV is sized for max_num_seqs of the workload's longest request (the jobs' default).
         self.llm = LLM(model=model, device=str(device), max_model_len=wl.max_total_len,
-                       max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs)
+                       max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs, compile_decode=compile_decode)
         self.params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in wl.max_tokens]
         # Warm-up: first calls pay for allocator growth and kernel selection. With graphs, the
         # whole workload once, so that every graph it needs is recorded before the timing.
@@ -145,7 +146,8 @@ class EngineSystem:
         kv = sum(t.numel() * t.element_size() for layer in self.model.layers
                  for t in (layer.attention.k_cache, layer.attention.v_cache))
         return {"kv_cache_bytes": kv, "kv_cache_tokens": self.llm.kv_cache_tokens,
-                "preemptions": self.llm.scheduler.num_preemptions, "cuda_graphs": self.llm.runner.graphs is not None}
+                "preemptions": self.llm.scheduler.num_preemptions, "cuda_graphs": self.llm.runner.graphs is not None,
+                "compile_decode": self.llm.runner.graphs is not None and self.compile_decode}
 
 
 class HFSystem:
@@ -279,7 +281,8 @@ def measure_bandwidth_gbps(device: torch.device, nbytes: int, reps: int = 5) -> 
 
 
 def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
-                         args: Optional[ModelArgs] = None, steps: int = 256) -> dict[str, Any]:
+                         args: Optional[ModelArgs] = None, steps: int = 256,
+                         compile_decode: bool = False) -> dict[str, Any]:
     """Single-stream decode of a random model (default: Llama 2 7B's shape) against memory
     bandwidth / weight bytes (``--gpu-extras``, where the bandwidth is the GPU's HBM).
 
@@ -302,9 +305,9 @@ def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
     model.eval()
     prompt = torch.randint(3, args.vocab_size, (16,), generator=torch.Generator().manual_seed(seed)).tolist()
 
-    def decode_rate(cuda_graphs: bool) -> float:
+    def decode_rate(cuda_graphs: bool, compiled: bool = False) -> float:
         llm = LLM(model=model, device=str(device), max_model_len=1024, max_num_seqs=1, kv_cache_bytes=1 << 30,
-                  cuda_graphs=cuda_graphs)
+                  cuda_graphs=cuda_graphs, compile_decode=compiled)
 
         def timed(n: int) -> float:
             _sync(device)
@@ -318,13 +321,16 @@ def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
 
     tok_s = decode_rate(False)
     graphs_tok_s = decode_rate(True) if device.type == "cuda" else None
+    compiled_tok_s = decode_rate(True, compiled=True) if compile_decode and device.type == "cuda" else None
     bound = bw * 1e9 / weight_bytes
     return {"model": f"random, dim {args.dim}, {args.n_layers} layers, "
                      + (f"{n_params / 1e9:.1f}B params" if n_params >= 1e9 else f"{n_params / 1e6:.1f}M params"),
             "dtype": str(dtype).removeprefix("torch."), "weight_bytes": weight_bytes, "decode_tokens_per_s": tok_s,
             "copy_gbps": bw, "bandwidth_bound_tokens_per_s": bound, "fraction_of_bound": tok_s / bound,
             "cuda_graphs_decode_tokens_per_s": graphs_tok_s,
-            "cuda_graphs_fraction_of_bound": graphs_tok_s / bound if graphs_tok_s else None}
+            "cuda_graphs_fraction_of_bound": graphs_tok_s / bound if graphs_tok_s else None,
+            "compiled_decode_tokens_per_s": compiled_tok_s,
+            "compiled_fraction_of_bound": compiled_tok_s / bound if compiled_tok_s else None}
 
 
 def _machine(device: torch.device) -> str:
@@ -362,6 +368,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         "eager and from CUDA graphs")
     p.add_argument("--eager", action="store_true",
                    help="CUDA: batchgen runs every step eagerly instead of replaying decode steps from CUDA graphs")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="CUDA: batchgen compiles its replayed decode steps with torch.compile "
+                        "(with --gpu-extras, also single-stream)")
 
 
 def _validate(args: argparse.Namespace) -> Optional[str]:
@@ -382,8 +391,11 @@ def _validate(args: argparse.Namespace) -> Optional[str]:
             raise ValueError
     except ValueError:
         return f"--replicas must be a comma-separated list of integers >= 1, got {args.replicas!r}"
-    if args.gpu_extras and not (torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")):
-        return "--gpu-extras needs a CUDA device"
+    for flag in ("gpu_extras", "compile_decode"):
+        if getattr(args, flag) and not (torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")):
+            return f"--{flag.replace('_', '-')} needs a CUDA device"
+    if args.compile_decode and args.eager:
+        return "--compile-decode compiles the replayed steps, which --eager turns off"
     return None
 
 
@@ -412,7 +424,9 @@ def run_bench(args: argparse.Namespace) -> int:
     peak = measure_peak_gflops(device, dtype, n=(512 if args.quick else 4096) * (2 if device.type == "cuda" else 1))
     bandwidth = measure_bandwidth_gbps(device, (16 if args.quick else 1024) << 20)
 
-    systems = [(EngineSystem(model, wl, device, cuda_graphs=False if args.eager else None), RunResult(tokens=[]))]
+    engine = EngineSystem(model, wl, device, cuda_graphs=False if args.eager else None,
+                          compile_decode=args.compile_decode)
+    systems = [(engine, RunResult(tokens=[]))]
     if hf is not None:
         systems.append((HFSystem(hf, wl, args.hf_batch, device), RunResult(tokens=[])))
     with ExitStack() as stack:
@@ -474,7 +488,7 @@ def run_bench(args: argparse.Namespace) -> int:
         report["ok"] = report["ok"] and all(r["ok"] for r in report["pipeline"])
     if args.gpu_extras:
         del hf, model, systems
-        report["gpu_extras"] = single_stream_decode(device, dtype, args.seed)
+        report["gpu_extras"] = single_stream_decode(device, dtype, args.seed, compile_decode=args.compile_decode)
 
     _print_report(report, args.json)
     return 0 if report["ok"] else 1
@@ -508,6 +522,9 @@ def _print_report(r: dict[str, Any], as_json: bool) -> None:
         if g["cuda_graphs_decode_tokens_per_s"]:
             print(f"  from CUDA graphs {g['cuda_graphs_decode_tokens_per_s']:.1f} tok/s = "
                   f"{g['cuda_graphs_fraction_of_bound']:.2f} of the bound")
+        if g["compiled_decode_tokens_per_s"]:
+            print(f"  compiled graphs {g['compiled_decode_tokens_per_s']:.1f} tok/s = "
+                  f"{g['compiled_fraction_of_bound']:.2f} of the bound")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -65,7 +65,7 @@ def test_single_stream_decode_reports_its_bandwidth_bound() -> None:
     assert r["decode_tokens_per_s"] > 0 and r["copy_gbps"] > 0
     assert r["bandwidth_bound_tokens_per_s"] == pytest.approx(r["copy_gbps"] * 1e9 / r["weight_bytes"])
     assert r["fraction_of_bound"] == pytest.approx(r["decode_tokens_per_s"] / r["bandwidth_bound_tokens_per_s"])
-    assert r["cuda_graphs_decode_tokens_per_s"] is None  # CUDA only
+    assert r["cuda_graphs_decode_tokens_per_s"] is None and r["compiled_decode_tokens_per_s"] is None  # CUDA only
 
 
 def test_module_entry_point_without_hf() -> None:
@@ -138,6 +138,8 @@ def test_bad_arguments_exit_2(argv: list[str], message: str, capsys: pytest.Capt
 def test_gpu_options_need_cuda(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--quick", "--gpu-extras"]) == 2
     assert "CUDA" in capsys.readouterr().err
+    assert main(["--quick", "--compile-decode"]) == 2
+    assert "--compile-decode needs a CUDA device" in capsys.readouterr().err
     assert main(["--quick", "--device", "cuda"]) == 2
 
 

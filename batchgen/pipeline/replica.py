@@ -61,7 +61,8 @@ def build_llm(spec: JobSpec, device: Optional[str] = None) -> LLM:
     kv = int(m.kv_cache_memory_gb * (1 << 30)) if m.kv_cache_memory_gb else None
     return LLM(m.path, tokenizer=tokenizer, dtype=m.dtype, device=device, kv_cache_bytes=kv,
                max_num_seqs=m.max_num_seqs, max_num_batched_tokens=m.max_num_batched_tokens,
-               max_model_len=m.max_seq_len, cuda_graphs=None if m.cuda_graphs else False)
+               max_model_len=m.max_seq_len, cuda_graphs=None if m.cuda_graphs else False,
+               compile_decode=m.compile_decode)
 
 
 def row_sampling(spec: JobSpec, row: PromptRow) -> SamplingParams:
