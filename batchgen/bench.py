@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from batchgen.model import ModelArgs, Transformer, count_parameters
+from batchgen.model import ModelArgs, Transformer, count_parameters, meta_model
 
 # The model: ~134M parameters, MHA. max_seq_len only sizes RoPE tables here; the
 # engine's KV cache is sized from the workload (see EngineSystem).
@@ -295,8 +295,7 @@ def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
     n_params = count_parameters(args)
     weight_bytes = n_params * dtype.itemsize
     bw = measure_bandwidth_gbps(device, min(2 << 30, max(64 << 20, weight_bytes)))  # far past any cache
-    with torch.device("meta"):
-        model = Transformer(args).to(dtype)
+    model = meta_model(args).to(dtype)
     model = model.to_empty(device=device)  # allocated once, in dtype: 13.5 GB in bf16
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():

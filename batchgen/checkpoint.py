@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from batchgen.model import ModelArgs, Transformer, default_device, ffn_hidden_dim, resolve_dtype
+from batchgen.model import ModelArgs, Transformer, default_device, ffn_hidden_dim, meta_model, resolve_dtype
 
 Layout = Literal["meta", "hf"]
 # (dim, start, stop): the part of a full tensor one tensor-parallel rank holds.
@@ -438,8 +438,7 @@ def _tp_slice(name: str, args: ModelArgs, world_size: int, rank: int) -> Optiona
 
 
 def _full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    return {k: tuple(v.shape) for k, v in meta_model(args).state_dict().items()}
 
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
@@ -459,8 +458,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
     expected = _full_shapes(args)
     if args.tie_word_embeddings:
         expected.pop("output.weight")
-    with torch.device("meta"):
-        model = Transformer(args, world_size, rank)
+    model = meta_model(args, world_size, rank)
     with ExitStack() as stack:
         entries = _meta_entries(d) if layout == "meta" else _hf_entries(d, args, stack)
         if args.tie_word_embeddings:

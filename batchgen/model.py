@@ -453,11 +453,29 @@ class Transformer(nn.Module):
         return self.compute_logits(h).view(B, L, -1)
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Skips ``torch.nn.init``'s initialisers, which have nothing to fill on the meta device."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+def meta_model(args: ModelArgs, world_size: int = 1, rank: int = 0) -> Transformer:
+    """The model's modules and shapes on the meta device: no memory, no initialisation.
+
+    Initialising on meta would be a no-op, but ``normal_`` (the embedding's) goes through
+    ``torch._refs`` there, whose first use imports ``torch._dynamo``: about a second of every
+    process that loads a checkpoint (each replica's start), for nothing.
+    """
+    with torch.device("meta"), _SkipInit():
+        return Transformer(args, world_size, rank)
+
+
 def count_parameters(args: ModelArgs) -> int:
     """Parameter count of a model with these args, built on the meta device (no memory used)."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in meta_model(args).parameters())
 
 
 def resolve_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.dtype:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -396,3 +398,23 @@ def test_save_meta_splits_like_meta_model_parallel_files(tmp_path: Path) -> None
     params = json.loads((tmp_path / "params.json").read_text())
     assert set(params) == {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                            "ffn_dim_multiplier", "norm_eps", "rope_theta"}
+
+
+def test_loading_does_not_import_dynamo(tmp_path: Path) -> None:
+    # Initialisers run on the meta device import torch._dynamo (about a second of every replica's
+    # start); loading must build the model without them. A fresh process, since pytest's has
+    # likely imported it already.
+    write("hf", tiny_args(), tmp_path)
+    code = ("import sys, torch; already = 'torch._dynamo' in sys.modules\n"
+            "from batchgen.checkpoint import load_model\n"
+            "from batchgen.model import count_parameters\n"
+            "m = load_model(sys.argv[1], dtype='float32', device='cpu')\n"
+            "assert count_parameters(m.args) == sum(p.numel() for p in m.parameters())\n"
+            "print(already, 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    already, after = out.stdout.split()
+    if already == "True":
+        pytest.skip("this torch imports torch._dynamo with torch itself")
+    assert after == "False"
