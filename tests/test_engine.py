@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from batchgen.engine import LLM, SamplingParams
-from batchgen.engine.kv_cache import bytes_per_block
+from batchgen.engine.kv_cache import bytes_per_block, zeroed
 from batchgen.model import AttentionMetadata, ModelArgs, Transformer
 from reference import random_prompts, reference_greedy, sharp_model
 
@@ -248,3 +250,27 @@ def test_fused_projections_follow_parameter_edits_and_keep_gradients() -> None:
     separate2.sum().backward()
     for lin in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
         assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc to read RSS")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kv_pool_reads_zero_and_takes_memory_only_where_written(dtype: torch.dtype) -> None:
+    # The null block and padded slots must read as zeros; the pool must not be written up front
+    # (that was most of building an engine) nor count in RSS before a block is used.
+    shape = (1 + 2048, 4, 16, 256)  # 2049 blocks of 32 KiB (fp32): 256 MiB
+    before = _rss_bytes()
+    pool = zeroed(shape, dtype, torch.device("cpu"))
+    assert _rss_bytes() - before < 16 << 20
+    assert pool.shape == shape and pool.dtype == dtype and pool.is_contiguous()
+    assert not pool[0].any() and not pool[-1].any()
+    pool[7] = 1.5
+    assert float(pool[7].sum()) == 1.5 * pool[7].numel() and not pool[6].any() and not pool[8].any()
+    assert _rss_bytes() - before < 16 << 20
+    full = pool.numel() * pool.element_size()
+    pool.fill_(2.0)  # now every page is real
+    assert _rss_bytes() - before > full // 2
