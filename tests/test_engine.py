@@ -252,18 +252,18 @@ def test_fused_projections_follow_parameter_edits_and_keep_gradients() -> None:
         assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _rss_bytes(kind: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith(kind + ":"))
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc to read RSS")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc to read RSS")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_kv_pool_reads_zero_and_takes_memory_only_where_written(dtype: torch.dtype) -> None:
     # The null block and padded slots must read as zeros; the pool must not be written up front
     # (that was most of building an engine) nor count in RSS before a block is used.
     shape = (1 + 2048, 4, 16, 256)  # 2049 blocks of 32 KiB (fp32): 256 MiB
-    before = _rss_bytes()
+    before, shared_before = _rss_bytes(), _rss_bytes("RssShmem")
     pool = zeroed(shape, dtype, torch.device("cpu"))
     assert _rss_bytes() - before < 16 << 20
     assert pool.shape == shape and pool.dtype == dtype and pool.is_contiguous()
@@ -274,3 +274,4 @@ def test_cpu_kv_pool_reads_zero_and_takes_memory_only_where_written(dtype: torch
     full = pool.numel() * pool.element_size()
     pool.fill_(2.0)  # now every page is real
     assert _rss_bytes() - before > full // 2
+    assert _rss_bytes("RssShmem") - shared_before < 16 << 20  # private: a forked child does not share it
