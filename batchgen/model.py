@@ -21,7 +21,7 @@ all-reduce their output. With ``world_size == 1`` no ``torch.distributed`` call 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -456,7 +456,7 @@ class Transformer(nn.Module):
 class _SkipInit(torch.overrides.TorchFunctionMode):
     """Skips ``torch.nn.init``'s initialisers, which have nothing to fill on the meta device."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         if getattr(func, "__module__", None) == "torch.nn.init":
             return args[0] if args else kwargs["tensor"]
         return func(*args, **(kwargs or {}))
