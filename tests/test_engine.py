@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from batchgen.engine import LLM, SamplingParams
+from batchgen.engine import kv_cache
 from batchgen.engine.kv_cache import bytes_per_block, zeroed
 from batchgen.model import AttentionMetadata, ModelArgs, Transformer
 from reference import random_prompts, reference_greedy, sharp_model
@@ -275,3 +276,18 @@ def test_cpu_kv_pool_reads_zero_and_takes_memory_only_where_written(dtype: torch
     pool.fill_(2.0)  # now every page is real
     assert _rss_bytes() - before > full // 2
     assert _rss_bytes("RssShmem") - shared_before < 16 << 20  # private: a forked child does not share it
+
+
+@pytest.mark.skipif(kv_cache.host_memory_available() is None, reason="needs Linux /proc/meminfo")
+def test_a_cpu_kv_cache_larger_than_the_memory_available_is_refused_up_front(model: Transformer,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pool is written lazily, so without this check an oversized one would only fail mid-job.
+    assert kv_cache.host_memory_available() > 1 << 20
+    llm = LLM(model=model, device="cpu", kv_cache_bytes=8 << 20)  # fits in this machine
+    pool = (1 + llm.blocks.num_blocks) * bytes_per_block(model, llm.blocks.block_size, torch.float32)
+    monkeypatch.setattr(kv_cache, "host_memory_available", lambda: pool - 1)
+    with pytest.raises(ValueError, match=rf"KV cache of {llm.blocks.num_blocks} blocks needs [0-9.]+ GiB, but only "
+                                         r"[0-9.]+ GiB of memory is available: lower the KV budget"):
+        LLM(model=model, device="cpu", kv_cache_bytes=8 << 20)
+    monkeypatch.setattr(kv_cache, "host_memory_available", lambda: pool)
+    LLM(model=model, device="cpu", kv_cache_bytes=8 << 20)  # exactly enough

@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import math
 import mmap
+from typing import Optional
 
 import torch
 
@@ -43,9 +44,34 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.frombuffer(pages, dtype=dtype).view(shape)  # the tensor keeps the map alive
 
 
+def host_memory_available() -> Optional[int]:
+    """Bytes the kernel can hand out without swapping (``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def allocate_kv_cache(model: Transformer, num_blocks: int, block_size: int,
                       dtype: torch.dtype, device: torch.device) -> None:
-    """Give every attention layer its K and V block pools [1 + num_blocks, Hkv, block_size, D]."""
+    """Give every attention layer its K and V block pools [1 + num_blocks, Hkv, block_size, D].
+
+    Raises:
+        ValueError: on the CPU, when the pools would not fit in the memory available. Their pages
+            are only written as blocks are used, so an oversized pool would otherwise run until
+            the kernel's OOM killer ends the process mid-job.
+    """
+    if device.type == "cpu":
+        total = (1 + num_blocks) * bytes_per_block(model, block_size, dtype)
+        available = host_memory_available()
+        if available is not None and total > available:
+            raise ValueError(f"a KV cache of {num_blocks} blocks needs {total / 2**30:.2f} GiB, but only "
+                             f"{available / 2**30:.2f} GiB of memory is available: lower the KV budget "
+                             "(kv_cache_bytes; model.kv_cache_memory_gb in a job spec), max_num_seqs or max_model_len")
     for layer in model.layers:
         attn = layer.attention
         shape = (1 + num_blocks, attn.n_local_kv_heads, block_size, attn.head_dim)  # + the null block
