@@ -121,7 +121,8 @@ class ModelSpec(_Section):
     tensor_parallel: int = Field(1, ge=1)
     max_seq_len: int | None = Field(None, ge=1, description="context length; default: from the checkpoint")
     kv_cache_memory_gb: float | None = Field(None, gt=0, allow_inf_nan=False,
-                                             description="KV cache budget per GPU in GiB (2**30 bytes)")
+                                             description="KV cache budget per GPU (per replica on a CPU) in GiB (2**30 "
+                                                         "bytes); default: 90% of free GPU memory, 2 GiB on a CPU")
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)
     cuda_graphs: bool = Field(True, description="replay decode steps from CUDA graphs on a single-GPU replica; "
