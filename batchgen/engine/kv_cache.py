@@ -32,11 +32,11 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     """A zero tensor; on the CPU, one whose pages the kernel supplies (zeroed) when first touched.
 
     ``torch.zeros`` writes every page up front: for a CPU KV cache that is most of building the
-    engine (0.3 s for this bench's 1.3 GB, seconds for a 7B model's budget) and memory the job may
+    engine (0.3 s for the bench model's 1.3 GB, seconds for a 7B model's budget) and memory the job may
     never use, since blocks are handed out lowest id first. An anonymous mapping reads as zeros
     until written, costs nothing to create, and counts in RSS only where it was touched.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or not hasattr(mmap, "MAP_ANONYMOUS"):  # (Windows has no such flag)
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
     # Private: Python's default for an anonymous map is shared (shmem), which a forked child would share.
