@@ -17,6 +17,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -294,7 +295,7 @@ def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
     args = args or ModelArgs.from_preset("llama-2-7b")
     n_params = count_parameters(args)
     weight_bytes = n_params * dtype.itemsize
-    bw = measure_bandwidth_gbps(device, min(2 << 30, max(64 << 20, weight_bytes)))  # far past any cache
+    bw = measure_bandwidth_gbps(device, _probe_bytes(weight_bytes))
     model = meta_model(args).to(dtype)
     model = model.to_empty(device=device)  # allocated once, in dtype: 13.5 GB in bf16
     g = torch.Generator(device=device).manual_seed(seed)
@@ -332,6 +333,33 @@ def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
             "compiled_fraction_of_bound": compiled_tok_s / bound if compiled_tok_s else None}
 
 
+def _probe_bytes(weight_bytes: int) -> int:
+    """Size of the bandwidth probe's buffer next to a model: far past any cache, at most 2 GiB."""
+    return min(2 << 30, max(64 << 20, weight_bytes))
+
+
+def single_stream_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
+    """GPU memory :func:`single_stream_decode` needs for ``args``: the weights, its 1 GiB KV
+    cache, the bandwidth probe's two buffers and 1 GiB for activations and graph pools."""
+    weights = count_parameters(args) * dtype.itemsize
+    return weights + (1 << 30) + 2 * _probe_bytes(weights) + (1 << 30)
+
+
+def _gpu_extras(device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> dict[str, Any]:
+    """Single-stream decode of the 7B shape (``--quick``: the tiny one); by default only where it
+    fits, so that a bench on a small GPU still reports its batch numbers; always with ``--gpu-extras``."""
+    shape = QUICK_ARGS if args.quick else ModelArgs.from_preset("llama-2-7b")
+    gc.collect()  # the engine and transformers were just dropped; reference cycles may still hold them
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    need = single_stream_bytes(shape, dtype)
+    if args.gpu_extras is None and free < need:
+        return {"skipped": f"the single-stream run needs {need / 2**30:.1f} GiB of GPU memory, "
+                           f"{free / 2**30:.1f} GiB is free (--gpu-extras runs it anyway)"}
+    return single_stream_decode(device, dtype, args.seed, shape, steps=64 if args.quick else 256,
+                                compile_decode=args.compile_decode)
+
+
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -362,9 +390,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-rows", type=int, default=100, help="rows per shard for --pipeline (default 100)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="weights and activations of both systems (auto: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--gpu-extras", action="store_true",
-                   help="CUDA only: single-stream decode of a 7B-shaped model vs HBM bandwidth, "
-                        "eager and from CUDA graphs")
+    p.add_argument("--gpu-extras", action=argparse.BooleanOptionalAction, default=None,
+                   help="single-stream decode of a 7B-shaped model vs HBM bandwidth, eager and from CUDA "
+                        "graphs (default: on CUDA, when the GPU has room for it; --gpu-extras insists, "
+                        "--no-gpu-extras skips it)")
     p.add_argument("--eager", action="store_true",
                    help="CUDA: batchgen runs every step eagerly instead of replaying decode steps from CUDA graphs")
     p.add_argument("--compile-decode", action="store_true",
@@ -466,6 +495,8 @@ def run_bench(args: argparse.Namespace) -> int:
         **systems[0][0].info(),
         "hf_attn_implementation": systems[1][0].info()["hf_attn_implementation"] if theirs else None,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        # Both models, the engine's KV pool and either system's transients (CUDA only).
+        "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "device": str(device),
         "machine": _machine(device),
         "dtype": str(dtype).removeprefix("torch."),
@@ -485,9 +516,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if jobs is not None:
         report["pipeline"] = jobs.report(ours, TIE_TOL[dtype])
         report["ok"] = report["ok"] and all(r["ok"] for r in report["pipeline"])
-    if args.gpu_extras:
-        del hf, model, systems
-        report["gpu_extras"] = single_stream_decode(device, dtype, args.seed, compile_decode=args.compile_decode)
+    if device.type == "cuda" and args.gpu_extras is not False:
+        del hf, model, systems, engine
+        report["gpu_extras"] = _gpu_extras(device, dtype, args)
 
     _print_report(report, args.json)
     return 0 if report["ok"] else 1
@@ -507,15 +538,18 @@ def _print_report(r: dict[str, Any], as_json: bool) -> None:
             kind = "near-tie" if d["tie"] else "NOT A TIE (bug)"
             print(f"  request {d['request']} diverges at token {d['position']}: logit gap "
                   f"{d['logit_gap']:.2e} ({kind})")
+    gpu = f", peak GPU memory {r['peak_gpu_mib']:.0f} MiB" if r["peak_gpu_mib"] is not None else ""
     print(f"{r['device']} ({r['machine']}), {r['dtype']}, {r['torch_threads']} threads, "
-          f"peak RSS {r['peak_rss_mib']:.0f} MiB, KV cache {r['kv_cache_bytes'] / 2**20:.0f} MiB")
+          f"peak RSS {r['peak_rss_mib']:.0f} MiB{gpu}, KV cache {r['kv_cache_bytes'] / 2**20:.0f} MiB")
     for p in r.get("pipeline", []):
         print(f"pipeline, {p['replicas']} replica(s): {p['tokens_per_s']:7.1f} tok/s, "
               f"{statistics.median(p['seconds']):.1f} s = {p['overhead_vs_engine']:+.1%} vs the bare engine "
               f"({p['shards']} shards, first started after {statistics.median(p['startup_seconds']):.1f} s; "
               f"tokens match {p['tokens_match_fraction']:.4f})")
-    if "gpu_extras" in r:
-        g = r["gpu_extras"]
+    g = r.get("gpu_extras")
+    if g and "skipped" in g:
+        print(f"single-stream decode skipped: {g['skipped']}")
+    elif g:
         print(f"single-stream decode ({g['model']}) {g['decode_tokens_per_s']:.1f} tok/s = {g['fraction_of_bound']:.2f} "
               f"of bandwidth/weights ({g['bandwidth_bound_tokens_per_s']:.1f} tok/s)")
         if g["cuda_graphs_decode_tokens_per_s"]:

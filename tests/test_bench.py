@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from batchgen.bench import (QUICK_ARGS, Workload, compare_tokens, linear_flops_per_token, main,
-                            min_traffic_bytes, request_flops, single_stream_decode)
+                            min_traffic_bytes, request_flops, single_stream_decode, _print_report)
 from batchgen.model import Transformer
 from reference import reference_greedy, sharp_model
 
@@ -75,6 +75,17 @@ def test_module_entry_point_without_hf() -> None:
     report = json.loads(out.stdout)
     assert report["tokens_per_s"] > 0 and report["hf_tokens_per_s"] is None and report["speedup_vs_hf"] is None
     assert report["tokens_match_fraction"] is None and report["ok"] is True
+    assert ("gpu_extras" in report) == torch.cuda.is_available()  # single-stream decode: CUDA only
+
+
+def test_text_report_says_why_single_stream_was_skipped(capsys: pytest.CaptureFixture[str]) -> None:
+    """A GPU without room for the 7B gets its batch numbers and a reason instead of a crash."""
+    assert main(["--quick", "--json", "--skip-hf", "--prompts", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    report["gpu_extras"] = {"skipped": "the single-stream run needs 19.6 GiB of GPU memory, 7.5 GiB is free"}
+    _print_report(report, as_json=False)
+    out = capsys.readouterr().out
+    assert "batchgen" in out and "single-stream decode skipped: the single-stream run needs 19.6 GiB" in out
 
 
 def test_pipeline_mode_runs_real_jobs_with_the_engines_tokens() -> None:

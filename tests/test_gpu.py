@@ -85,3 +85,8 @@ def test_bf16_bench_against_transformers_on_the_device(capsys: pytest.CaptureFix
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["ok"] is True, report["divergences"]
     assert report["dtype"] == "bfloat16" and report["device"].startswith(DEVICE)
+    if DEVICE.startswith("cuda"):  # single-stream decode comes by default on CUDA (here the --quick shape)
+        assert report["gpu_extras"]["cuda_graphs_decode_tokens_per_s"] > 0, report["gpu_extras"]
+        assert report["peak_gpu_mib"] > report["kv_cache_bytes"] / 2**20
+    else:
+        assert "gpu_extras" not in report and report["peak_gpu_mib"] is None
