@@ -1,6 +1,6 @@
 """``batchgen bench``: the engine against ``transformers`` generate, on the same random weights.
 
-One process, one run: build a seeded random LLaMA, copy its weights into
+One process, one run: build a seeded random LLaMA (or load a checkpoint), copy its weights into
 ``transformers.LlamaForCausalLM``, time both systems on the same greedy workload, check that
 their tokens agree (a divergence is allowed only at a near-tie), and report throughput, FLOP
 efficiency against a matmul measured in the same run, memory and the machine, as JSON with
@@ -10,6 +10,7 @@ Usage::
 
     python -m batchgen bench --json            # the full benchmark (minutes on a 2-core CPU)
     python -m batchgen bench --quick --json    # a tiny model, for tests
+    python -m batchgen bench --model DIR --json   # your checkpoint's weights and shape, random prompts
     python -m batchgen bench --dtype bfloat16 --json   # both systems in bf16 (the default on CUDA)
     python -m batchgen bench --pipeline --skip-hf --json   # + 1,000 prompts as Ray jobs, 1 and 2 replicas
 """
@@ -381,6 +382,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the workload")
     p.add_argument("--skip-hf", action="store_true", help="time batchgen only (no speedup, no token check)")
     p.add_argument("--quick", action="store_true", help="tiny model and short requests (for tests)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a checkpoint directory (Meta or HF layout) to bench instead of the random model; "
+                        "transformers gets the same weights")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per system; medians are reported")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for both systems (default: torch's, one per core)")
@@ -438,8 +442,22 @@ def run_bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    margs = QUICK_ARGS if args.quick else BENCH_ARGS
     lens = (4, 24) if args.quick else (8, 128)
+    if args.model:
+        from batchgen.checkpoint import CheckpointError, load_model
+
+        try:
+            model = load_model(args.model, dtype=dtype, device=device)
+        except CheckpointError as e:
+            print(f"error: --model: {e}", file=sys.stderr)
+            return 2
+        if 2 * lens[1] > model.args.max_seq_len:
+            print(f"error: --model {args.model}: the workload's requests reach {2 * lens[1]} tokens, past the "
+                  f"model's max_seq_len {model.args.max_seq_len}", file=sys.stderr)
+            return 2
+    else:
+        model = build_model(QUICK_ARGS if args.quick else BENCH_ARGS, args.seed, device, dtype)
+    margs = model.args
     n_prompts = args.prompts or (1000 if args.pipeline else 64)
     wl = make_workload(n_prompts, margs.vocab_size, args.seed, lens, lens)
     if args.pipeline:
@@ -447,7 +465,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
         wl = pipeline_workload(wl)  # what a job's tokenizer makes of the prompt texts
 
-    model = build_model(margs, args.seed, device, dtype)
     hf = None if args.skip_hf else build_hf(model, device, dtype)
     peak = measure_peak_gflops(device, dtype, n=(512 if args.quick else 4096) * (2 if device.type == "cuda" else 1))
     bandwidth = measure_bandwidth_gbps(device, (16 if args.quick else 1024) << 20)
@@ -503,7 +520,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "model_params": count_parameters(margs),
-        "model": {"dim": margs.dim, "n_layers": margs.n_layers, "n_heads": margs.n_heads,
+        "model": {"path": args.model, "dim": margs.dim, "n_layers": margs.n_layers, "n_heads": margs.n_heads,
                   "n_kv_heads": margs.n_kv_heads, "hidden_dim": margs.hidden_dim, "vocab_size": margs.vocab_size},
         "workload": {"prompts": len(wl.prompts), "prompt_tokens": sum(map(len, wl.prompts)),
                      "output_tokens": wl.output_tokens, "hf_batch": args.hf_batch, "seed": args.seed},

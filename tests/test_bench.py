@@ -20,6 +20,7 @@ import torch
 
 from batchgen.bench import (QUICK_ARGS, Workload, compare_tokens, linear_flops_per_token, main,
                             min_traffic_bytes, request_flops, single_stream_decode, _print_report)
+from batchgen.checkpoint import save_hf
 from batchgen.model import Transformer
 from reference import reference_greedy, sharp_model
 
@@ -190,3 +191,24 @@ def test_flop_count_matches_the_model() -> None:
                       and not name.endswith("norm.weight"))
     kv_token = 4 * 2 * a.n_layers * a.n_kv_heads * a.head_dim
     assert min_traffic_bytes(a, Workload([[1] * p], [n]), 4) == n * weights + sum(p + j for j in range(1, n)) * kv_token
+
+
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+def test_bench_of_a_real_checkpoint(layout: str, shared_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--model``: the trained stories260K (GQA) in either layout, against transformers on its weights."""
+    pytest.importorskip("transformers", reason="the baseline is transformers' generate")
+    path = shared_dir / "models" / f"stories260K-{layout}"
+    assert main(["--model", str(path), "--json", "--prompts", "6", "--hf-batch", "3", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True and report["tokens_match_fraction"] > 0.9, report["divergences"]
+    assert report["model"]["path"] == str(path)
+    assert (report["model"]["dim"], report["model"]["n_kv_heads"], report["model"]["vocab_size"]) == (64, 4, 512)
+
+
+def test_bench_model_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model", str(tmp_path / "nope"), "--json"]) == 2
+    assert f"error: --model: {tmp_path / 'nope'}: not a directory" in capsys.readouterr().err
+    short = tmp_path / "short"  # max_seq_len 128, and the full workload's requests reach 256 tokens
+    save_hf(Transformer(QUICK_ARGS).state_dict(), QUICK_ARGS, short)
+    assert main(["--model", str(short), "--json"]) == 2
+    assert "past the model's max_seq_len 128" in capsys.readouterr().err
