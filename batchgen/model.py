@@ -410,6 +410,13 @@ class Transformer(nn.Module):
         # Plain attributes, not buffers: Module.to(bfloat16) would otherwise cast the tables.
         self._rope: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # cos, sin, complex
 
+    def set_max_seq_len(self, n: int) -> None:
+        """Serve contexts of up to ``n`` tokens. RoPE is computed, not learned, so only its tables
+        change. ``args`` is replaced, not edited: the caller's ``ModelArgs`` may be shared."""
+        if n != self.args.max_seq_len:
+            self.args = replace(self.args, max_seq_len=n)
+            self._rope = None
+
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables [max_seq_len, head_dim // 2] (fp32) on ``device``."""
         if self._rope is None or self._rope[0].device != device:

@@ -75,11 +75,9 @@ class LLM:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_id if tokenizer is not None else DEFAULT_EOS_ID
-        if max_model_len and max_model_len != model.args.max_seq_len:
+        if max_model_len:
             # Meta's params.json records no context length (2048 is assumed): let the job set it.
-            # RoPE is computed, not learned, so the tables are simply rebuilt for the new length.
-            model.args.max_seq_len = max_model_len
-            model._rope = None
+            model.set_max_seq_len(max_model_len)
         self.max_model_len = model.args.max_seq_len
         cache_dtype = next(model.parameters()).dtype
 

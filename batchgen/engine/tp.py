@@ -546,10 +546,7 @@ def follower_loop(model_dir: Optional[Union[str, Path]] = None, *, model: Option
                         for k, v in _fingerprint(model).items() if theirs.get(k) != v)
     if not problem:
         try:
-            # As LLM does on rank 0: RoPE is computed, so another context length just rebuilds it.
-            if cfg["max_model_len"] != model.args.max_seq_len:
-                model.args.max_seq_len = cfg["max_model_len"]
-                model._rope = None
+            model.set_max_seq_len(cfg["max_model_len"])  # as LLM does on rank 0
             allocate_kv_cache(model, cfg["num_blocks"], cfg["block_size"], next(model.parameters()).dtype, dev)
         except Exception as e:
             problem = f"cannot allocate {cfg['num_blocks']} KV blocks: {_describe(e)}"
