@@ -296,9 +296,8 @@ def test_a_cpu_kv_cache_larger_than_the_memory_available_is_refused_up_front(mod
 def test_context_length_change_leaves_the_callers_args_alone() -> None:
     """``max_model_len`` replaces the model's args: one ``ModelArgs`` may build many models (the
     bench's presets did, and an engine once shortened every later model built from them)."""
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=16, max_seq_len=128)
-    torch.manual_seed(0)
-    model = Transformer(args).eval()
+    model = sharp_model(max_seq_len=128)
+    args = model.args
     llm = LLM(model=model, device="cpu", max_model_len=40, max_num_seqs=2)
     assert args.max_seq_len == 128 and model.args.max_seq_len == 40 and llm.max_model_len == 40
     prompt = [5, 17, 42, 9]
