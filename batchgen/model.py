@@ -164,6 +164,32 @@ def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * freqs[:, None, :]).view(T, H, D).type_as(x)
 
 
+#: fp32 matmuls on a CPU through oneDNN (see :func:`linear`); False: PyTorch's BLAS (MKL).
+#: A switch for A/B measurements (``bench --cpu-matmul``); off where the build has no oneDNN.
+def onednn_linear_available() -> bool:
+    """Whether this PyTorch build has oneDNN and the inner-product op :func:`linear` calls."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+CPU_ONEDNN_LINEAR: bool = onednn_linear_available()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` [T, out] for inference, x [T, in] and weight [out, in].
+
+    fp32 on a CPU goes through oneDNN's inner product rather than ``F.linear`` (MKL's sgemm):
+    at the few rows of a decode step MKL re-packs every weight on every call, and on AMD CPUs it
+    also runs slower kernels. Measured on a 2-core EPYC, the bench model's matmuls at 64 rows:
+    75 ms instead of 99 ms; at 16 rows 26 instead of 46 (bench/NOTES.md). Same weights, no copy.
+    """
+    # Not under torch.compile: inductor picks its own CPU kernels (and lowers this op only for
+    # weights it packed itself).
+    if (CPU_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+            and weight.is_contiguous() and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return F.linear(x, weight)
+
+
 def _all_reduce(x: torch.Tensor, world_size: int) -> torch.Tensor:
     if world_size > 1:
         import torch.distributed as dist
@@ -281,7 +307,7 @@ class Attention(nn.Module):
         if torch.is_grad_enabled():  # training: the separate parameters, for their gradients
             qkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
         else:
-            qkv = F.linear(x, _fused_weight(self, ("wq", "wk", "wv")))
+            qkv = linear(x, _fused_weight(self, ("wq", "wk", "wv")))
         qk = _rotate(qkv[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D), step.freqs)  # RoPE on q and k at once
         q, k = qk[:, :Hq], qk[:, Hq:]
         v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
@@ -301,7 +327,7 @@ class Attention(nn.Module):
         if step.seqs:
             outs.append(self._prefill(q[n:], k[n:], v[n:], step))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        return _all_reduce(self.wo(out.reshape(T, Hq * D)), self.world_size)
+        return _all_reduce(linear(out.reshape(T, Hq * D), self.wo.weight), self.world_size)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: _Step) -> torch.Tensor:
         """Causal attention within each prefilled sequence: one SDPA over a [S, L] batch."""
@@ -372,10 +398,10 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return _all_reduce(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.world_size)
-        h = F.linear(x, _fused_weight(self, ("w1", "w3")))  # [T, 2 * hidden]
+        h = linear(x, _fused_weight(self, ("w1", "w3")))  # [T, 2 * hidden]
         n = h.shape[-1] // 2
-        gate = F.silu(h[:, :n], inplace=True).mul_(h[:, n:])  # in place: no [T, hidden] temporaries
-        return _all_reduce(self.w2(gate), self.world_size)
+        gate = F.silu(h[:, :n]).mul_(h[:, n:])  # [T, hidden], contiguous: oneDNN would copy a view
+        return _all_reduce(linear(gate, self.w2.weight), self.world_size)
 
 
 class TransformerBlock(nn.Module):
@@ -439,7 +465,7 @@ class Transformer(nn.Module):
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] in fp32 for hidden states [N, dim]."""
-        return self.output(self.norm(h)).float()
+        return linear(self.norm(h), self.output.weight).float()
 
     def logits_full(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, L, vocab] for a batch of equal-length sequences [B, L], no KV cache.
@@ -513,5 +539,5 @@ def param_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
 __all__ = [
     "ModelArgs", "PRESETS", "AttentionMetadata", "Transformer", "RMSNorm", "Attention",
     "FeedForward", "TransformerBlock", "ffn_hidden_dim", "count_parameters", "resolve_dtype",
-    "default_device", "param_bytes", "rope_tables", "apply_rope",
+    "default_device", "param_bytes", "rope_tables", "apply_rope", "linear", "onednn_linear_available",
 ]

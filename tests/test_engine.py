@@ -6,11 +6,13 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from batchgen import model as model_module
 from batchgen.engine import LLM, SamplingParams
 from batchgen.engine import kv_cache
 from batchgen.engine.kv_cache import bytes_per_block, zeroed
-from batchgen.model import AttentionMetadata, ModelArgs, Transformer
+from batchgen.model import AttentionMetadata, ModelArgs, Transformer, linear, onednn_linear_available
 from reference import random_prompts, reference_greedy, sharp_model
 
 
@@ -21,6 +23,46 @@ def _model(n_kv_heads: int = 2, seed: int = 0, max_seq_len: int = 128) -> Transf
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     return _model()
+
+
+def _ops(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="this PyTorch build has no oneDNN")
+def test_cpu_fp32_inference_matmuls_run_through_onednn_and_match_f_linear() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 96, generator=g)
+    with torch.inference_mode():
+        for rows in (1, 7, 64):
+            x = torch.randn(rows, 96, generator=g)
+            assert "mkldnn::_linear_pointwise" in _ops(lambda: linear(x, w))
+            torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        # A strided view (the FFN's halves are such views) is read correctly too.
+        x = torch.randn(9, 192, generator=g)[:, ::2]
+        torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        # The whole model's inference forward uses it, and so does the engine's generate.
+        m = _model()
+        assert "mkldnn::_linear_pointwise" in _ops(lambda: m.logits_full(torch.tensor([[1, 2, 3]])))
+    # Training keeps the differentiable F.linear; bf16 and the switch's off position use BLAS.
+    x = torch.randn(4, 96, generator=g)
+    assert "mkldnn::_linear_pointwise" not in _ops(lambda: linear(x, w.requires_grad_()))
+    with torch.inference_mode():
+        assert "mkldnn::_linear_pointwise" not in _ops(lambda: linear(x.bfloat16(), w.detach().bfloat16()))
+
+
+def test_blas_switch_gives_the_same_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model()
+    prompts = random_prompts(6, seed=11)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    fast = [o.token_ids for o in LLM(model=model, device="cpu").generate(prompts, params)]
+    monkeypatch.setattr(model_module, "CPU_ONEDNN_LINEAR", False)
+    with torch.inference_mode():
+        x, w = torch.randn(3, 8), torch.randn(5, 8)
+        assert "mkldnn::_linear_pointwise" not in _ops(lambda: linear(x, w))
+    assert [o.token_ids for o in LLM(model=model, device="cpu").generate(prompts, params)] == fast
 
 
 @pytest.mark.parametrize("n_kv_heads", [8, 2])  # MHA and GQA
