@@ -13,12 +13,12 @@ Usage::
     python -m batchgen bench --model DIR --json   # your checkpoint's weights and shape, random prompts
     python -m batchgen bench --dtype bfloat16 --json   # both systems in bf16 (the default on CUDA)
     python -m batchgen bench --pipeline --skip-hf --json   # + 1,000 prompts as Ray jobs, 1 and 2 replicas
+    python -m batchgen bench --cpu-matmul blas --json   # batchgen's CPU matmuls through MKL, as transformers'
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -33,7 +33,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from batchgen.model import ModelArgs, Transformer, count_parameters, meta_model
+from batchgen import model as model_module
+from batchgen.model import ModelArgs, Transformer, count_parameters
 
 # The issue's model: ~134M parameters, MHA. max_seq_len only sizes RoPE tables here; the
 # engine's KV cache is sized from the workload (see EngineSystem).
@@ -282,85 +283,6 @@ def measure_bandwidth_gbps(device: torch.device, nbytes: int, reps: int = 5) -> 
     return 2 * nbytes / best / 1e9
 
 
-def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
-                         args: Optional[ModelArgs] = None, steps: int = 256,
-                         compile_decode: bool = False) -> dict[str, Any]:
-    """Single-stream decode of a random model (default: Llama 2 7B's shape) against memory
-    bandwidth / weight bytes (``--gpu-extras``, where the bandwidth is the GPU's HBM).
-
-    One request decodes alone, so every step reads all weights once: bandwidth / weight bytes
-    is the ceiling on its tokens per second.
-    """
-    from batchgen.engine import LLM, SamplingParams
-
-    args = args or ModelArgs.from_preset("llama-2-7b")
-    n_params = count_parameters(args)
-    weight_bytes = n_params * dtype.itemsize
-    bw = measure_bandwidth_gbps(device, _probe_bytes(weight_bytes))
-    model = meta_model(args).to(dtype)
-    model = model.to_empty(device=device)  # allocated once, in dtype: 13.5 GB in bf16
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02, generator=g)
-    model.eval()
-    prompt = torch.randint(3, args.vocab_size, (16,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-    def decode_rate(cuda_graphs: bool, compiled: bool = False) -> float:
-        llm = LLM(model=model, device=str(device), max_model_len=1024, max_num_seqs=1, kv_cache_bytes=1 << 30,
-                  cuda_graphs=cuda_graphs, compile_decode=compiled)
-
-        def timed(n: int) -> float:
-            _sync(device)
-            t0 = time.perf_counter()
-            llm.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))
-            _sync(device)
-            return time.perf_counter() - t0
-
-        timed(steps + 1)  # warm-up at full length: with graphs, every table width gets recorded here
-        return steps / (timed(steps + 1) - timed(1))  # the prefill (and first token) cancels out
-
-    tok_s = decode_rate(False)
-    graphs_tok_s = decode_rate(True) if device.type == "cuda" else None
-    compiled_tok_s = decode_rate(True, compiled=True) if compile_decode and device.type == "cuda" else None
-    bound = bw * 1e9 / weight_bytes
-    return {"model": f"random, dim {args.dim}, {args.n_layers} layers, "
-                     + (f"{n_params / 1e9:.1f}B params" if n_params >= 1e9 else f"{n_params / 1e6:.1f}M params"),
-            "dtype": str(dtype).removeprefix("torch."), "weight_bytes": weight_bytes, "decode_tokens_per_s": tok_s,
-            "copy_gbps": bw, "bandwidth_bound_tokens_per_s": bound, "fraction_of_bound": tok_s / bound,
-            "cuda_graphs_decode_tokens_per_s": graphs_tok_s,
-            "cuda_graphs_fraction_of_bound": graphs_tok_s / bound if graphs_tok_s else None,
-            "compiled_decode_tokens_per_s": compiled_tok_s,
-            "compiled_fraction_of_bound": compiled_tok_s / bound if compiled_tok_s else None}
-
-
-def _probe_bytes(weight_bytes: int) -> int:
-    """Size of the bandwidth probe's buffer next to a model: far past any cache, at most 2 GiB."""
-    return min(2 << 30, max(64 << 20, weight_bytes))
-
-
-def single_stream_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
-    """GPU memory :func:`single_stream_decode` needs for ``args``: the weights, its 1 GiB KV
-    cache, the bandwidth probe's two buffers and 1 GiB for activations and graph pools."""
-    weights = count_parameters(args) * dtype.itemsize
-    return weights + (1 << 30) + 2 * _probe_bytes(weights) + (1 << 30)
-
-
-def _gpu_extras(device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> dict[str, Any]:
-    """Single-stream decode of the 7B shape (``--quick``: the tiny one); by default only where it
-    fits, so that a bench on a small GPU still reports its batch numbers; always with ``--gpu-extras``."""
-    shape = QUICK_ARGS if args.quick else ModelArgs.from_preset("llama-2-7b")
-    gc.collect()  # the engine and transformers were just dropped; reference cycles may still hold them
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info(device)
-    need = single_stream_bytes(shape, dtype)
-    if args.gpu_extras is None and free < need:
-        return {"skipped": f"the single-stream run needs {need / 2**30:.1f} GiB of GPU memory, "
-                           f"{free / 2**30:.1f} GiB is free (--gpu-extras runs it anyway)"}
-    return single_stream_decode(device, dtype, args.seed, shape, steps=64 if args.quick else 256,
-                                compile_decode=args.compile_decode)
-
-
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -400,6 +322,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         "--no-gpu-extras skips it)")
     p.add_argument("--eager", action="store_true",
                    help="CUDA: batchgen runs every step eagerly instead of replaying decode steps from CUDA graphs")
+    p.add_argument("--cpu-matmul", choices=("onednn", "blas"), default=None,
+                   help="CPU fp32: batchgen's matmuls through oneDNN (the default where available) or "
+                        "PyTorch's BLAS (MKL), as transformers'")
     p.add_argument("--compile-decode", action="store_true",
                    help="CUDA: batchgen compiles its replayed decode steps with torch.compile "
                         "(with --gpu-extras, also single-stream)")
@@ -426,6 +351,8 @@ def _validate(args: argparse.Namespace) -> Optional[str]:
     for flag in ("gpu_extras", "compile_decode"):
         if getattr(args, flag) and not (torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")):
             return f"--{flag.replace('_', '-')} needs a CUDA device"
+    if args.cpu_matmul == "onednn" and not model_module.onednn_linear_available():
+        return "--cpu-matmul onednn: this PyTorch build has no oneDNN inner product"
     if args.compile_decode and args.eager:
         return "--compile-decode compiles the replayed steps, which --eager turns off"
     return None
@@ -439,6 +366,12 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_matmul:  # the switch is the model module's: back to what it was once the bench ends
+        onednn, model_module.CPU_ONEDNN_LINEAR = model_module.CPU_ONEDNN_LINEAR, args.cpu_matmul == "onednn"
+        try:
+            return run_bench(argparse.Namespace(**{**vars(args), "cpu_matmul": None}))
+        finally:
+            model_module.CPU_ONEDNN_LINEAR = onednn
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -518,6 +451,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "machine": _machine(device),
         "dtype": str(dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
+        "cpu_matmul": ("onednn" if model_module.CPU_ONEDNN_LINEAR else "blas") if device.type == "cpu" else None,
         "torch_version": torch.__version__,
         "model_params": count_parameters(margs),
         "model": {"path": args.model, "dim": margs.dim, "n_layers": margs.n_layers, "n_heads": margs.n_heads,
@@ -535,7 +469,9 @@ def run_bench(args: argparse.Namespace) -> int:
         report["ok"] = report["ok"] and all(r["ok"] for r in report["pipeline"])
     if device.type == "cuda" and args.gpu_extras is not False:
         del hf, model, systems, engine
-        report["gpu_extras"] = _gpu_extras(device, dtype, args)
+        from batchgen.bench_gpu import gpu_extras
+
+        report["gpu_extras"] = gpu_extras(device, dtype, args)
 
     _print_report(report, args.json)
     return 0 if report["ok"] else 1
@@ -556,7 +492,8 @@ def _print_report(r: dict[str, Any], as_json: bool) -> None:
             print(f"  request {d['request']} diverges at token {d['position']}: logit gap "
                   f"{d['logit_gap']:.2e} ({kind})")
     gpu = f", peak GPU memory {r['peak_gpu_mib']:.0f} MiB" if r["peak_gpu_mib"] is not None else ""
-    print(f"{r['device']} ({r['machine']}), {r['dtype']}, {r['torch_threads']} threads, "
+    matmul = f" ({r['cpu_matmul']} matmuls)" if r["cpu_matmul"] else ""
+    print(f"{r['device']} ({r['machine']}), {r['dtype']}{matmul}, {r['torch_threads']} threads, "
           f"peak RSS {r['peak_rss_mib']:.0f} MiB{gpu}, KV cache {r['kv_cache_bytes'] / 2**20:.0f} MiB")
     for p in r.get("pipeline", []):
         print(f"pipeline, {p['replicas']} replica(s): {p['tokens_per_s']:7.1f} tok/s, "

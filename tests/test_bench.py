@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from batchgen.bench import (QUICK_ARGS, Workload, compare_tokens, linear_flops_per_token, main,
-                            min_traffic_bytes, request_flops, single_stream_decode, _print_report)
+                            min_traffic_bytes, request_flops, _print_report)
+from batchgen.bench_gpu import single_stream_decode
+from batchgen import model as model_module
 from batchgen.checkpoint import save_hf
 from batchgen.model import Transformer
 from reference import reference_greedy, sharp_model
@@ -47,6 +49,16 @@ def test_quick_bench_reports_every_field_and_tokens_match(capsys: pytest.Capture
     assert report["tokens_match_fraction"] == 1.0 and report["divergences"] == [] and report["ok"] is True
     # The useful FLOPs are a property of the workload, not of the run.
     assert report["achieved_gflops"] == pytest.approx(report["useful_gflop"] / report["batchgen_seconds"][0])
+
+
+def test_cpu_matmul_switch_is_reported_and_put_back(capsys: pytest.CaptureFixture[str]) -> None:
+    before = model_module.CPU_ONEDNN_LINEAR
+    assert main(["--quick", "--json", "--skip-hf", "--prompts", "3", "--cpu-matmul", "blas"]) == 0
+    assert json.loads(capsys.readouterr().out)["cpu_matmul"] == "blas"
+    assert model_module.CPU_ONEDNN_LINEAR is before
+    if model_module.onednn_linear_available():
+        assert main(["--quick", "--json", "--skip-hf", "--prompts", "3"]) == 0
+        assert json.loads(capsys.readouterr().out)["cpu_matmul"] == "onednn"
 
 
 def test_bf16_bench_checks_tokens_with_the_bf16_tie_tolerance(capsys: pytest.CaptureFixture[str]) -> None:
