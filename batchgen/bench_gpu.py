@@ -22,11 +22,7 @@ def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
                          args: Optional[ModelArgs] = None, steps: int = 256,
                          compile_decode: bool = False) -> dict[str, Any]:
     """Single-stream decode of a random model (default: Llama 2 7B's shape) against memory
-    bandwidth / weight bytes (``--gpu-extras``, where the bandwidth is the GPU's HBM).
-
-    One request decodes alone, so every step reads all weights once: bandwidth / weight bytes
-    is the ceiling on its tokens per second.
-    """
+    bandwidth / weight bytes (``--gpu-extras``, where the bandwidth is the GPU's HBM)."""
     from batchgen.engine import LLM, SamplingParams
 
     args = args or ModelArgs.from_preset("llama-2-7b")
