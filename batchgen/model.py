@@ -164,23 +164,23 @@ def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * freqs[:, None, :]).view(T, H, D).type_as(x)
 
 
-#: fp32 matmuls on a CPU through oneDNN (see :func:`linear`); False: PyTorch's BLAS (MKL).
-#: A switch for A/B measurements (``bench --cpu-matmul``); off where the build has no oneDNN.
 def onednn_linear_available() -> bool:
     """Whether this PyTorch build has oneDNN and the inner-product op :func:`linear` calls."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+#: fp32 matmuls on a CPU through oneDNN (see :func:`linear`); False: PyTorch's BLAS (MKL).
+#: A switch for A/B measurements (``bench --cpu-matmul``); off where the build has no oneDNN.
 CPU_ONEDNN_LINEAR: bool = onednn_linear_available()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` [T, out] for inference, x [T, in] and weight [out, in].
 
-    fp32 on a CPU goes through oneDNN's inner product rather than ``F.linear`` (MKL's sgemm):
-    at the few rows of a decode step MKL re-packs every weight on every call, and on AMD CPUs it
-    also runs slower kernels. Measured on a 2-core EPYC, the bench model's matmuls at 64 rows:
-    75 ms instead of 99 ms; at 16 rows 26 instead of 46 (bench/NOTES.md). Same weights, no copy.
+    fp32 on a CPU goes through oneDNN's inner product rather than ``F.linear`` (MKL's sgemm),
+    which runs well below the machine's peak at the few rows of a decode step. On a 2-core EPYC
+    the bench model's matmuls took 75 ms instead of 99 at 64 rows, 26 instead of 46 at 16 rows
+    (bench/NOTES.md). Same weight tensors: no copy, no packing.
     """
     # Not under torch.compile: inductor picks its own CPU kernels (and lowers this op only for
     # weights it packed itself).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ def model() -> Transformer:
     return _model()
 
 
-def _ops(fn) -> set[str]:
+def _ops(fn: Callable[[], object]) -> set[str]:
+    """Names of the ops ``fn`` ran."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     return {e.key for e in prof.key_averages()}
@@ -43,10 +45,10 @@ def test_cpu_fp32_inference_matmuls_run_through_onednn_and_match_f_linear() -> N
         # A strided view (the FFN's halves are such views) is read correctly too.
         x = torch.randn(9, 192, generator=g)[:, ::2]
         torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
-        # The whole model's inference forward uses it, and so does the engine's generate.
+        # The model's inference forward uses it.
         m = _model()
         assert "mkldnn::_linear_pointwise" in _ops(lambda: m.logits_full(torch.tensor([[1, 2, 3]])))
-    # Training keeps the differentiable F.linear; bf16 and the switch's off position use BLAS.
+    # Training keeps the differentiable F.linear, and bf16 PyTorch's own path.
     x = torch.randn(4, 96, generator=g)
     assert "mkldnn::_linear_pointwise" not in _ops(lambda: linear(x, w.requires_grad_()))
     with torch.inference_mode():
