@@ -39,9 +39,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from batchgen.engine import LLM, SamplingParams
     from batchgen.tokenizer import load_tokenizer
 
+    try:
+        conversations = _read_messages(args.messages) if args.messages else []
+    except ValueError as e:
+        print(f"error: --messages {args.messages}: {e}", file=sys.stderr)
+        return 2
+    shown: list = list(args.prompt) + list(args.prompt_ids) + conversations  # what each output answers
     prompts: list = list(args.prompt) + list(args.prompt_ids)
-    if not prompts:
-        print("error: give at least one --prompt or --prompt-ids", file=sys.stderr)
+    if not shown:
+        print("error: give at least one --prompt, --prompt-ids or --messages", file=sys.stderr)
         return 2
     try:
         params = SamplingParams(
@@ -60,12 +66,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.chat:
-        if tokenizer is None:
-            print(f"error: --chat needs {args.model}/tokenizer.model", file=sys.stderr)
-            return 2
-        prompts = [tokenizer.encode_chat_prompt(p, system=args.system) if isinstance(p, str) else p
-                   for p in prompts]
+    if (args.chat or conversations) and tokenizer is None:
+        print(f"error: {'--chat' if args.chat else '--messages'} needs {args.model}/tokenizer.model", file=sys.stderr)
+        return 2
+    from batchgen.prompts import PromptError, encode_chat
+
+    try:
+        if args.chat:
+            prompts = [tokenizer.encode_chat_prompt(p, system=args.system) if isinstance(p, str) else p
+                       for p in prompts]
+        for k, conversation in enumerate(conversations):
+            try:
+                prompts.append(encode_chat(tokenizer, conversation))
+            except PromptError as e:
+                raise PromptError(f"--messages {args.messages}: conversation {k}: {e}") from None
+    except PromptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if llm is None:  # --tensor-parallel: one N-rank replica on a local Ray
         _local_ray_on_loopback(None)  # before anything imports ray
         from batchgen.pipeline.tp_replica import TPReplicaError, generate_tensor_parallel
@@ -78,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return 1
     else:
         outs = llm.generate(prompts, params)
-    for prompt, out in zip(list(args.prompt) + list(args.prompt_ids), outs):
+    for prompt, out in zip(shown, outs):
         if args.json:
             rec = {"prompt": prompt, "token_ids": out.token_ids, "text": out.text,
                    "finish_reason": out.finish_reason, "error": out.error,
@@ -91,6 +108,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             print(f"error: {out.error}", file=sys.stderr)
     return 0 if all(o.ok for o in outs) else 1
+
+
+def _read_messages(path: str) -> list[list]:
+    """The conversations in a ``--messages`` JSON file: one list of ``{role, content}`` messages, or a
+    list of such lists. Their roles and contents are checked when they are encoded."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read a JSON file: {e}") from None
+    if not isinstance(data, list) or not data:
+        raise ValueError("expected a non-empty JSON list of messages, or a list of conversations")
+    if all(isinstance(c, list) for c in data):
+        return data
+    if all(isinstance(m, dict) for m in data):
+        return [data]
+    raise ValueError("expected a list of {\"role\", \"content\"} objects, or a list of such lists (not a mix)")
 
 
 def _local_ray_on_loopback(address: Optional[str]) -> None:
@@ -196,6 +230,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.add_argument("--chat", action="store_true", help="wrap text prompts in the Llama-2-chat format")
     g.add_argument("--system", default=None, help="system prompt for --chat")
+    g.add_argument("--messages", default=None, metavar="FILE.json",
+                   help="Llama-2-chat conversations: a JSON list of {role, content} messages, or a list of such "
+                        "lists (each rendered as Meta's chat_completion does)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt per line")

@@ -22,9 +22,8 @@ from typing import Mapping, Optional, Sequence
 
 import sentencepiece as spm
 
-# Llama-2-chat markers, exactly as in Meta's llama/generation.py.
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+from batchgen import prompts
+from batchgen.prompts import B_INST, B_SYS, E_INST, E_SYS  # noqa: F401 - kept importable from here
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -89,22 +88,14 @@ class Tokenizer:
     def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids of a Llama-2-chat dialog, built exactly as Meta's ``chat_completion`` builds them.
 
-        ``messages`` are ``{"role": ..., "content": ...}`` dicts: an optional ``system`` message first,
-        then ``user`` and ``assistant`` alternating, ending with ``user``. The system message is merged
-        into the first user turn; every answered turn is ``<s>[INST] u [/INST] a </s>`` and the last
-        turn ``<s>[INST] u [/INST]``, each encoded separately and concatenated.
+        See :func:`batchgen.prompts.encode_chat` (this is a thin wrapper); a malformed dialog or a
+        chat marker inside a message raises :class:`batchgen.prompts.PromptError` (a ``ValueError``).
         """
-        turns = _chat_turns(messages)
-        ids: list[int] = []
-        for user, answer in zip(turns[:-1:2], turns[1::2]):
-            ids += self.encode(f"{B_INST} {user.strip()} {E_INST} {answer.strip()} ", bos=True, eos=True)
-        ids += self.encode(f"{B_INST} {turns[-1].strip()} {E_INST}", bos=True, eos=False)
-        return ids
+        return prompts.encode_chat(self, messages)
 
     def encode_chat_prompt(self, user: str, system: Optional[str] = None) -> list[int]:
         """Token ids of a one-turn Llama-2-chat prompt (see :meth:`encode_chat`)."""
-        messages = [] if system is None else [{"role": "system", "content": system}]
-        return self.encode_chat(messages + [{"role": "user", "content": user}])
+        return self.encode_chat(prompts.single_turn(user, system))
 
     def _checked_id(self, token_id: int, where: str = "token id") -> int:
         try:
@@ -129,40 +120,6 @@ class Tokenizer:
             if text and "\ufffd" not in text:
                 return i, text
         raise ValueError(f"{self.path}: no plain piece without a leading '▁' to anchor streaming decode")
-
-
-def _chat_turns(messages: Sequence[Mapping[str, str]]) -> list[str]:
-    """Contents of the alternating user/assistant turns, with the system message merged as Meta does."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
-    if not messages:
-        raise ValueError("messages is empty: a chat needs at least one user message")
-    roles, contents = [], []
-    for k, m in enumerate(messages):
-        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise ValueError(f"messages[{k}] must be a dict with 'role' and 'content', got {m!r}")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"messages[{k}].content must be a string, got {type(m['content']).__name__}")
-        roles.append(m["role"])
-        contents.append(m["content"])
-    if roles[0] == "system":
-        if len(roles) < 2 or roles[1] != "user":
-            raise ValueError("messages[1]: a system message must be followed by a user message")
-        # Meta concatenates the raw system text; only the merged turn as a whole is stripped later.
-        contents = [B_SYS + contents[0] + E_SYS + contents[1]] + contents[2:]
-        roles, offset = roles[1:], 1
-    else:
-        offset = 0
-    for k, role in enumerate(roles):
-        expected = "user" if k % 2 == 0 else "assistant"
-        if role != expected:
-            raise ValueError(
-                f"messages[{k + offset}].role is {role!r}, expected {expected!r}: roles must be an optional "
-                "'system' first, then 'user' and 'assistant' alternating, ending with 'user'"
-            )
-    if roles[-1] != "user":
-        raise ValueError(f"messages[{len(messages) - 1}]: the last message must be from 'user', not 'assistant'")
-    return contents
 
 
 class IncrementalDecoder:

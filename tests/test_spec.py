@@ -145,9 +145,58 @@ def test_missing_required_sections_and_fields() -> None:
 
 def test_prompt_source_both_or_neither() -> None:
     both = errors_of(with_changes(input={"prompt_column": "text"}))
-    assert "input.prompt_column: set exactly one of prompt_column or template (both are set)" in both
+    assert ("input.prompt_column: set exactly one of prompt_column, template or messages_column "
+            "(prompt_column and template are set)") in both
     neither = errors_of(with_changes(input={"template": None}))
-    assert "input.prompt_column: set exactly one of prompt_column or template (neither is set)" in neither
+    assert "input.prompt_column: set exactly one of prompt_column, template or messages_column (none is set)" in neither
+    three = errors_of(with_changes(input={"prompt_column": "text", "messages_column": "m"}))
+    assert "(prompt_column and template and messages_column are set)" in three
+
+
+def test_messages_column_is_a_prompt_source_of_its_own() -> None:
+    spec = validate_spec(with_changes(input={"template": None, "messages_column": "conv"}))
+    assert spec.input.text_columns() == ["conv"] and spec.input.is_chat
+    assert spec.input_columns() == ["id", "conv"]
+    both = errors_of(with_changes(input={"messages_column": "conv"}))
+    assert "(template and messages_column are set)" in both
+    assert "input.system: a conversation carries its own system message" in errors_of(
+        with_changes(input={"template": None, "messages_column": "conv", "system": "Be brief."}))
+
+
+def test_template_presets_and_their_columns() -> None:
+    alpaca = validate_spec(with_changes(input={"template": "alpaca"})).input
+    assert alpaca.preset().name == "alpaca" and not alpaca.is_chat and alpaca.template_parts() == []
+    assert alpaca.text_columns() == ["instruction", "input"]
+    mapped = validate_spec(with_changes(input={"template": "alpaca",
+                                               "template_columns": {"instruction": "task", "input": None}})).input
+    assert mapped.text_columns() == ["task"]
+    chat = validate_spec(with_changes(input={"template": "llama-2-chat", "system": "Be brief."})).input
+    assert chat.is_chat and chat.text_columns() == ["prompt"]
+    assert validate_spec(with_changes(input={"template": "llama-2-chat",
+                                             "template_columns": {"system": "sys"}})).input.text_columns() == [
+        "prompt", "sys"]
+    # Unknown preset names list the known ones.
+    assert errors_of(with_changes(input={"template": "vicuna"})) == (
+        "input.template: unknown template preset 'vicuna'; known presets: alpaca, llama-2-chat")
+    assert "input.template_columns.question: preset 'alpaca' has no slot 'question' (its slots: instruction, input)" \
+        in errors_of(with_changes(input={"template": "alpaca", "template_columns": {"question": "q"}}))
+    assert "input.template_columns.instruction: preset 'alpaca' needs its 'instruction' column" in errors_of(
+        with_changes(input={"template": "alpaca", "template_columns": {"instruction": None}}))
+    assert "input.template_columns: only a template preset (alpaca, llama-2-chat) takes template_columns" in errors_of(
+        with_changes(input={"template_columns": {"input": "x"}}))
+    assert "input.system: a system prompt needs chat: true (or the llama-2-chat preset)" in errors_of(
+        with_changes(input={"template": "alpaca", "system": "Be brief."}))
+    # Alpaca text may still be wrapped as a chat turn.
+    assert validate_spec(with_changes(input={"template": "alpaca", "chat": True, "system": "S"})).input.is_chat
+
+
+def test_chat_markers_in_the_spec_itself_are_refused() -> None:
+    assert ("input.system: the system prompt contains the Llama-2-chat marker '<</SYS>>'" in errors_of(
+        with_changes(input={"chat": True, "system": "Be brief.<</SYS>> [x"})))
+    text = errors_of(with_changes(input={"chat": True, "template": "[INST] {text}"}))
+    assert text.startswith("input.template: the template's text contains the Llama-2-chat marker '[INST]'")
+    assert validate_spec(with_changes(input={"template": "[INST] {text}"})).input.template  # not chat: plain text
+    assert "input.system: is empty" in errors_of(with_changes(input={"chat": True, "system": "  "}))
 
 
 @pytest.mark.parametrize("template,fragment", [

@@ -40,6 +40,7 @@ from batchgen.pipeline.faults import Faults, exit_replica
 from batchgen.pipeline.shards import PromptRow, Shard, build_prompts, read_shard, resolve_filesystem
 from batchgen.pipeline.spec import JobSpec
 from batchgen.pipeline.writer import output_schema, publish_part, publish_shard, with_retries
+from batchgen.prompts import PromptError, encode_chat
 
 
 #: A row's outcome: the engine's output, or the reason it could not run.
@@ -167,8 +168,12 @@ class ShardWorker:
         self._tags = itertools.count()
 
     def _prompt(self, row: PromptRow) -> Any:
-        if self.spec.input.chat and self.llm.tokenizer is not None:
-            return self.llm.tokenizer.encode_chat_prompt(row.prompt, system=self.spec.input.system)
+        """The engine input of a row: chat conversations as token ids (Meta's rendering), else the text.
+
+        Without a tokenizer the text goes to the engine, which reports that it cannot encode it.
+        """
+        if row.messages is not None and self.llm.tokenizer is not None:
+            return encode_chat(self.llm.tokenizer, row.messages)
         return row.prompt
 
     def process(self, shard: Shard, keep_going: Callable[[], None] = lambda: None) -> tuple[pa.Table, dict]:
@@ -214,7 +219,12 @@ class ShardWorker:
                 run.results[i] = row.error
                 continue
             try:
-                item = _Item(i, self._prompt(row), row_sampling(spec, row), row.prompt or "")
+                prompt = self._prompt(row)
+            except PromptError as e:  # build_prompts validated it already; never let one row fail the shard
+                run.results[i] = str(e)
+                continue
+            try:
+                item = _Item(i, prompt, row_sampling(spec, row), row.prompt or "")
             except ValueError as e:
                 run.results[i] = f"bad sampling override: {e}"
                 continue

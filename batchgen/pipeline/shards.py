@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchgen.pipeline.spec import InputSpec, JobSpec, SpecError, check_sampling_value, is_uri, row_seed
+from batchgen.prompts import PromptError, chat_turns, check_no_marker, render_chat_text, render_preset, single_turn
 
 #: Environment variables that point ``s3://`` at another endpoint (MinIO, moto...), first wins.
 S3_ENDPOINT_ENV = ("BATCHGEN_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -345,6 +346,8 @@ def _type_problem(kind: str, t: pa.DataType) -> str | None:
     if kind == "text" and not (_is_text(base) or pa.types.is_integer(base) or pa.types.is_floating(base)
                                or pa.types.is_decimal(base) or pa.types.is_boolean(base)):
         return f"has type {t}; only text and number columns can go into a prompt"
+    if kind == "messages" and not _is_messages_type(t):
+        return f"has type {t}; a messages column must be list<struct<role: string, content: string>>"
     if kind == "int" and not pa.types.is_integer(t):
         return f"has type {t}; this override needs an integer column"
     if kind == "number" and not (pa.types.is_integer(t) or pa.types.is_floating(t)):
@@ -352,12 +355,35 @@ def _type_problem(kind: str, t: pa.DataType) -> str | None:
     return None
 
 
+def _is_messages_type(t: pa.DataType) -> bool:
+    """Whether ``t`` is a list of structs with string ``role`` and ``content`` fields (others ignored)."""
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
+        return False
+    item = t.value_type
+    names = [item.field(i).name for i in range(item.num_fields)]
+    for name in ("role", "content"):
+        if name not in names:
+            return False
+        ft = item.field(name).type
+        base = ft.value_type if pa.types.is_dictionary(ft) else ft
+        if not (pa.types.is_string(base) or pa.types.is_large_string(base) or pa.types.is_string_view(base)):
+            return False
+    return True
+
+
 def _column_roles(spec: JobSpec) -> list[tuple[str, str, str]]:
     """``(field_path, column, kind)`` for every column the job reads."""
     inp = spec.input
     roles = [("input.id_column", inp.id_column, "id")]
-    text_field = "input.prompt_column" if inp.prompt_column is not None else "input.template"
-    roles += [(text_field, c, "text") for c in inp.text_columns()]
+    if inp.messages_column is not None:
+        roles.append(("input.messages_column", inp.messages_column, "messages"))
+    elif inp.preset() is not None:
+        # A mapped slot is reported at its own field; a default one at the preset's name.
+        roles += [(f"input.template_columns.{slot}" if slot in inp.template_columns else "input.template", c, "text")
+                  for slot, c in inp.preset_columns().items() if c is not None]
+    else:
+        text_field = "input.prompt_column" if inp.prompt_column is not None else "input.template"
+        roles += [(text_field, c, "text") for c in inp.text_columns()]
     roles += [("input.keep_columns", c, "keep") for c in inp.keep_columns]
     roles += [(f"sampling.overrides.{name}", c, "int" if name in _INT_OVERRIDES else "number")
               for name, c in spec.sampling.overrides.items()]
@@ -384,7 +410,13 @@ def validate_input(spec: JobSpec, files: Sequence[InputFile] | None = None) -> I
             names = missing[0].schema.names
             shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
             more = f" and {len(missing) - 1} more file(s)" if len(missing) > 1 else ""
-            errors.append((field_path, f"column {column!r} not in {missing[0].uri}{more} (columns: {shown})"))
+            hint = ""
+            if field_path == "input.template" and spec.input.preset() is not None:  # a preset's default column
+                slot = next(k for k, c in spec.input.preset_columns().items() if c == column)
+                hint = (f"; map the preset's {slot!r} slot to a column of yours" if slot in spec.input.preset().required
+                        else f"; map the preset's optional {slot!r} slot to a column of yours, or to null")
+                hint += " in input.template_columns"
+            errors.append((field_path, f"column {column!r} not in {missing[0].uri}{more} (columns: {shown}){hint}"))
             continue
         first = files[0].schema.field(column).type
         problem = _type_problem(kind, first)
@@ -441,8 +473,10 @@ class PromptRow:
 
     ``overrides`` holds the row's validated sampling overrides (only non-null cells). ``seed`` is
     the row's own seed, :func:`~batchgen.pipeline.spec.row_seed` of (the seed override or
-    ``sampling.seed``, row id): seed the row's generator with it directly. Chat wrapping is the
-    engine's job (``spec.input.chat`` / ``spec.input.system``): ``prompt`` is the raw user text.
+    ``sampling.seed``, row id): seed the row's generator with it directly. In chat modes
+    ``messages`` is the validated conversation, which the engine side encodes with
+    :func:`batchgen.prompts.encode_chat`; ``prompt`` is then the user text (single-turn) or the
+    conversation's readable rendering (``messages_column``). Otherwise ``prompt`` is the text as is.
     """
 
     row_id: int | str
@@ -450,6 +484,7 @@ class PromptRow:
     error: str | None
     overrides: dict[str, int | float] = field(default_factory=dict)
     seed: int = 0
+    messages: list[dict[str, str]] | None = None
 
 
 def _text_cells(column: pa.ChunkedArray, name: str) -> list[tuple[str | None, str | None]]:
@@ -478,28 +513,111 @@ def _text_cells(column: pa.ChunkedArray, name: str) -> list[tuple[str | None, st
     return [(None, f"column {name!r} is null") if v is None else (str(v), None) for v in values]
 
 
+def _message_cells(column: pa.ChunkedArray, name: str) -> list[tuple[list | None, str | None]]:
+    """Each cell of a messages column as ``(list of {role, content} dicts, None)`` or ``(None, why not)``.
+
+    Struct fields other than role and content are dropped; the conversation is not validated here.
+    """
+    problem = _type_problem("messages", column.type)
+    if problem:
+        return [(None, f"column {name!r} {problem}")] * len(column)
+    try:
+        values = column.to_pylist()
+    except (UnicodeDecodeError, pa.ArrowException):
+        values = None  # some cell is not valid UTF-8: find which, cell by cell
+    out: list[tuple[list | None, str | None]] = []
+    for i in range(len(column)):
+        if values is not None:
+            v = values[i]
+        else:
+            try:
+                v = column[i].as_py()
+            except (UnicodeDecodeError, pa.ArrowException) as exc:
+                out.append((None, f"column {name!r} is not valid UTF-8 ({exc})"))
+                continue
+        if v is None:
+            out.append((None, f"column {name!r} is null"))
+            continue
+        out.append(([m if m is None else {"role": m.get("role"), "content": m.get("content")} for m in v], None))
+    return out
+
+
+def _marker_error(text: str, column: str) -> str | None:
+    """Why a chat prompt may not hold ``text`` from ``column`` (a chat marker), or None."""
+    try:
+        check_no_marker(text, f"column {column!r}")
+    except PromptError as exc:
+        return str(exc)
+    return None
+
+
 def build_prompts(table: pa.Table, spec: JobSpec) -> list[PromptRow]:
     """Render every row of ``table`` (from :func:`read_shard`) into a :class:`PromptRow`.
 
-    Text comes from ``input.prompt_column`` or the template; numbers are formatted with ``str()``.
-    Null, empty or whitespace-only prompts, null template cells, invalid UTF-8 and out-of-range
-    sampling overrides become per-row errors.
+    Text comes from ``input.prompt_column``, the template or its preset; numbers are formatted
+    with ``str()``. Conversations come from ``input.messages_column``. Null, empty or
+    whitespace-only prompts, null template cells, invalid UTF-8, malformed conversations, chat
+    markers inside cells in chat mode and out-of-range sampling overrides become per-row errors.
     """
     inp = spec.input
     ids = table.column(inp.id_column).to_pylist()
-    cells = {c: _text_cells(table.column(c), c) for c in inp.text_columns()}
+    preset = inp.preset()
+    if inp.messages_column is not None:
+        conversations = _message_cells(table.column(inp.messages_column), inp.messages_column)
+        cells = {}
+    else:
+        cells = {c: _text_cells(table.column(c), c) for c in inp.text_columns()}
+    nulls = {c: table.column(c).is_null().to_pylist() for c in cells}
     parts = inp.template_parts()
     override_values = {name: table.column(col).to_pylist() for name, col in spec.sampling.overrides.items()}
     rows: list[PromptRow] = []
     for i, row_id in enumerate(ids):
         error: str | None = None
         prompt: str | None = None
+        messages: list[dict[str, str]] | None = None
+        used: list[str] = []  # the text columns that went into the prompt, for the chat-marker check
         if row_id is None:
             error = f"id column {inp.id_column!r} is null"
+        elif inp.messages_column is not None:
+            messages, error = conversations[i]
+            if messages is not None:
+                try:
+                    chat_turns(messages)
+                    prompt = render_chat_text(messages)
+                except PromptError as exc:
+                    messages, error = None, f"column {inp.messages_column!r}: {exc}"
         elif inp.prompt_column is not None:
             prompt, error = cells[inp.prompt_column][i]
+            used = [inp.prompt_column]
             if prompt is not None and not prompt.strip():
                 prompt, error = None, f"column {inp.prompt_column!r} is empty"
+        elif preset is not None:
+            values: dict[str, str | None] = {}
+            for slot, col in inp.preset_columns().items():
+                if col is None:
+                    continue
+                text, why = cells[col][i]
+                if why is not None and (slot in preset.required or not nulls[col][i]):
+                    error = f"template {why}"
+                    break
+                if slot in preset.required and not text.strip():
+                    error = f"template column {col!r} is empty"
+                    break
+                if inp.is_chat and text is not None and (why := _marker_error(text, col)) is not None:
+                    error = why
+                    break
+                values[slot] = text
+                used.append(col)
+            if error is None:
+                try:
+                    rendered = render_preset(preset.name, values, inp.system)
+                except PromptError as exc:
+                    error = f"template {preset.name}: {exc}"
+                else:
+                    if isinstance(rendered, str):
+                        prompt = rendered
+                    else:
+                        messages, prompt = rendered, rendered[-1]["content"]
         else:
             pieces = []
             for literal, col in parts:
@@ -510,18 +628,27 @@ def build_prompts(table: pa.Table, spec: JobSpec) -> list[PromptRow]:
                         error = f"template {error}"
                         break
                     pieces.append(text)
+                    used.append(col)
             if error is None:
                 prompt = "".join(pieces)
                 if not prompt.strip():
                     prompt, error = None, "the rendered template is empty"
+        if error is None and inp.is_chat and inp.messages_column is None:
+            # A cell may not forge chat turns (Meta's reference refuses such prompts too).
+            error = next((e for c in dict.fromkeys(used) if (e := _marker_error(cells[c][i][0] or "", c))), None)
+            if error is not None:
+                prompt, messages = None, None
+            elif messages is None:
+                messages = single_turn(prompt, inp.system)
         overrides: dict[str, int | float] = {}
-        for name, values in override_values.items():
-            if values[i] is None or error:
+        for name, values_ in override_values.items():
+            if values_[i] is None or error:
                 continue
             try:
-                overrides[name] = check_sampling_value(name, values[i])
+                overrides[name] = check_sampling_value(name, values_[i])
             except ValueError as exc:
-                prompt, error = None, f"override from column {spec.sampling.overrides[name]!r}: {exc}"
+                prompt, messages, error = None, None, f"override from column {spec.sampling.overrides[name]!r}: {exc}"
         seed = row_seed(int(overrides.get("seed", spec.sampling.seed)), row_id) if row_id is not None else 0
-        rows.append(PromptRow(row_id=row_id, prompt=prompt, error=error, overrides=overrides, seed=seed))
+        rows.append(PromptRow(row_id=row_id, prompt=prompt, error=error, overrides=overrides, seed=seed,
+                              messages=messages))
     return rows

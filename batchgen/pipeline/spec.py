@@ -32,6 +32,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from batchgen.prompts import PRESETS, Preset, PromptError, check_no_marker, get_preset
+
 #: Output columns written next to the id and keep columns; input columns may not use these names.
 RESULT_COLUMNS: tuple[str, ...] = (
     "completion", "finish_reason", "prompt_tokens", "completion_tokens", "error", "logprobs", "token_ids",
@@ -41,6 +43,8 @@ OVERRIDABLE = ("max_tokens", "temperature", "top_p", "top_k", "seed")
 OverrideName = Literal["max_tokens", "temperature", "top_p", "top_k", "seed"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: ``input.template`` that is a bare name (no braces, no spaces) names a preset, not a template.
+_PRESET_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")
 
 
 class SpecError(Exception):
@@ -133,12 +137,24 @@ class ModelSpec(_Section):
 
 
 class InputSpec(_Section):
-    """Where the rows are and how a row becomes a prompt."""
+    """Where the rows are and how a row becomes a prompt.
+
+    A row's prompt comes from exactly one of ``prompt_column`` (the cell as is), ``template`` (a
+    ``{column}`` template, or the name of a preset in :data:`batchgen.prompts.PRESETS` whose slots
+    ``template_columns`` may map to other columns) or ``messages_column`` (a conversation, rendered
+    in the Llama-2-chat format). ``chat: true`` wraps a text prompt as one Llama-2-chat user turn
+    (with ``system`` as its system message). In every chat mode a cell holding ``[INST]``,
+    ``[/INST]``, ``<<SYS>>`` or ``<</SYS>>`` becomes an error row.
+    """
 
     path: str = Field(min_length=1)
     id_column: str = Field(min_length=1)
     prompt_column: str | None = Field(None, min_length=1)
-    template: str | None = None
+    template: str | None = Field(None, description="a template with {column} placeholders, or a preset name: "
+                                                   + ", ".join(PRESETS))
+    template_columns: dict[str, str | None] = Field(
+        default_factory=dict, description="a preset's slot -> the column that fills it (null: leave it unused)")
+    messages_column: str | None = Field(None, min_length=1, description="list<struct<role, content>> column")
     chat: bool = False
     system: str | None = None
     keep_columns: list[str] = Field(default_factory=list)
@@ -147,7 +163,9 @@ class InputSpec(_Section):
     @field_validator("template")
     @classmethod
     def _check_template(cls, value: str | None) -> str | None:
-        if value is not None:
+        if value is not None and _PRESET_NAME_RE.match(value):
+            get_preset(value)  # a bare name is a preset: an unknown one lists the known ones
+        elif value is not None:
             parse_template(value)
         return value
 
@@ -165,11 +183,41 @@ class InputSpec(_Section):
 
     @model_validator(mode="after")
     def _check_prompt_source(self) -> "InputSpec":
-        if (self.prompt_column is None) == (self.template is None):
-            got = "both are set" if self.template is not None else "neither is set"
-            raise _field_error("prompt_column", f"set exactly one of prompt_column or template ({got})")
-        if self.system is not None and not self.chat:
-            raise _field_error("system", "a system prompt needs chat: true")
+        sources = [name for name in ("prompt_column", "template", "messages_column") if getattr(self, name) is not None]
+        if len(sources) != 1:
+            got = " and ".join(sources) + " are set" if sources else "none is set"
+            raise _field_error("prompt_column", f"set exactly one of prompt_column, template or messages_column ({got})")
+        preset = self.preset()
+        if self.template_columns and preset is None:
+            raise _field_error("template_columns", "only a template preset (" + ", ".join(PRESETS)
+                                                   + ") takes template_columns")
+        if preset is not None:
+            for slot, column in self.template_columns.items():
+                if slot not in preset.columns:
+                    raise _field_error(f"template_columns.{slot}", f"preset {preset.name!r} has no slot {slot!r} "
+                                                                   f"(its slots: {', '.join(preset.columns)})")
+                if column is None and slot in preset.required:
+                    raise _field_error(f"template_columns.{slot}", f"preset {preset.name!r} needs its {slot!r} column")
+                if column is not None and not column:
+                    raise _field_error(f"template_columns.{slot}", "column name is empty")
+        if self.system is not None:
+            if self.messages_column is not None:
+                raise _field_error("system", "a conversation carries its own system message; input.system does "
+                                             "not apply to messages_column")
+            if not self.is_chat:
+                raise _field_error("system", "a system prompt needs chat: true (or the llama-2-chat preset)")
+            if not self.system.strip():
+                raise _field_error("system", "is empty; leave it out for no system message")
+            try:
+                check_no_marker(self.system, "the system prompt")
+            except PromptError as exc:
+                raise _field_error("system", str(exc)) from None
+        if self.is_chat and self.template is not None and preset is None:
+            literal = "".join(text for text, _ in self.template_parts())
+            try:
+                check_no_marker(literal, "the template's text")
+            except PromptError as exc:
+                raise _field_error("template", f"{exc}; chat: true adds the chat format itself") from None
         if self.id_column in RESULT_COLUMNS:
             raise _field_error("id_column", f"{self.id_column!r} would clash with an output column")
         if self.id_column in self.keep_columns:
@@ -177,14 +225,35 @@ class InputSpec(_Section):
                                                "do not list it")
         return self
 
+    def preset(self) -> Preset | None:
+        """The template preset named by ``template``, or None (a ``{column}`` template, or no template)."""
+        if self.template is not None and _PRESET_NAME_RE.match(self.template):
+            return get_preset(self.template)
+        return None
+
+    def preset_columns(self) -> dict[str, str | None]:
+        """The preset's slots and the column filling each (None: unused); empty without a preset."""
+        preset = self.preset()
+        return {} if preset is None else {**preset.columns, **self.template_columns}
+
+    @property
+    def is_chat(self) -> bool:
+        """Whether prompts are Llama-2-chat conversations (chat: true, a chat preset or messages_column)."""
+        preset = self.preset()
+        return self.chat or self.messages_column is not None or (preset is not None and preset.chat)
+
     def template_parts(self) -> list[tuple[str, str | None]]:
-        """The parsed template (see :func:`parse_template`); empty when ``prompt_column`` is used."""
-        return parse_template(self.template) if self.template is not None else []
+        """The parsed template (see :func:`parse_template`); empty for a preset or without a template."""
+        return parse_template(self.template) if self.template is not None and self.preset() is None else []
 
     def text_columns(self) -> list[str]:
-        """Columns whose cells end up in the prompt text, in order of first use."""
+        """Columns whose cells end up in the prompt, in order of first use (the messages column too)."""
         if self.prompt_column is not None:
             return [self.prompt_column]
+        if self.messages_column is not None:
+            return [self.messages_column]
+        if self.preset() is not None:
+            return list(dict.fromkeys(c for c in self.preset_columns().values() if c is not None))
         return list(dict.fromkeys(f for _, f in self.template_parts() if f))
 
 
