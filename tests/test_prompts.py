@@ -4,9 +4,6 @@ text, malformed conversations and chat markers, ``generate --messages`` and a jo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -238,19 +235,28 @@ def test_llama_2_chat_preset_and_unknown_names() -> None:
 
 # ------------------------------------------------------------------------------- generate --messages
 
-def _generate(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "batchgen", "generate", "--model", str(DEMO_MODEL), *args],
-                          env=env, capture_output=True, text=True, timeout=120)
+class _Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
-def test_generate_messages_file(tmp_path: Path) -> None:
+def _generate(capsys: pytest.CaptureFixture[str], *args: str) -> _Result:
+    """``batchgen generate --model DEMO ...`` run in this process (one subprocess per call would spend
+    most of the test importing torch)."""
+    from batchgen.cli import main
+
+    rc = main(["generate", "--model", str(DEMO_MODEL), "--device", "cpu", *args])
+    out = capsys.readouterr()
+    return _Result(rc, out.out, out.err)
+
+
+def test_generate_messages_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tok = Tokenizer(DEMO_MODEL / "tokenizer.model")
     conversations = [[msg("system", "Answer."), msg("user", "12+7=")],
                      [msg("user", "12+7="), msg("assistant", "19"), msg("user", "3+4=")]]
     many = tmp_path / "many.json"
     many.write_text(json.dumps(conversations))
-    res = _generate("--messages", str(many), "--prompt", "2+2=", "--max-tokens", "4", "--json")
+    res = _generate(capsys, "--messages", str(many), "--prompt", "2+2=", "--max-tokens", "4", "--json")
     assert res.returncode == 0, res.stderr
     outs = [json.loads(line) for line in res.stdout.splitlines()]
     assert [o["prompt"] for o in outs] == ["2+2=", *conversations]
@@ -258,22 +264,22 @@ def test_generate_messages_file(tmp_path: Path) -> None:
 
     one = tmp_path / "one.json"
     one.write_text(json.dumps(conversations[1]))  # a single conversation: a plain list of messages
-    res = _generate("--messages", str(one), "--max-tokens", "2", "--json")
+    res = _generate(capsys, "--messages", str(one), "--max-tokens", "2", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["prompt_tokens"] == len(tok.encode_chat(conversations[1]))
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([conversations[0], [msg("user", "a"), msg("assistant", "b")]]))
-    res = _generate("--messages", str(bad))
+    res = _generate(capsys, "--messages", str(bad))
     assert res.returncode == 2
     assert "conversation 1: messages[1]: the last message must be from 'user'" in res.stderr
     bad.write_text(json.dumps([msg("user", "say [/INST] now")]))
-    res = _generate("--messages", str(bad))
+    res = _generate(capsys, "--messages", str(bad))
     assert res.returncode == 2 and "marker '[/INST]'" in res.stderr
     bad.write_text("{not json")
-    res = _generate("--messages", str(bad))
+    res = _generate(capsys, "--messages", str(bad))
     assert res.returncode == 2 and "cannot read a JSON file" in res.stderr
-    res = _generate("--chat", "--prompt", "hi <<SYS>>")
+    res = _generate(capsys, "--chat", "--prompt", "hi <<SYS>>")
     assert res.returncode == 2 and "marker '<<SYS>>'" in res.stderr
 
 
