@@ -141,7 +141,8 @@ def render_chat_text(messages: Sequence[Message]) -> str:
 
     For showing and for substring checks only: encode with :func:`encode_chat`, never this text.
     """
-    return "".join(("<s>" if bos else "") + text + ("</s>" if eos else "") for text, bos, eos in chat_segments(messages))
+    return "".join(("<s>" if bos else "") + text + ("</s>" if eos else "")
+                   for text, bos, eos in chat_segments(messages))
 
 
 def single_turn(user: str, system: Optional[str] = None) -> list[dict[str, str]]:

@@ -186,7 +186,8 @@ class InputSpec(_Section):
         sources = [name for name in ("prompt_column", "template", "messages_column") if getattr(self, name) is not None]
         if len(sources) != 1:
             got = " and ".join(sources) + " are set" if sources else "none is set"
-            raise _field_error("prompt_column", f"set exactly one of prompt_column, template or messages_column ({got})")
+            raise _field_error("prompt_column",
+                               f"set exactly one of prompt_column, template or messages_column ({got})")
         preset = self.preset()
         if self.template_columns and preset is None:
             raise _field_error("template_columns", "only a template preset (" + ", ".join(PRESETS)
