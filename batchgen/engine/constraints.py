@@ -345,29 +345,33 @@ def allocate_bitmask(batch: int, info: TokenizerInfo) -> torch.Tensor:
     return torch.zeros(batch, info.mask_words, dtype=torch.int32)
 
 
-_BITS_CACHE: dict[torch.device, torch.Tensor] = {}
+_BITS_CACHE: dict[tuple[torch.device, bool], torch.Tensor] = {}
 
 
-def _byte_bits(device: torch.device) -> torch.Tensor:
-    """Bool [256, 8]: the bits of each byte value, least significant first."""
-    t = _BITS_CACHE.get(device)
+def _byte_bits(device: torch.device, value: bool) -> torch.Tensor:
+    """Bool [256, 8]: whether each bit of each byte value (least significant first) equals ``value``."""
+    t = _BITS_CACHE.get((device, value))
     if t is None:
-        t = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool().to(device)
-        _BITS_CACHE[device] = t
+        bits = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()
+        t = _BITS_CACHE[(device, value)] = (bits if value else ~bits).to(device)
     return t
+
+
+def _unpack(bitmask: torch.Tensor, value: bool) -> torch.Tensor:
+    """Bool [rows, 32 * words]: bit t of each row equals ``value``."""
+    # A byte -> 8 bools table lookup: several times faster on CPU than shifting each int32 32 ways.
+    # Viewing int32 as bytes relies on a little-endian host, as llguidance's own masks do.
+    as_bytes = bitmask.contiguous().view(torch.uint8).reshape(-1).int()
+    return torch.index_select(_byte_bits(bitmask.device, value), 0, as_bytes).view(bitmask.shape[0], -1)
 
 
 def unpack_bitmask(bitmask: torch.Tensor, width: int) -> torch.Tensor:
     """Bool [rows, width]: token ``t`` allowed. Tokens past the mask's vocabulary are not allowed."""
-    rows = bitmask.shape[0]
-    # A byte -> 8 bools table lookup: several times faster on CPU than shifting each int32 32 ways.
-    # Viewing int32 as bytes relies on a little-endian host, as llguidance's own masks do.
-    as_bytes = bitmask.contiguous().view(torch.uint8).reshape(-1).int()
-    allowed = torch.index_select(_byte_bits(bitmask.device), 0, as_bytes).view(rows, -1)
+    allowed = _unpack(bitmask, True)
     n = allowed.shape[1]
     if width <= n:
         return allowed[:, :width]
-    pad = torch.zeros(rows, width - n, dtype=torch.bool, device=bitmask.device)
+    pad = torch.zeros(allowed.shape[0], width - n, dtype=torch.bool, device=bitmask.device)
     return torch.cat([allowed, pad], dim=1)
 
 
@@ -401,9 +405,16 @@ def apply_masks(logits: torch.Tensor, states: Sequence[Optional[ConstraintState]
     else:
         for k, i in enumerate(rows):
             states[i].fill_mask(bitmask, k)  # type: ignore[union-attr]
-    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[1])
+    V = logits.shape[1]
+    blocked = _unpack(bitmask.to(logits.device, non_blocking=True), False)
+    n = min(V, blocked.shape[1])
+    if n < blocked.shape[1]:
+        blocked = blocked[:, :n]
+    # In place, row views only: an unconstrained row is never read or written.
     if len(rows) == logits.shape[0]:
-        logits.masked_fill_(~allowed, float("-inf"))
+        logits[:, :n].masked_fill_(blocked, float("-inf"))
+        logits[:, n:] = float("-inf")  # columns past the tokenizer's vocabulary (a padded head)
     else:
-        index = torch.tensor(rows, device=logits.device)
-        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        for k, i in enumerate(rows):
+            logits[i, :n].masked_fill_(blocked[k], float("-inf"))
+            logits[i, n:] = float("-inf")
