@@ -21,6 +21,7 @@ from batchgen.engine.constraints import (
     ConstraintState,
     TokenizerInfo,
     allocate_bitmask,
+    check_constraint,
     apply_masks,
     compile_constraint,
     incomplete_message,
@@ -162,6 +163,14 @@ def test_uncompilable_constraints_are_refused_clearly(info: TokenizerInfo) -> No
         compile_constraint("choice", ["a", ""], info)
     with pytest.raises(ConstraintError, match=r"unknown constraint kind 'grammar'"):
         compile_constraint("grammar", "x", info)  # type: ignore[arg-type]
+    # The tokenizer-free check (for `validate`) gives the same verdicts.
+    with pytest.raises(ConstraintError, match=r"cannot compile the JSON schema: .*http://example\.com/s\.json"):
+        check_constraint("json_schema", {"$ref": "http://example.com/s.json"})
+    with pytest.raises(ConstraintError, match=r"(?s)cannot compile the regex: .*unclosed group"):
+        check_constraint("regex", "(ab")
+    check_constraint("json_schema", SCHEMA)
+    check_constraint("regex", REGEX)
+    check_constraint("choice", CHOICES)
 
 
 def test_compiled_once_per_content(info: TokenizerInfo) -> None:

@@ -22,10 +22,18 @@ document ends as soon as its closing bracket is written. A regex must match the 
 ``\\d``, ``\\w`` and ``\\s`` are ASCII classes (as with Python's ``re.ASCII`` and in JSON Schema's
 ``pattern``), so ``\\d`` is ``[0-9]``, not every Unicode digit.
 
-Engine semantics this supports: when :meth:`ConstraintState.is_terminated` turns true after a
-token the row is finished with ``stop``; a row cut by ``max_tokens`` that is not
-:meth:`~ConstraintState.is_complete` gets ``finish_reason: length`` and the error from
-:meth:`~ConstraintState.length_error`.
+Engine semantics this supports, per constrained row and step: :func:`apply_masks` before
+sampling, :meth:`ConstraintState.accept` after. If ``accept`` returns False or
+:attr:`~ConstraintState.error` is set, finish the row with ``error``; else when
+:meth:`~ConstraintState.is_terminated` turns true (the document ended: only EOS could follow, or
+EOS was just taken) finish it with ``stop``, before any ``max_tokens`` check. A row cut by
+``max_tokens`` gets ``finish_reason: length`` and the error from
+:meth:`~ConstraintState.length_error` (None when what it wrote is already complete, as with
+``\\d+``). Stop strings should not apply to constrained rows: they would cut a document.
+
+A :class:`CompiledConstraint` holds llguidance objects that do not pickle: send the ``(kind,
+value)`` to a Ray replica and compile there (cached per process); :func:`check_constraint` checks
+a spec without a tokenizer.
 """
 
 from __future__ import annotations
@@ -218,13 +226,14 @@ def _engine_message(message: str) -> str:
     return message.replace("failed to compile JSON schema: ", "").strip() or "unknown error"
 
 
-@functools.lru_cache(maxsize=256)
-def _compile_cached(kind: str, key: str, info: TokenizerInfo) -> CompiledConstraint:
+def _grammar(kind: str, key: str, info: Optional[TokenizerInfo]) -> tuple[Any, str]:
+    """(value, llguidance grammar) of a normalised constraint; ConstraintError if it cannot compile."""
     value = json.loads(key)
     what = {"json_schema": "JSON schema", "regex": "regex", "choice": "choice list"}[kind]
     try:
         grammar = llguidance.LLMatcher.grammar_from_lark(_lark(kind, value))
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, info.ll_tokenizer)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            grammar, info.ll_tokenizer if info is not None else None)
     except (ValueError, RuntimeError) as e:
         raise ConstraintError(f"cannot compile the {what}: {_engine_message(str(e))}") from None
     if is_error:
@@ -234,7 +243,23 @@ def _compile_cached(kind: str, key: str, info: TokenizerInfo) -> CompiledConstra
         # completions could then violate it, so refuse rather than promise conformance.
         raise ConstraintError(f"the {what} uses features the grammar engine would ignore: "
                               + "; ".join(_engine_message(m) for m in messages))
+    return value, grammar
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_cached(kind: str, key: str, info: TokenizerInfo) -> CompiledConstraint:
+    value, grammar = _grammar(kind, key, info)
     return CompiledConstraint(kind=kind, value=value, grammar=grammar, info=info)
+
+
+def check_constraint(kind: ConstraintKind, value: Any) -> None:
+    """Raise :class:`ConstraintError` if the grammar engine cannot compile the constraint.
+
+    Needs no tokenizer: for a spec's ``validate``, which loads no model. :func:`compile_constraint`
+    gives the same verdict (it runs the same checks, with the tokenizer).
+    """
+    k, key = _normalize(kind, value)
+    _grammar(k, key, None)
 
 
 def compile_constraint(kind: ConstraintKind, value: Any, tokenizer_info: TokenizerInfo) -> CompiledConstraint:
@@ -388,28 +413,22 @@ def apply_masks(logits: torch.Tensor, states: Sequence[Optional[ConstraintState]
     rows = [i for i, s in enumerate(states) if s is not None]
     if not rows:
         return
-    info = states[rows[0]].constraint.info  # type: ignore[union-attr]
+    live: list[ConstraintState] = [states[i] for i in rows]  # type: ignore[misc]
+    info = live[0].constraint.info
+    if any(s.constraint.info is not info for s in live):
+        raise ValueError("all constrained rows of a batch must share one tokenizer")
     bitmask = allocate_bitmask(len(rows), info)
     if executor is not None:
-        plain = [(k, states[i]) for k, i in enumerate(rows)]
-        for _, s in plain:
-            if s.constraint.info is not info:  # type: ignore[union-attr]
-                raise ValueError("all constrained rows of a batch must share one tokenizer")
-        executor.unsafe_compute_mask_ptr([(s.matcher, k) for k, s in plain if not s.matcher.is_error()],  # type: ignore[union-attr]
+        executor.unsafe_compute_mask_ptr([(s.matcher, k) for k, s in enumerate(live) if not s.matcher.is_error()],
                                          bitmask.data_ptr(), info.mask_words * 4, len(rows))
-        for k, s in plain:
-            if s.matcher.is_error():  # type: ignore[union-attr]
-                s._only_eos(bitmask[k])  # type: ignore[union-attr]
-            else:
-                s._after_fill(bitmask[k])  # type: ignore[union-attr]
+        for k, s in enumerate(live):
+            s._after_fill(bitmask[k])  # also: an error state allows EOS only
     else:
-        for k, i in enumerate(rows):
-            states[i].fill_mask(bitmask, k)  # type: ignore[union-attr]
+        for k, s in enumerate(live):
+            s.fill_mask(bitmask, k)
     V = logits.shape[1]
-    blocked = _unpack(bitmask.to(logits.device, non_blocking=True), False)
-    n = min(V, blocked.shape[1])
-    if n < blocked.shape[1]:
-        blocked = blocked[:, :n]
+    n = min(V, info.vocab_size)
+    blocked = _unpack(bitmask.to(logits.device, non_blocking=True), False)[:, :n]
     # In place, row views only: an unconstrained row is never read or written.
     if len(rows) == logits.shape[0]:
         logits[:, :n].masked_fill_(blocked, float("-inf"))
