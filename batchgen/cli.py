@@ -1,4 +1,4 @@
-"""Command line: ``python -m batchgen <command>``.
+"""Command line: python -m batchgen <command>.
 
 Exit codes: 0 ok; 1 the work ran but something in it failed (a row, a shard, a check);
 2 bad input (spec, model directory, arguments) reported before any work started.
@@ -22,7 +22,10 @@ def _int_list(text: str) -> list[int]:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=64)
+    from batchgen.pipeline.spec import SamplingSpec
+
+    # The same default as a job spec's sampling.max_tokens, so the two agree.
+    p.add_argument("--max-tokens", type=int, default=SamplingSpec.model_fields["max_tokens"].default)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -103,8 +106,14 @@ def _local_ray_on_loopback(address: Optional[str]) -> None:
 
 def _setup_logging() -> None:
     import logging
+    import time
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    # ISO-8601 UTC, like every timestamp batchgen writes (_SUCCESS, runs.json, summary.parquet).
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def _load(args: argparse.Namespace):
@@ -114,7 +123,9 @@ def _load(args: argparse.Namespace):
     try:
         return load_spec(args.spec, args.set)
     except (SpecError, FileNotFoundError) as e:
-        print(f"error: invalid job spec {args.spec}:\n{e}", file=sys.stderr)
+        # A SpecError from the file's validation already starts with "invalid job spec FILE:".
+        head = "" if getattr(e, "source", None) else f"invalid job spec {args.spec}:\n"
+        print(f"error: {head}{e}", file=sys.stderr)
         return None
 
 
@@ -145,22 +156,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check a spec and its input (schemas, ids) without loading a model or starting Ray."""
-    from batchgen.pipeline.shards import list_input_files, plan_shards, validate_input
+    """Refuse what ``run`` would, before loading weights or starting Ray: the spec, the model
+    directory (config, weight files, their headers against the config, a tokenizer for text
+    prompts), the input (schemas, ids), the paths under Ray Jobs and whether the output mode can
+    be applied (a resume's spec, input and model fingerprints; error_if_exists)."""
+    from batchgen.pipeline.paths import absolute_uri, check_job_paths
+    from batchgen.pipeline.planning import check_job
     from batchgen.pipeline.spec import SpecError
 
     spec = _load(args)
     if spec is None:
         return 2
     try:
-        files = list_input_files(spec.input)
-        validate_input(spec, files)
-        shards = plan_shards(spec.input, spec.execution.shard_rows, files)
+        check_job_paths(spec)
+        plan, committed = check_job(spec)
     except (SpecError, FileNotFoundError) as e:
         print(f"error: invalid job spec {args.spec}:\n{e}", file=sys.stderr)
         return 2
-    rows = sum(s.num_rows for s in shards)
-    print(f"ok: {spec.name}: {len(files)} file(s), {rows} rows, {len(shards)} shards -> {spec.output.path}")
+    files = len({s.relpath for s in plan.shards})
+    resume = f" ({len(committed)} committed, resumable)" if committed else ""
+    print(f"ok: {spec.name}: {files} file(s), {plan.rows_total} rows, {len(plan.shards)} shards{resume} -> "
+          f"{absolute_uri(spec.output.path)}")
     return 0
 
 
@@ -170,6 +186,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     status = job_status(args.output)
     print(json.dumps(status, indent=2, default=str))
+    if not status["exists"]:
+        print(f"error: no job output at {args.output}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -188,7 +207,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchgen", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate from one or more prompts (one batch)")
+    g = sub.add_parser("generate", help="generate from one or more prompts (one batch)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g.add_argument("--model", required=True, help="model directory (Meta or HF layout)")
     g.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     g.add_argument("--prompt-ids", action="append", default=[], type=_int_list,

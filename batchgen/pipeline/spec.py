@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import io
 import json
 import os
 import re
@@ -463,7 +464,9 @@ def _parse_text(text: str, path: Path) -> Any:
         if path.suffix.lower() == ".json" or (path.suffix.lower() not in (".yaml", ".yml")
                                               and text.lstrip().startswith("{")):
             return json.loads(text)
-        return yaml.safe_load(text)
+        stream = io.StringIO(text)
+        stream.name = str(path)  # PyYAML names the stream in its errors ("<unicode string>" otherwise)
+        return yaml.safe_load(stream)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise SpecError("", f"cannot parse {path}: {exc}") from None
 
