@@ -25,15 +25,16 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     from batchgen.pipeline.spec import SamplingSpec
 
     # The same default as a job spec's sampling.max_tokens, so the two agree.
-    p.add_argument("--max-tokens", type=int, default=SamplingSpec.model_fields["max_tokens"].default)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=SamplingSpec.model_fields["max_tokens"].default,
+                   help="most tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--stop-token-ids", type=_int_list, default=[])
-    p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--logprobs", action="store_true")
+    p.add_argument("--stop-token-ids", type=_int_list, default=[], help="comma-separated token ids that stop")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
+    p.add_argument("--logprobs", action="store_true", help="report the sampled tokens' log-probabilities")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
