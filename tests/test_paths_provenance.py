@@ -189,3 +189,27 @@ def test_validate_refuses_a_directory_without_a_checkpoint_and_error_if_exists(t
     res = _cli("validate", str(tmp_path / "job.yaml"), "--set", f"model.path={DEMO_MODEL}",
                "--set", "output.mode=resume")
     assert res.returncode == 0, res.stderr
+
+
+def test_weight_headers_that_disagree_with_the_config_are_refused(tmp_path: Path, shared_dir: Path) -> None:
+    from batchgen.checkpoint import detect_layout, load_args
+    from batchgen.pipeline.modelcheck import check_weights
+
+    for d in (DEMO_MODEL, shared_dir / "models" / "stories260K-hf", shared_dir / "models" / "stories260K-meta"):
+        check_weights(d, load_args(d), detect_layout(d))  # real checkpoints pass
+    model = tmp_path / "m"
+    shutil.copytree(DEMO_MODEL, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["num_hidden_layers"], cfg["intermediate_size"] = 5, 400
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SpecError) as err:
+        check_weights(model, load_args(model), "hf")
+    text = str(err.value)
+    assert "mlp.gate_proj.weight in model.safetensors has shape [352, 128], the config implies [400, 128]" in text
+    meta = tmp_path / "meta"
+    shutil.copytree(shared_dir / "models" / "stories260K-meta", meta)
+    params = json.loads((meta / "params.json").read_text())
+    params["n_layers"] += 1
+    (meta / "params.json").write_text(json.dumps(params))
+    with pytest.raises(SpecError, match=r"layers\.5\.attention\.wq\.weight is missing"):
+        check_weights(meta, load_args(meta), "meta")

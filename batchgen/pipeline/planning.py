@@ -38,13 +38,15 @@ class JobPlan:
 
 
 def check_model(spec: JobSpec) -> None:
-    """Check that ``model.path`` is a checkpoint directory and that a tokenizer exists (prompts
-    are text), reading config files only.
+    """Check that ``model.path`` is a checkpoint directory whose weight files hold every tensor
+    its config needs, in the right shape, and that a tokenizer exists (prompts are text),
+    reading config files and weight-file headers only.
 
     Raises:
         SpecError: ``model.path: ...`` or ``model.tokenizer: ...``.
     """
-    from batchgen.checkpoint import CheckpointError, load_args
+    from batchgen.checkpoint import CheckpointError, detect_layout, load_args
+    from batchgen.pipeline.modelcheck import check_weights
     from batchgen.tokenizer import TOKENIZER_FILE
 
     path = spec.model.path
@@ -52,9 +54,11 @@ def check_model(spec: JobSpec) -> None:
         raise SpecError("model.path", f"{path}: the model must be a local directory on every replica's node")
     path = path.removeprefix("file://")
     try:
-        load_args(path)
+        args = load_args(path)
+        layout = detect_layout(path)
     except CheckpointError as exc:
         raise SpecError("model.path", str(exc)) from None
+    check_weights(path, args, layout)  # headers only: a checkpoint that would fail to load is refused now
     if spec.model.tokenizer is not None:
         if not Path(spec.model.tokenizer).is_file():
             raise SpecError("model.tokenizer", f"no such file: {spec.model.tokenizer}")
