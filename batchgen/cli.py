@@ -181,6 +181,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preview(args: argparse.Namespace) -> int:
+    """The first rows' prompts as the model sees them, with token counts (no weights, no Ray)."""
+    from batchgen.pipeline.preview import preview
+    from batchgen.pipeline.spec import SpecError
+
+    spec = _load(args)
+    if spec is None:
+        return 2
+    try:
+        rows = preview(spec, args.rows)
+    except (SpecError, FileNotFoundError) as e:
+        print(f"error: invalid job spec {args.spec}:\n{e}", file=sys.stderr)
+        return 2
+    for r in rows:
+        if args.json:
+            print(json.dumps(r, ensure_ascii=False, default=str))
+            continue
+        print(f"--- id={r['id']} prompt_tokens={r['prompt_tokens']}" + (f" ({r['note']})" if r["note"] else ""))
+        if r["prompt"] is not None:
+            print(r["prompt"])
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Progress of a running or finished job, read from its output location."""
     from batchgen.pipeline.writer import job_status
@@ -236,7 +259,12 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     r.add_argument("--no-dashboard", action="store_true", help="local Ray without the dashboard")
     r.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     r.set_defaults(func=cmd_run)
-    spec_parser("validate", "check a spec and its input without running anything").set_defaults(func=cmd_validate)
+    spec_parser("validate", "check a spec, its model and input without running anything").set_defaults(
+        func=cmd_validate)
+    pv = spec_parser("preview", "the first rows' prompts as the model sees them, with token counts")
+    pv.add_argument("--rows", type=int, default=5, help="how many rows")
+    pv.add_argument("--json", action="store_true", help="one JSON object per row")
+    pv.set_defaults(func=cmd_preview)
     st = sub.add_parser("status", help="progress of a job from its output location")
     st.add_argument("output", help="the job's output.path")
     st.set_defaults(func=cmd_status)

@@ -213,3 +213,30 @@ def test_weight_headers_that_disagree_with_the_config_are_refused(tmp_path: Path
     (meta / "params.json").write_text(json.dumps(params))
     with pytest.raises(SpecError, match=r"layers\.5\.attention\.wq\.weight is missing"):
         check_weights(meta, load_args(meta), "meta")
+
+
+def test_preview_shows_the_chat_wrapped_prompt_and_its_tokens_without_weights_or_ray(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batchgen.tokenizer import Tokenizer
+
+    pq.write_table(pa.table({"id": [1, 2, 3], "q": ["1+2", None, "9 " * 80]}), tmp_path / "in.parquet")
+    spec = {"model": {"path": str(DEMO_MODEL)},
+            "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id", "template": "{q}=", "chat": True,
+                      "system": "Be brief."},
+            "output": {"path": str(tmp_path / "out")}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    probe = ("import sys; from batchgen.cli import main; rc = main(['preview', sys.argv[1], '--json']); "
+             "print('ray' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "job.yaml")], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    lines = res.stdout.strip().splitlines()
+    assert res.returncode == 0 and lines[-1] == "False", res.stdout + res.stderr
+    rows = [json.loads(line) for line in lines[:-1]]
+    tok = Tokenizer(DEMO_MODEL / "tokenizer.model")
+    assert rows[0]["prompt_tokens"] == len(tok.encode_chat_prompt("1+2=", system="Be brief."))
+    assert rows[0]["prompt"].startswith("<s>[INST] <<SYS>>") and rows[0]["prompt"].endswith("1+2= [/INST]")
+    assert rows[1]["note"] == "error: template column 'q' is null"
+    assert "prompt_too_long" in rows[2]["note"] and "input.truncate_prompt" in rows[2]["note"]
+    assert not (tmp_path / "out").exists()
