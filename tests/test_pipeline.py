@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -217,6 +218,10 @@ def test_cli_run_and_status(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout)["rows"] == 20
     assert "[batchgen] shards" in res.stderr  # the progress line
+    # Log lines carry ISO-8601 UTC times and name the absolute output location.
+    started = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO job pipeline-test: output "
+    assert re.search(started + re.escape(str(tmp_path / "out")) + "$", res.stderr, re.M), res.stderr[-3000:]
+    assert f"complete, results in {tmp_path / 'out'}" in res.stderr
     status = _cli("status", str(tmp_path / "out"))
     assert status.returncode == 0
     assert json.loads(status.stdout)["complete"] is True
