@@ -1,9 +1,11 @@
 """The driver: check the job, plan shards, start the queue and the replicas, watch, finish.
 
 Everything that can be wrong with the spec, the model directory or the input is found before
-Ray starts, a model loads or the output location is touched. Then the driver only coordinates:
-replicas pull shards from the queue and publish their own output; the driver writes
-``summary.parquet`` and ``_SUCCESS`` (last) at the end.
+Ray starts, a model loads or the output location is touched (:mod:`planning`; under ``ray job
+submit`` also the paths, :mod:`paths`). Then the driver only coordinates: replicas pull shards
+from the queue and publish their own output; the driver logs the absolute output location at the
+start and the end, records each run in ``runs.json`` however it ends, and writes
+``summary.parquet`` and ``_SUCCESS`` (last) at the end (:mod:`jobsummary`).
 
 What the driver does when things go wrong:
 
