@@ -392,7 +392,8 @@ def committed_shards(fs: pafs.FileSystem, out_root: str) -> set[str]:
 # --------------------------------------------------------------------------------------- job level
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    # The same ISO-8601 UTC form as every other timestamp batchgen writes (jobsummary.iso).
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _top_level(fs: pafs.FileSystem, root: str, uri: str) -> list[str]:
