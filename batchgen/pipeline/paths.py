@@ -83,13 +83,15 @@ def check_job_paths(spec: JobSpec, environ: Optional[Mapping[str, str]] = None,
     errors: list[tuple[str, str]] = []
     out = spec.output.path
     target = None if is_uri(out) else os.path.join(cwd, os.path.expanduser(out))
+    # Where the user most likely meant: the same relative path under the directory they submit from.
+    suggested = os.path.normpath(out) if _is_relative(out) and not out.startswith("..") else "out"
     if target is not None and (_is_relative(out) or in_ray_working_dir(target)):
         errors.append(("output.path", (
             f"{out!r} would be written inside Ray's temporary copy of the working dir ({cwd}), which Ray "
             "deletes after the job and which differs on every node, so the results would be lost. Write an "
             "absolute path that every node sees (a shared filesystem), an s3:// or gs:// URI, or submit with "
-            f"`-- python -m batchgen run SPEC --set output.path=$PWD/{out.lstrip('./') if _is_relative(out) else 'out'}`"
-            " ($PWD is expanded by your shell, on the client)")))
+            f"`-- python -m batchgen run SPEC --set output.path=$PWD/{suggested}` ($PWD is expanded by your "
+            "shell, on the client)")))
     hint = ("`ray job submit --working-dir` uploads neither git-ignored files nor large files, so data and "
             "weights outside the repository must be named by an absolute path that every node sees "
             "(or an s3:// / gs:// URI for input)")
