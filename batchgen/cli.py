@@ -1,4 +1,4 @@
-"""Command line: ``python -m batchgen <command>``.
+"""Command line: python -m batchgen <command>.
 
 Exit codes: 0 ok; 1 the work ran but something in it failed (a row, a shard, a check);
 2 bad input (spec, model directory, arguments) reported before any work started.
@@ -22,15 +22,19 @@ def _int_list(text: str) -> list[int]:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    from batchgen.pipeline.spec import SamplingSpec
+
+    # The same default as a job spec's sampling.max_tokens, so the two agree.
+    p.add_argument("--max-tokens", type=int, default=SamplingSpec.model_fields["max_tokens"].default,
+                   help="most tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--stop-token-ids", type=_int_list, default=[])
-    p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--logprobs", action="store_true")
+    p.add_argument("--stop-token-ids", type=_int_list, default=[], help="comma-separated token ids that stop")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
+    p.add_argument("--logprobs", action="store_true", help="report the sampled tokens' log-probabilities")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -137,8 +141,14 @@ def _local_ray_on_loopback(address: Optional[str]) -> None:
 
 def _setup_logging() -> None:
     import logging
+    import time
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    # ISO-8601 UTC, like every timestamp batchgen writes (_SUCCESS, runs.json, summary.parquet).
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def _load(args: argparse.Namespace):
@@ -148,7 +158,9 @@ def _load(args: argparse.Namespace):
     try:
         return load_spec(args.spec, args.set)
     except (SpecError, FileNotFoundError) as e:
-        print(f"error: invalid job spec {args.spec}:\n{e}", file=sys.stderr)
+        # A SpecError from the file's validation already starts with "invalid job spec FILE:".
+        head = "" if getattr(e, "source", None) else f"invalid job spec {args.spec}:\n"
+        print(f"error: {head}{e}", file=sys.stderr)
         return None
 
 
@@ -179,22 +191,50 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check a spec and its input (schemas, ids) without loading a model or starting Ray."""
-    from batchgen.pipeline.shards import list_input_files, plan_shards, validate_input
+    """Refuse what ``run`` would, before loading weights or starting Ray: the spec, the model
+    directory (config, weight files, their headers against the config, a tokenizer for text
+    prompts), the input (schemas, ids), the paths under Ray Jobs and whether the output mode can
+    be applied (a resume's spec, input and model fingerprints; error_if_exists)."""
+    from batchgen.pipeline.paths import absolute_uri, check_job_paths
+    from batchgen.pipeline.planning import check_job
     from batchgen.pipeline.spec import SpecError
 
     spec = _load(args)
     if spec is None:
         return 2
     try:
-        files = list_input_files(spec.input)
-        validate_input(spec, files)
-        shards = plan_shards(spec.input, spec.execution.shard_rows, files)
+        check_job_paths(spec)
+        plan, committed = check_job(spec)
     except (SpecError, FileNotFoundError) as e:
         print(f"error: invalid job spec {args.spec}:\n{e}", file=sys.stderr)
         return 2
-    rows = sum(s.num_rows for s in shards)
-    print(f"ok: {spec.name}: {len(files)} file(s), {rows} rows, {len(shards)} shards -> {spec.output.path}")
+    files = len({s.relpath for s in plan.shards})
+    resume = f" ({len(committed)} committed, resumable)" if committed else ""
+    print(f"ok: {spec.name}: {files} file(s), {plan.rows_total} rows, {len(plan.shards)} shards{resume} -> "
+          f"{absolute_uri(spec.output.path)}")
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    """The first rows' prompts as the model sees them, with token counts (no weights, no Ray)."""
+    from batchgen.pipeline.preview import preview
+    from batchgen.pipeline.spec import SpecError
+
+    spec = _load(args)
+    if spec is None:
+        return 2
+    try:
+        rows = preview(spec, args.rows)
+    except (SpecError, FileNotFoundError) as e:
+        print(f"error: invalid job spec {args.spec}:\n{e}", file=sys.stderr)
+        return 2
+    for r in rows:
+        if args.json:
+            print(json.dumps(r, ensure_ascii=False, default=str))
+            continue
+        print(f"--- id={r['id']} prompt_tokens={r['prompt_tokens']}" + (f" ({r['note']})" if r["note"] else ""))
+        if r["prompt"] is not None:
+            print(r["prompt"])
     return 0
 
 
@@ -204,6 +244,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     status = job_status(args.output)
     print(json.dumps(status, indent=2, default=str))
+    if not status["exists"]:
+        print(f"error: no job output at {args.output}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -222,7 +265,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchgen", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate from one or more prompts (one batch)")
+    g = sub.add_parser("generate", help="generate from one or more prompts (one batch)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g.add_argument("--model", required=True, help="model directory (Meta or HF layout)")
     g.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     g.add_argument("--prompt-ids", action="append", default=[], type=_int_list,
@@ -252,7 +296,12 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     r.add_argument("--no-dashboard", action="store_true", help="local Ray without the dashboard")
     r.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     r.set_defaults(func=cmd_run)
-    spec_parser("validate", "check a spec and its input without running anything").set_defaults(func=cmd_validate)
+    spec_parser("validate", "check a spec, its model and input without running anything").set_defaults(
+        func=cmd_validate)
+    pv = spec_parser("preview", "the first rows' prompts as the model sees them, with token counts")
+    pv.add_argument("--rows", type=int, default=5, help="how many rows")
+    pv.add_argument("--json", action="store_true", help="one JSON object per row")
+    pv.set_defaults(func=cmd_preview)
     st = sub.add_parser("status", help="progress of a job from its output location")
     st.add_argument("output", help="the job's output.path")
     st.set_defaults(func=cmd_status)

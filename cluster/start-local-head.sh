@@ -113,9 +113,12 @@ batchgen: local Ray head is up on 127.0.0.1 (token auth on).
   Dashboard / Jobs API: http://127.0.0.1:$DASHBOARD_PORT  (it asks for the token: \`$RAY get-auth-token\`)
   Prometheus metrics:   http://127.0.0.1:$METRICS_PORT/metrics
   Client environment:   source $env_file
-  Submit a job:
-    source $env_file && ray job submit --working-dir . -- python -m batchgen run jobs/demo.yaml
-  Or run the driver here:
+  Submit the demo job (its prompts come from \`make demo\`; paths are absolute because the
+  job runs in Ray's temporary copy of this directory, which leaves out git-ignored files like
+  demo-out/ and is deleted afterwards; \$PWD is expanded here, by your shell):
+    source $env_file && ray job submit --working-dir . -- python -m batchgen run jobs/demo.yaml \\
+      --set input.path=\$PWD/demo-out/prompts.parquet --set output.path=\$PWD/demo-out/results/
+  Or run the driver here (relative paths are this directory's):
     source $env_file && python -m batchgen run jobs/demo.yaml
   Stop it:
     RAY_TMPDIR=$RAY_TMPDIR RAY_PORT=$RAY_PORT cluster/stop-local-head.sh

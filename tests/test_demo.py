@@ -24,7 +24,8 @@ def test_demo_job_meets_the_accuracy_bar(tmp_path: Path) -> None:
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    m = re.search(r"^accuracy: (\d\.\d\d) \((\d+)/(\d+)\)$", res.stdout, re.M)
+    m = re.search(r"^accuracy: (\d\.\d\d) \((\d+)/(\d+) completions equal the expected answer\)$", res.stdout, re.M)
+    assert re.search(r"^rows_ok: \d+ of 160 rows generated without an error$", res.stdout, re.M), res.stdout
     assert m, res.stdout
     correct, total = int(m.group(2)), int(m.group(3))
     assert total == 160 and correct / total >= 0.95

@@ -51,6 +51,8 @@ def test_ray_job_submit_runs_a_job_and_exports_metrics(head_env: dict[str, str],
     )
     try:
         assert started.returncode == 0, started.stdout + started.stderr
+        # The suggested submit command names absolute paths (the working dir copy is temporary).
+        assert "--set output.path=$PWD/demo-out/results/" in started.stdout
         exports = dict(re.findall(r"^export (\w+)=(.*)$", (Path(env["RAY_TMPDIR"]) / "env.sh").read_text(), re.M))
         client_env = {**env, **exports}
         job = subprocess.run(
@@ -68,7 +70,23 @@ def test_ray_job_submit_runs_a_job_and_exports_metrics(head_env: dict[str, str],
 
         out = pq.ParquetDataset(tmp_path / "out" / "shards").read()
         assert sorted(out.column("id").to_pylist()) == ids
-        assert (tmp_path / "out" / "_SUCCESS").exists()
+        success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
+        assert success["output"] == str(tmp_path / "out")
+        assert f"output {tmp_path / 'out'}" in logs  # the driver names where the results go
+
+        # A relative output.path under Ray Jobs would land in Ray's temporary copy of the working
+        # dir, which Ray deletes: refused before any work (exit 2), saying what to write instead.
+        refused = subprocess.run(
+            [str(ray_bin), "job", "submit", "--working-dir", ".", "--",
+             "python", "-m", "batchgen", "run", str(tmp_path / "job.yaml"), "--set", "output.path=out/relative"],
+            cwd=REPO, env=client_env, capture_output=True, text=True, timeout=300,
+        )
+        text = refused.stdout + refused.stderr
+        assert refused.returncode != 0 and re.search(r"Job 'raysubmit_\w+' failed", text), text[-3000:]
+        assert "output.path: 'out/relative' would be written inside Ray's temporary copy" in text, text[-3000:]
+        assert "--set output.path=$PWD/out/relative" in text and "exit code 2" in text, text[-3000:]
+        leaked = [p for p in Path(env["RAY_TMPDIR"]).rglob("relative") if "working_dir_files" in str(p)]
+        assert not leaked and not (REPO / "out" / "relative").exists()
 
         tokens_out = 0.0
         deadline = time.monotonic() + 30

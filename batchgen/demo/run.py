@@ -77,7 +77,10 @@ def run_demo(out_dir: Path = Path("demo-out"), rows: int = 500, replicas: int = 
         print(f"  {mark} id={r['id']:<4} {r['prompt']!r:34} -> {r['completion']!r} "
               f"(expected {r['answer']!r}, {r['finish_reason']})")
     acc = correct / total if total else 0.0
-    print(f"accuracy: {acc:.2f} ({correct}/{total})")
+    # rows_ok counts rows the model completed without an error; accuracy counts completions that
+    # equal the expected answer. A row can be ok and still wrong.
+    print(f"rows_ok: {summary['rows_ok']} of {summary['rows']} rows generated without an error")
+    print(f"accuracy: {acc:.2f} ({correct}/{total} completions equal the expected answer)")
     print(f"output: {out_dir / 'results'}")
     return 0 if acc >= ACCURACY_BAR else 1
 

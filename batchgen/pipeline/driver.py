@@ -1,9 +1,11 @@
 """The driver: check the job, plan shards, start the queue and the replicas, watch, finish.
 
 Everything that can be wrong with the spec, the model directory or the input is found before
-Ray starts, a model loads or the output location is touched. Then the driver only coordinates:
-replicas pull shards from the queue and publish their own output; the driver writes
-``summary.parquet`` and ``_SUCCESS`` (last) at the end.
+Ray starts, a model loads or the output location is touched (:mod:`planning`; under ``ray job
+submit`` also the paths, :mod:`paths`). Then the driver only coordinates: replicas pull shards
+from the queue and publish their own output; the driver logs the absolute output location at the
+start and the end, records each run in ``runs.json`` however it ends, and writes
+``summary.parquet`` and ``_SUCCESS`` (last) at the end (:mod:`jobsummary`).
 
 What the driver does when things go wrong:
 
@@ -41,20 +43,20 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import ray
 
-from batchgen.pipeline import writer
+from batchgen import __version__
+from batchgen.pipeline import jobsummary, writer
+from batchgen.pipeline.paths import absolute_uri, check_job_paths
+from batchgen.pipeline.planning import JobPlan, check_model, fingerprint_model, plan_job  # noqa: F401 (API)
 from batchgen.pipeline.metrics import JobMetrics, ProgressLogger
 from batchgen.pipeline.queue import create_queue
 from batchgen.pipeline.faults import FAULTS_ENV, Faults
 from batchgen.pipeline.replica import Replica, Task, output_table
-from batchgen.pipeline.shards import (
-    InputReport, Shard, list_input_files, plan_shards, read_shard, resolve_filesystem, validate_input,
-)
-from batchgen.pipeline.spec import JobSpec, SpecError, is_uri, spec_fingerprint
+from batchgen.pipeline.shards import Shard, read_shard, resolve_filesystem
+from batchgen.pipeline.spec import JobSpec, SpecError  # noqa: F401 (callers catch it from here)
 from batchgen.pipeline.tp_replica import TPReplicaGroup, replicas_that_fit
 
 log = logging.getLogger("batchgen")
@@ -76,62 +78,6 @@ class JobStopped(JobFailed):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
-
-
-@dataclass
-class JobPlan:
-    """What a run has to do: all shards of the input, and those not yet committed."""
-
-    shards: list[Shard]
-    todo: list[Shard]
-    input_fp: str
-    spec_fp: str
-    rows_total: int
-    dead: dict[str, list[str]] = field(default_factory=dict)
-    report: Optional[InputReport] = None
-
-
-def check_model(spec: JobSpec) -> None:
-    """Check that ``model.path`` is a checkpoint directory and that a tokenizer exists (prompts
-    are text), reading config files only.
-
-    Raises:
-        SpecError: ``model.path: ...`` or ``model.tokenizer: ...``.
-    """
-    from batchgen.checkpoint import CheckpointError, load_args
-    from batchgen.tokenizer import TOKENIZER_FILE
-
-    path = spec.model.path
-    if is_uri(path) and not path.startswith("file://"):
-        raise SpecError("model.path", f"{path}: the model must be a local directory on every replica's node")
-    path = path.removeprefix("file://")
-    try:
-        load_args(path)
-    except CheckpointError as exc:
-        raise SpecError("model.path", str(exc)) from None
-    if spec.model.tokenizer is not None:
-        if not Path(spec.model.tokenizer).is_file():
-            raise SpecError("model.tokenizer", f"no such file: {spec.model.tokenizer}")
-    elif not (Path(path) / TOKENIZER_FILE).is_file():
-        raise SpecError("model.tokenizer", f"no {TOKENIZER_FILE} in {path}, and prompts are text: "
-                                           "set model.tokenizer to the tokenizer's file")
-
-
-def plan_job(spec: JobSpec, model_check: bool = True) -> JobPlan:
-    """Check the model and input, plan shards and prepare the output directory (no Ray, no
-    model load). Nothing is written before every check has passed."""
-    if model_check:
-        check_model(spec)
-    files = list_input_files(spec.input)
-    report = validate_input(spec, files)
-    shards = plan_shards(spec.input, spec.execution.shard_rows, files)
-    committed = writer.prepare_output(spec, shards, report.fingerprint)
-    todo = [s for s in shards if s.shard_id not in committed]
-    if todo:  # pieces of shards that an earlier run split but never merged are redone
-        fs, root = resolve_filesystem(spec.output.path)
-        writer.discard_parts(fs, root)
-    return JobPlan(shards, todo, report.fingerprint, spec_fingerprint(spec), sum(s.num_rows for s in shards),
-                   report=report)
 
 
 def init_ray(address: Optional[str] = None, dashboard: bool = True) -> None:
@@ -181,6 +127,9 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, dashboard: bool = T
     started = time.time()
     faults = os.environ.get(FAULTS_ENV) or None
     Faults.parse(faults)  # a typo in the test hook fails here, not in every replica
+    check_job_paths(spec)  # under `ray job submit`: no results inside Ray's temporary working dir
+    out_uri = absolute_uri(spec.output.path)
+    log.info("job %s: output %s", spec.name, out_uri)
     on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
     # On a cluster the model may live only on the GPU nodes: check it here only if it is here.
     try:
@@ -188,13 +137,35 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, dashboard: bool = T
         log.info("job %s: %d shards (%d rows), %d already committed", spec.name, len(plan.shards),
                  plan.rows_total, len(plan.shards) - len(plan.todo))
         if plan.todo:
-            init_ray(address, dashboard)
-            _Run(spec, plan, faults, progress_every_s, on_stats).run()
-        return _finish(spec, plan, started)
+            status = "failed"
+            try:
+                init_ray(address, dashboard)
+                _Run(spec, plan, faults, progress_every_s, on_stats).run()
+                status = "done"
+            except JobStopped:
+                status = "stopped"
+                raise
+            finally:
+                _record_run(spec, plan, started, status)
+        summary = _finish(spec, plan, started, out_uri)
+        log.info("job %s: complete, results in %s", spec.name, out_uri)
+        return summary
     except OSError as exc:
         # Storage that stays down (retries spent) in the driver: nothing committed is lost.
         raise JobFailed(f"storage error: {exc}; the output is resumable: run the same command again "
                         "once storage is reachable") from exc
+
+
+def _record_run(spec: JobSpec, plan: JobPlan, started: float, status: str) -> None:
+    """Append this run's record (the shards it committed) to ``runs.json``; never raises for
+    storage, so that the run's own outcome is what the caller sees."""
+    fs, root = resolve_filesystem(spec.output.path)
+    try:
+        new = {s.shard_id for s in plan.todo}
+        rows = writer.read_shard_summaries(fs, root, new)
+        jobsummary.append_run(fs, root, jobsummary.run_record(started, time.time(), status, rows))
+    except OSError as exc:
+        log.warning("could not record this run in %s: %s", writer.RUNS, exc)
 
 
 # --------------------------------------------------------------------------------------- the run
@@ -529,35 +500,28 @@ def _span(acks: list[dict]) -> dict[str, float]:
 
 # --------------------------------------------------------------------------------------- the end
 
-def _finish(spec: JobSpec, plan: JobPlan, started: float) -> dict:
+def _finish(spec: JobSpec, plan: JobPlan, started: float, out_uri: Optional[str] = None) -> dict:
     fs, root = resolve_filesystem(spec.output.path)
     rows = writer.read_shard_summaries(fs, root, [s.shard_id for s in plan.shards])
-    finished = time.time()
-
-    def total(key: str) -> int:
-        return sum(int(r.get(key, 0) or 0) for r in rows)
-
-    summary: dict[str, Any] = {
-        "name": spec.name,
-        "spec_fingerprint": plan.spec_fp,
-        "input_fingerprint": plan.input_fp,
-        "shards": len(plan.shards),
-        "shards_committed": len(rows),
-        "rows": total("rows"),
-        "rows_ok": total("rows_ok"),
-        "rows_error": total("rows_error"),
-        "prompt_tokens": total("prompt_tokens"),
-        "completion_tokens": total("completion_tokens"),
-        "started": started,
-        "finished": finished,
-        "seconds": finished - started,
-        "failed_shards": plan.dead,
-    }
-    summary["completion_tokens_per_s"] = summary["completion_tokens"] / max(summary["seconds"], 1e-9)
     if plan.dead or len(rows) != len(plan.shards):
         missing = sorted({s.shard_id for s in plan.shards} - {r["shard_id"] for r in rows})
         raise JobFailed(f"{len(missing)} of {len(plan.shards)} shards did not complete "
                         f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+    groups = {s.shard_id: list(s.row_groups) for s in plan.shards}
+    for r in rows:  # replicas do not know the row groups; the plan does
+        r.setdefault("row_groups", groups.get(r["shard_id"]))
+    base = {
+        "name": spec.name,
+        "output": out_uri or absolute_uri(spec.output.path),
+        "spec_fingerprint": plan.spec_fp,
+        "input_fingerprint": plan.input_fp,
+        "model_fingerprint": None if plan.model_fp is None else plan.model_fp.get("digest"),
+        "batchgen_version": __version__,
+        "shards": len(plan.shards),
+        "shards_committed": len(rows),
+        "failed_shards": plan.dead,
+    }
+    summary = jobsummary.success_summary(base, rows, jobsummary.read_runs(fs, root), started)
     writer.write_summary(fs, root, rows)
     removed = writer.remove_leftovers(fs, root)
     if removed:

@@ -8,7 +8,8 @@ Relative paths. ``model.path``, ``model.tokenizer``, ``input.path`` and ``output
 exactly as written and are resolved against the *current working directory of the process that
 opens them* (see :func:`resolve_path`). That is the directory ``python -m batchgen run`` is started
 in and, under ``ray job submit --working-dir .``, the unpacked working dir that the driver and
-every replica run in. Keeping them as written also keeps :func:`spec_fingerprint` unchanged when
+every replica run in (there a relative ``output.path`` is refused: see
+:mod:`batchgen.pipeline.paths`). Keeping them as written also keeps :func:`spec_fingerprint` unchanged when
 the same job directory is unpacked at a different place, so a resumed job is not refused. A
 driver that ships the spec to processes with another CWD calls :meth:`JobSpec.with_resolved_paths`
 first.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import io
 import json
 import os
 import re
@@ -533,7 +535,9 @@ def _parse_text(text: str, path: Path) -> Any:
         if path.suffix.lower() == ".json" or (path.suffix.lower() not in (".yaml", ".yml")
                                               and text.lstrip().startswith("{")):
             return json.loads(text)
-        return yaml.safe_load(text)
+        stream = io.StringIO(text)
+        stream.name = str(path)  # PyYAML names the stream in its errors ("<unicode string>" otherwise)
+        return yaml.safe_load(stream)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise SpecError("", f"cannot parse {path}: {exc}") from None
 

@@ -2,7 +2,9 @@
 
 Layout under ``output.path``::
 
-    manifest.json            spec + input fingerprints and the shard plan (written first)
+    manifest.json            spec, input and model fingerprints, provenance, the shard plan
+                             (written first)
+    runs.json                one entry per run that did work (see batchgen.pipeline.jobsummary)
     shards/<shard_id>.parquet one per committed shard
     summary.parquet          one row per shard (counts, timings, replica)
     _SUCCESS                 JSON, written last: the job is complete
@@ -39,6 +41,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchgen import __version__
+from batchgen.pipeline.provenance import fingerprint_changes, provenance
 from batchgen.pipeline.shards import Shard, resolve_filesystem
 from batchgen.pipeline.spec import JobSpec, SpecError, result_fields, spec_fingerprint
 
@@ -47,7 +50,8 @@ PARTS_DIR = "parts"
 MANIFEST = "manifest.json"
 SUMMARY = "summary.parquet"
 SUCCESS = "_SUCCESS"
-_OURS = {SHARDS_DIR, PARTS_DIR, MANIFEST, SUMMARY, SUCCESS}
+RUNS = "runs.json"
+_OURS = {SHARDS_DIR, PARTS_DIR, MANIFEST, SUMMARY, SUCCESS, RUNS}
 _TMP_PREFIX = ".tmp-"
 
 #: Tries of one storage call on an object store (on top of the SDK's own), and the first wait.
@@ -60,6 +64,8 @@ log = logging.getLogger("batchgen")
 T = TypeVar("T")
 _FORMAT = "batchgen-output/1"
 _SUMMARY_KEY = b"batchgen.shard_summary"
+#: Parquet key-value metadata of every shard file: the manifest's provenance block (JSON).
+PROVENANCE_KEY = b"batchgen.provenance"
 
 #: One row per committed shard; every field but ``shard_id`` may be missing (null).
 SUMMARY_SCHEMA = pa.schema([
@@ -211,7 +217,7 @@ def publish_shard(fs: pafs.FileSystem, out_root: str, shard_id: str, table: pa.T
         ValueError: for an invalid shard id or an unknown summary key (checked before writing).
     """
     _check_id("shard id", shard_id)
-    data = _parquet_bytes(table, shard_id, summary)
+    data = _parquet_bytes(table, shard_id, summary, _provenance(fs, out_root))
     path = _join(out_root, SHARDS_DIR, f"{shard_id}.parquet")
     publish_bytes(fs, path, data, before_commit)
     return path
@@ -222,8 +228,21 @@ def _check_id(what: str, value: str) -> None:
         raise ValueError(f"invalid {what} {value!r}")
 
 
-def _parquet_bytes(table: pa.Table, shard_id: str, summary: Mapping[str, Any] | None) -> bytes:
-    """``table`` as a Parquet file, with ``summary`` (checked first) in its footer."""
+def _provenance(fs: pafs.FileSystem, out_root: str) -> bytes | None:
+    """The manifest's provenance block as JSON bytes (None without a manifest or block).
+
+    Read at every publish rather than passed down: replicas get it with no change to how they
+    are started, and one small GET per shard costs nothing beside a shard's generation."""
+    manifest = read_json(fs, _join(out_root, MANIFEST))
+    block = (manifest or {}).get("provenance")
+    return None if block is None else json.dumps(block, sort_keys=True).encode()
+
+
+def _parquet_bytes(table: pa.Table, shard_id: str, summary: Mapping[str, Any] | None,
+                   prov: bytes | None = None) -> bytes:
+    """``table`` as a Parquet file, with ``summary`` (checked first) and ``prov`` in its footer."""
+    if prov is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), PROVENANCE_KEY: prov})
     if summary is not None:
         _check_summary_keys(summary)
         metadata = {**(table.schema.metadata or {}), _SUMMARY_KEY: json.dumps({**summary, "shard_id": shard_id},
@@ -373,7 +392,8 @@ def committed_shards(fs: pafs.FileSystem, out_root: str) -> set[str]:
 # --------------------------------------------------------------------------------------- job level
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    # The same ISO-8601 UTC form as every other timestamp batchgen writes (jobsummary.iso).
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _top_level(fs: pafs.FileSystem, root: str, uri: str) -> list[str]:
@@ -403,12 +423,17 @@ def _spec_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def _check_manifest(manifest: Mapping[str, Any], spec: JobSpec, input_fp: str, shards: Sequence[Shard],
-                    uri: str) -> None:
+                    uri: str, model_fp: Mapping[str, Any] | None = None) -> None:
     advice = "use mode: overwrite to start again, or another output.path"
     if manifest.get("spec_fingerprint") != spec_fingerprint(spec):
         changes = _spec_diff(manifest.get("result_fields", {}), result_fields(spec))
         raise OutputError("output.mode", f"resume refused: {uri} holds results of a different spec "
                                          f"({'; '.join(changes) or 'fingerprint differs'}); {advice}")
+    old_model = manifest.get("model_fingerprint")
+    if old_model is not None and model_fp is not None and old_model.get("digest") != model_fp.get("digest"):
+        changes = fingerprint_changes(old_model, model_fp)
+        raise OutputError("model.path", f"resume refused: the model at {spec.model.path} is not the one {uri} "
+                                        f"was started with ({'; '.join(changes)}); {advice}")
     if manifest.get("input_fingerprint") != input_fp:
         raise OutputError("output.mode", f"resume refused: the input changed since {uri} was started "
                                          f"(files added, removed or rewritten); {advice}")
@@ -420,8 +445,11 @@ def _check_manifest(manifest: Mapping[str, Any], spec: JobSpec, input_fp: str, s
                                          f"back to {was} or {advice}")
 
 
-def _manifest(spec: JobSpec, shards: Sequence[Shard], input_fp: str) -> dict[str, Any]:
+def _manifest(spec: JobSpec, shards: Sequence[Shard], input_fp: str,
+              model_fp: Mapping[str, Any] | None) -> dict[str, Any]:
     return {
+        "model_fingerprint": None if model_fp is None else dict(model_fp),
+        "provenance": provenance(spec_fingerprint(spec), spec.sampling.model_dump(mode="json"), model_fp, input_fp),
         "format": _FORMAT,
         "batchgen_version": __version__,
         "name": spec.name,
@@ -437,17 +465,14 @@ def _manifest(spec: JobSpec, shards: Sequence[Shard], input_fp: str) -> dict[str
     }
 
 
-def prepare_output(spec: JobSpec, shards: Sequence[Shard], input_fp: str) -> set[str]:
-    """Apply ``output.mode`` and write the manifest; returns the ids of shards already committed.
-
-    - ``resume``: continue a previous run of the same spec over the same input and shard plan
-      (anything else is refused with what changed); a fresh location starts a new run.
-    - ``overwrite``: delete a previous run's outputs first. Files that batchgen did not write
-      there are never deleted: their presence is an error.
-    - ``error_if_exists``: refuse a location that has anything in it.
+def check_output(spec: JobSpec, shards: Sequence[Shard], input_fp: str,
+                 model_fp: Mapping[str, Any] | None = None) -> set[str] | None:
+    """Check that ``output.mode`` can be applied at ``output.path``, writing nothing (``batchgen
+    validate`` and :func:`prepare_output` both call it); returns the ids of the shards a resume
+    would keep, or None when there is no earlier run to resume.
 
     Raises:
-        OutputError: with ``output.path`` / ``output.mode`` and a message saying what to do.
+        OutputError: with ``output.path`` / ``output.mode`` / ``model.path`` and what to do.
     """
     uri = spec.output.path
     fs, root = resolve_filesystem(uri)
@@ -461,23 +486,46 @@ def prepare_output(spec: JobSpec, shards: Sequence[Shard], input_fp: str) -> set
         if foreign:
             raise OutputError("output.path", f"{uri} holds files batchgen did not write "
                                              f"({', '.join(foreign[:5])}); refusing to delete them")
-        for name in entries:
+    manifest = read_json(fs, _join(root, MANIFEST)) if mode == "resume" else None
+    if manifest is not None:
+        _check_manifest(manifest, spec, input_fp, shards, uri, model_fp)
+        return committed_shards(fs, root) & {s.shard_id for s in shards}
+    if mode == "resume" and (committed_shards(fs, root) or SUCCESS in entries or SUMMARY in entries):
+        raise OutputError("output.path", f"{uri} holds batchgen results but no {MANIFEST}, so they cannot "
+                                         "be matched to this spec; use mode: overwrite")
+    return None
+
+
+def prepare_output(spec: JobSpec, shards: Sequence[Shard], input_fp: str,
+                   model_fp: Mapping[str, Any] | None = None) -> set[str]:
+    """Apply ``output.mode`` and write the manifest; returns the ids of shards already committed.
+
+    ``model_fp`` (:func:`provenance.model_fingerprint`) goes into the manifest; a resume whose
+    model fingerprint differs from the recorded one is refused, naming the files that changed.
+
+    - ``resume``: continue a previous run of the same spec over the same input and shard plan
+      (anything else is refused with what changed); a fresh location starts a new run.
+    - ``overwrite``: delete a previous run's outputs first. Files that batchgen did not write
+      there are never deleted: their presence is an error.
+    - ``error_if_exists``: refuse a location that has anything in it.
+
+    Raises:
+        OutputError: with ``output.path`` / ``output.mode`` and a message saying what to do.
+    """
+    committed = check_output(spec, shards, input_fp, model_fp)
+    fs, root = resolve_filesystem(spec.output.path)
+    if committed is not None:
+        if len(committed) < len(shards) and fs.get_file_info(_join(root, SUCCESS)).type == pafs.FileType.File:
+            fs.delete_file(_join(root, SUCCESS))  # a shard went missing: the job is not complete now
+        return committed
+    if spec.output.mode == "overwrite":
+        for name in _top_level(fs, root, spec.output.path):
             path = _join(root, name)
             if fs.get_file_info(path).type == pafs.FileType.Directory:
                 fs.delete_dir(path)
             else:
                 fs.delete_file(path)
-    manifest = read_json(fs, _join(root, MANIFEST)) if mode == "resume" else None
-    if manifest is not None:
-        _check_manifest(manifest, spec, input_fp, shards, uri)
-        committed = committed_shards(fs, root) & {s.shard_id for s in shards}
-        if len(committed) < len(shards) and SUCCESS in entries:
-            fs.delete_file(_join(root, SUCCESS))  # a shard went missing: the job is not complete now
-        return committed
-    if mode == "resume" and (committed_shards(fs, root) or SUCCESS in entries or SUMMARY in entries):
-        raise OutputError("output.path", f"{uri} holds batchgen results but no {MANIFEST}, so they cannot "
-                                         "be matched to this spec; use mode: overwrite")
-    publish_json(fs, _join(root, MANIFEST), _manifest(spec, shards, input_fp))
+    publish_json(fs, _join(root, MANIFEST), _manifest(spec, shards, input_fp, model_fp))
     return set()
 
 
@@ -510,8 +558,9 @@ def write_summary(fs: pafs.FileSystem, out_root: str, rows: Iterable[Mapping[str
 
 
 def write_success(fs: pafs.FileSystem, out_root: str, summary: Mapping[str, Any]) -> None:
-    """Write ``_SUCCESS`` (``summary`` plus a ``finished`` time): call it last, after every shard."""
-    publish_json(fs, _join(out_root, SUCCESS), {**summary, "finished": _now()})
+    """Write ``_SUCCESS`` (``summary``, with a ``finished`` time unless it has one): call it last,
+    after every shard."""
+    publish_json(fs, _join(out_root, SUCCESS), {"finished": _now(), **summary})
 
 
 def job_status(out_uri: str) -> dict[str, Any]:
