@@ -345,3 +345,31 @@ def test_job_with_a_messages_column_gives_completions_and_error_rows(tmp_path: P
     for i, p, out in zip(sorted(good), prompts, outs):
         assert rows[i]["error"] is None and rows[i]["prompt_tokens"] == len(p)
         assert rows[i]["completion"] == out.text and rows[i]["finish_reason"] == out.finish_reason
+
+
+def test_preview_renders_conversations_and_presets_as_replicas_encode_them(tmp_path: Path) -> None:
+    """``preview`` goes through the same row -> engine input function as a replica, so a
+    conversation shows Meta's multi-turn rendering and a bad one shows its row error."""
+    from batchgen.pipeline.preview import preview
+    from batchgen.pipeline.spec import validate_spec
+    from batchgen.tokenizer import Tokenizer
+
+    conv = [msg("system", "Answer."), msg("user", "3+4="), msg("assistant", "7"), msg("user", "5+5=")]
+    cells = [conv, [msg("user", "1+1="), msg("assistant", "2")]]
+    pq.write_table(pa.table({"id": [1, 2], "conv": pa.array(cells, MESSAGES_TYPE)}), tmp_path / "c.parquet")
+    spec = validate_spec({"model": {"path": str(DEMO_MODEL)},
+                          "input": {"path": str(tmp_path / "c.parquet"), "id_column": "id", "messages_column": "conv"},
+                          "output": {"path": str(tmp_path / "out")}})
+    rows = preview(spec, rows=5)
+    tok = Tokenizer(DEMO_MODEL / "tokenizer.model")
+    assert rows[0]["prompt_tokens"] == len(tok.encode_chat(conv))
+    assert rows[0]["prompt"].startswith("<s>[INST] <<SYS>>") and "7</s><s>[INST] 5+5= [/INST]" in rows[0]["prompt"]
+    assert rows[1]["prompt"] is None and "the last message must be from 'user'" in rows[1]["note"]
+
+    pq.write_table(pa.table({"id": [1], "instruction": ["Add."], "input": ["2+2"]}), tmp_path / "a.parquet")
+    spec = validate_spec({"model": {"path": str(DEMO_MODEL)},
+                          "input": {"path": str(tmp_path / "a.parquet"), "id_column": "id", "template": "alpaca"},
+                          "output": {"path": str(tmp_path / "out")}})
+    (row,) = preview(spec)
+    assert row["prompt"].startswith("<s>Below is an instruction") and row["prompt"].endswith("### Response:")
+    assert not (tmp_path / "out").exists()

@@ -2,9 +2,9 @@
 counts, without loading weights or starting Ray.
 
 The rows go through the pipeline's own prompt building (:func:`shards.build_prompts`: template or
-prompt column, per-row errors, overrides) and the same tokenization the engine applies: the
-Llama-2-chat wrapping with ``input.chat`` (what a replica does), else the text with a BOS. Control
-tokens are shown as ``<s>``/``</s>``.
+prompt column, presets, conversations, per-row errors, overrides) and the engine input a replica
+builds from a row (:meth:`shards.PromptRow.engine_input`: Meta's chat rendering in chat modes,
+else the text with a BOS). Control tokens are shown as ``<s>``/``</s>``.
 """
 
 from __future__ import annotations
@@ -70,10 +70,9 @@ def preview(spec: JobSpec, rows: int = 5) -> list[dict[str, Any]]:
             if row.prompt is None:
                 out.append({"id": row.row_id, "prompt": None, "prompt_tokens": 0, "note": f"error: {row.error}"})
                 continue
-            if spec.input.chat:
-                ids = tokenizer.encode_chat_prompt(row.prompt, system=spec.input.system)
-            else:
-                ids = tokenizer.encode(row.prompt, bos=True)
+            ids = row.engine_input(tokenizer)
+            if isinstance(ids, str):
+                ids = tokenizer.encode(ids, bos=True)
             note = None
             if context is not None and len(ids) >= context:
                 if spec.input.truncate_prompt:

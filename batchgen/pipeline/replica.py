@@ -40,7 +40,7 @@ from batchgen.pipeline.faults import Faults, exit_replica
 from batchgen.pipeline.shards import PromptRow, Shard, build_prompts, read_shard, resolve_filesystem
 from batchgen.pipeline.spec import JobSpec
 from batchgen.pipeline.writer import output_schema, publish_part, publish_shard, with_retries
-from batchgen.prompts import PromptError, encode_chat
+from batchgen.prompts import PromptError
 
 
 #: A row's outcome: the engine's output, or the reason it could not run.
@@ -172,9 +172,7 @@ class ShardWorker:
 
         Without a tokenizer the text goes to the engine, which reports that it cannot encode it.
         """
-        if row.messages is not None and self.llm.tokenizer is not None:
-            return encode_chat(self.llm.tokenizer, row.messages)
-        return row.prompt
+        return row.engine_input(self.llm.tokenizer)
 
     def process(self, shard: Shard, keep_going: Callable[[], None] = lambda: None) -> tuple[pa.Table, dict]:
         """The output table of ``shard`` and its counts, run alone. ``keep_going`` is called between

@@ -18,7 +18,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchgen.pipeline.spec import InputSpec, JobSpec, SpecError, check_sampling_value, is_uri, row_seed
-from batchgen.prompts import PromptError, chat_turns, check_no_marker, render_chat_text, render_preset, single_turn
+from batchgen.prompts import PromptError, chat_turns, encode_chat, check_no_marker, render_chat_text, render_preset, single_turn
 
 #: Environment variables that point ``s3://`` at another endpoint (MinIO, moto...), first wins.
 S3_ENDPOINT_ENV = ("BATCHGEN_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -485,6 +485,15 @@ class PromptRow:
     overrides: dict[str, int | float] = field(default_factory=dict)
     seed: int = 0
     messages: list[dict[str, str]] | None = None
+
+    def engine_input(self, tokenizer: Any) -> str | list[int] | None:
+        """What the engine gets for this row: chat conversations as token ids (Meta's rendering),
+        else the text. One function for replicas and ``preview``, so that what ``preview`` shows
+        is what runs. Without a tokenizer the text goes on (the engine reports that it cannot
+        encode it)."""
+        if self.messages is not None and tokenizer is not None:
+            return encode_chat(tokenizer, self.messages)
+        return self.prompt
 
 
 def _text_cells(column: pa.ChunkedArray, name: str) -> list[tuple[str | None, str | None]]:
