@@ -84,6 +84,7 @@ def test_symlink_cycles_list_each_real_file_once(tmp_path: Path) -> None:
     (root / "b" / "up").symlink_to(root)  # a second cycle through the root: exponential before
     (root / "a" / "again.parquet").symlink_to(root / "a" / "x.parquet")  # the same file by another name
     (root / "dangling.parquet").symlink_to(root / "nowhere.parquet")
+    (root / "self.parquet").symlink_to(root / "self.parquet")  # stat() says ELOOP
     for path in (str(root), f"{root}/**/*.parquet"):
         files = list_input_files(make_spec(path).input)
         assert [f.relpath for f in files] == ["a/again.parquet", "b/y.parquet"], path
@@ -97,6 +98,21 @@ def test_a_symlinked_directory_outside_the_root_is_still_read(tmp_path: Path) ->
     (tmp_path / "data" / "more").symlink_to(tmp_path / "elsewhere")
     files = list_input_files(make_spec(tmp_path / "data").input)
     assert [f.relpath for f in files] == ["more/z.parquet", "x.parquet"]
+
+
+def test_an_unreadable_directory_is_an_error_not_a_gap(tmp_path: Path) -> None:
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads any directory")
+    write(tmp_path / "data" / "x.parquet", id_text(0, 2))
+    write(tmp_path / "data" / "locked" / "y.parquet", id_text(2, 2))
+    (tmp_path / "data" / "locked").chmod(0)
+    try:
+        with pytest.raises(SpecError, match="cannot list .*locked"):
+            list_input_files(make_spec(tmp_path / "data").input)
+    finally:
+        (tmp_path / "data" / "locked").chmod(0o755)
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:

@@ -11,6 +11,7 @@ any machine, at any place the input is mounted) gives the same ids: that is what
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import itertools
@@ -169,8 +170,10 @@ def _list_files(fs: pafs.FileSystem, root: str, recursive: bool) -> list[tuple[s
         try:
             st = os.stat(directory)
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError:  # gone, unreadable or a dangling link: as pyarrow's own listing, skipped
+        except FileNotFoundError:  # a glob's root that does not exist: nothing matches
             return
+        except OSError as exc:  # unreadable: refuse rather than silently leave its files out
+            raise SpecError("input.path", f"cannot list {directory}: {exc.strerror or exc}") from None
         if (st.st_dev, st.st_ino) in seen_dirs:
             return
         seen_dirs.add((st.st_dev, st.st_ino))
@@ -178,8 +181,10 @@ def _list_files(fs: pafs.FileSystem, root: str, recursive: bool) -> list[tuple[s
             path = f"{rel}/{entry.name}" if rel else entry.name
             try:
                 est = entry.stat()  # follows links
-            except OSError:
-                continue
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ELOOP):  # a dangling link or one to itself: no file
+                    continue
+                raise SpecError("input.path", f"cannot read {entry.path}: {exc.strerror or exc}") from None
             if entry.is_dir():
                 if recursive:
                     walk(entry.path, path)
