@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchgen.pipeline import shards as shards_module
+from batchgen.pipeline.listing import GlobMatcher
 from batchgen.pipeline.shards import (
-    GlobMatcher, build_prompts, input_fingerprint, list_input_files, plan_shards, read_shard, resolve_filesystem,
+    build_prompts, input_fingerprint, list_input_files, plan_shards, read_shard, resolve_filesystem,
     validate_input,
 )
 from batchgen.pipeline.spec import JobSpec, SpecError, row_seed, validate_spec
