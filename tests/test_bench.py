@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from batchgen.bench import (QUICK_ARGS, Workload, compare_tokens, linear_flops_per_token, main,
-                            min_traffic_bytes, request_flops, _print_report)
-from batchgen.bench_gpu import single_stream_decode
+                            min_traffic_bytes, request_flops)
+from batchgen.bench.core import print_report as _print_report
+from batchgen.bench.gpu import single_stream_decode
 from batchgen import model as model_module
 from batchgen.checkpoint import save_hf
 from batchgen.model import Transformer
@@ -126,7 +127,7 @@ def test_pipeline_mode_runs_real_jobs_with_the_engines_tokens() -> None:
 
 def test_word_tokenizer_round_trips_every_prompt_id(tmp_path: Path) -> None:
     from batchgen.bench import make_workload
-    from batchgen.bench_pipeline import ANCHOR_ID, pipeline_workload, prompt_text, word_tokenizer
+    from batchgen.bench.pipeline import ANCHOR_ID, pipeline_workload, prompt_text, word_tokenizer
     from batchgen.tokenizer import IncrementalDecoder, Tokenizer
 
     (tmp_path / "tokenizer.model").write_bytes(word_tokenizer(32000))

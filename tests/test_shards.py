@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from batchgen.pipeline import shards as shards_module
+from batchgen.pipeline.listing import GlobMatcher
 from batchgen.pipeline.shards import (
     build_prompts, input_fingerprint, list_input_files, plan_shards, read_shard, resolve_filesystem,
     validate_input,
@@ -72,6 +75,133 @@ def test_single_file_and_globs(dataset: Path) -> None:
     assert [f.relpath for f in hidden] == ["y.parquet"]
     star = list_input_files(make_spec(f"{dataset}/*.parquet").input)
     assert [f.relpath for f in star] == ["part-0.parquet"]  # '*' does not cross '/'
+
+
+def test_symlink_cycles_list_each_real_file_once(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write(root / "a" / "x.parquet", id_text(0, 3))
+    write(root / "b" / "y.parquet", id_text(3, 3))
+    (root / "a" / "loop").symlink_to(root / "a")  # a self-loop: listed ~40 times before
+    (root / "b" / "up").symlink_to(root)  # a second cycle through the root: exponential before
+    (root / "a" / "again.parquet").symlink_to(root / "a" / "x.parquet")  # the same file by another name
+    (root / "dangling.parquet").symlink_to(root / "nowhere.parquet")
+    (root / "self.parquet").symlink_to(root / "self.parquet")  # stat() says ELOOP
+    for path in (str(root), f"{root}/**/*.parquet"):
+        files = list_input_files(make_spec(path).input)
+        assert [f.relpath for f in files] == ["a/again.parquet", "b/y.parquet"], path
+        plan = plan_shards(make_spec(path).input, 100, files)
+        assert sum(s.num_rows for s in plan) == 6
+
+
+def test_a_symlinked_directory_outside_the_root_is_still_read(tmp_path: Path) -> None:
+    write(tmp_path / "elsewhere" / "z.parquet", id_text(0, 2))
+    write(tmp_path / "data" / "x.parquet", id_text(2, 2))
+    (tmp_path / "data" / "more").symlink_to(tmp_path / "elsewhere")
+    files = list_input_files(make_spec(tmp_path / "data").input)
+    assert [f.relpath for f in files] == ["more/z.parquet", "x.parquet"]
+
+
+def test_an_unreadable_directory_is_an_error_not_a_gap(tmp_path: Path) -> None:
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads any directory")
+    write(tmp_path / "data" / "x.parquet", id_text(0, 2))
+    write(tmp_path / "data" / "locked" / "y.parquet", id_text(2, 2))
+    (tmp_path / "data" / "locked").chmod(0)
+    try:
+        with pytest.raises(SpecError, match="cannot list .*locked"):
+            list_input_files(make_spec(tmp_path / "data").input)
+    finally:
+        (tmp_path / "data" / "locked").chmod(0o755)
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """The regular expression batchgen used for globs before :class:`GlobMatcher` (it backtracks):
+    the reference for what a pattern means."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and (end := pattern.find("]", i + 2)) != -1:
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+PATTERNS = ["*.parquet", "**/*.parquet", "**", "a/**/b/*.parquet", "**/**/x.parquet", "a**.parquet",
+            "p?rt-[0-9].parquet", "part-[!0-2].parquet", "**/sub/**", "a/*/c", "a/**", "**/a*/**/*[xy]*",
+            "x.parquet", "a/b/", "*/*"]
+PATHS = ["x.parquet", "a/x.parquet", "a/b/x.parquet", "a/b/c", "a/c", "ab/c", "sub/part-1.parquet",
+         "part-3.parquet", "part-1.parquet", "a/b/", "a/b/c/d/e.parquet", "axy/q/x", "a.parquet", "a/sub/x",
+         "abc/sub/x/y", "", "/", "a//b/x.parquet", "part-x.parquet", "a/"]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_glob_matcher_means_what_the_pattern_meant(pattern: str) -> None:
+    reference = _glob_regex(pattern)
+    matcher = GlobMatcher(pattern)
+    for path in PATHS:
+        assert matcher.match(path) == bool(reference.match(path)), (pattern, path)
+
+
+def test_a_hostile_glob_does_not_backtrack() -> None:
+    """30 ``**/`` collapse into one; and ``**/a*`` repeated, which cannot collapse, is read once
+    per character: the regular expression backtracks exponentially on both (minutes)."""
+    deep = "/".join(["a"] * 40) + "/no.parquet"
+    assert len(GlobMatcher("**/" * 30 + "x.parquet").tokens) == 1 + len("x.parquet")
+    assert not GlobMatcher("**/" * 30 + "x.parquet").match(deep)
+    assert not GlobMatcher("**/a*" * 25 + "/x.parquet").match(deep)
+    assert GlobMatcher("**/a*" * 25 + "/no.parquet").match(deep)
+
+
+def test_row_groups_over_the_cap_are_refused_with_advice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shards_module, "MAX_ROW_GROUPS_PER_FILE", 5)
+    write(tmp_path / "ok.parquet", id_text(0, 5), row_group_size=1)
+    assert len(list_input_files(make_spec(tmp_path / "ok.parquet").input)[0].row_group_rows) == 5
+    write(tmp_path / "many.parquet", id_text(0, 6), row_group_size=1)
+    with pytest.raises(SpecError, match=r"input\.path: .*many\.parquet: 6 row groups, more than the 5 .*"
+                                        r"row_group_size="):
+        list_input_files(make_spec(tmp_path / "many.parquet").input)
+
+
+def test_many_small_row_groups_plan_and_read_from_one_parsed_footer(tmp_path: Path) -> None:
+    path = write(tmp_path / "small.parquet", id_text(0, 2000), row_group_size=1)
+    spec = make_spec(path)
+    files = list_input_files(spec.input)
+    assert validate_input(spec, files).num_rows == 2000
+    plan = plan_shards(spec.input, 100, files)
+    assert [s.row_start for s in plan] == list(range(0, 2000, 100))
+    shards_module._FOOTERS.clear()
+    for shard in plan[:3]:
+        assert read_shard(shard, ["id"]).column(0).to_pylist() == [f"r{i}" for i in range(shard.row_start,
+                                                                                      shard.row_start + 100)]
+    assert len(shards_module._FOOTERS) == 1, "the footer was parsed once for the three shards"
+    # A rewritten file is a new key: its footer is parsed again, and the change is noticed.
+    write(path, id_text(0, 50), row_group_size=1)
+    with pytest.raises(RuntimeError, match="changed since the job was planned"):
+        read_shard(plan[-1], ["id"])
+
+
+def test_keep_columns_duplicates_are_found_in_a_long_list() -> None:
+    many = [f"c{i}" for i in range(40_000)]
+    with pytest.raises(SpecError, match=r"listed more than once: 'c7', 'c9'$"):
+        make_spec("x.parquet", keep_columns=[*many, "c9", "c7"])
+    assert len(make_spec("x.parquet", keep_columns=many).input.keep_columns) == 40_000
 
 
 def test_relative_input_path_uses_cwd(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
+import itertools
 import math
 import os
 import re
@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from batchgen.pipeline.listing import GlobMatcher, list_files
 from batchgen.pipeline.spec import InputSpec, JobSpec, SpecError, check_sampling_value, is_uri, row_seed
 from batchgen.prompts import PromptError, chat_turns, encode_chat, check_no_marker, render_chat_text, render_preset, single_turn
 
@@ -147,17 +148,8 @@ def list_input_files(input_spec: InputSpec) -> list[InputFile]:
 
 def _list_parquet(fs: pafs.FileSystem, root: str) -> list[tuple[str, int]]:
     """``(relative path, size)`` of every visible ``*.parquet`` below ``root``."""
-    found = []
-    for item in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        rel = _relative(item.path, root)
-        if (item.type == pafs.FileType.File and rel.lower().endswith(".parquet")
-                and not any(p.startswith((".", "_")) for p in rel.split("/"))):
-            found.append((rel, item.size))
-    return found
-
-
-def _relative(path: str, root: str) -> str:
-    return path[len(root):].lstrip("/") if path.startswith(root) else path
+    return [(rel, size) for rel, size in list_files(fs, root, recursive=True)
+            if rel.lower().endswith(".parquet") and not any(p.startswith((".", "_")) for p in rel.split("/"))]
 
 
 def _glob(uri: str) -> tuple[str, list[tuple[str, int]]]:
@@ -166,59 +158,64 @@ def _glob(uri: str) -> tuple[str, list[tuple[str, int]]]:
     cut = uri.rfind("/", 0, first)
     root_uri, pattern = (uri[:cut + 1], uri[cut + 1:]) if cut >= 0 else ("./", uri)
     fs, root = resolve_filesystem(root_uri)
-    regex = _glob_regex(pattern)
-    selector = pafs.FileSelector(root, recursive="/" in pattern, allow_not_found=True)
+    matcher = GlobMatcher(pattern)
     literal = set(pattern.split("/"))
     found = []
-    for item in fs.get_file_info(selector):
-        rel = _relative(item.path, root)
+    for rel, size in list_files(fs, root, recursive="/" in pattern):
         # As in a directory, '.'/'_' names are skipped, unless the pattern spells them out.
         hidden = any(p.startswith((".", "_")) and p not in literal for p in rel.split("/"))
-        if item.type == pafs.FileType.File and not hidden and regex.match(rel):
-            found.append((rel, item.size))
+        if not hidden and matcher.match(rel):
+            found.append((rel, size))
     if not found:
         raise SpecError("input.path", f"pattern {uri!r} matched no files")
     return root_uri, found
 
 
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    out, i = [], 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        elif pattern[i] == "[" and (end := pattern.find("]", i + 2)) != -1:
-            body = pattern[i + 1:end]
-            body = "^" + body[1:] if body.startswith("!") else body
-            out.append("[" + body.replace("\\", "\\\\") + "]")
-            i = end + 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out) + r"\Z")
+#: Row groups one input file may have. Each is a planning unit: a footer with 50,000 of them
+#: is ~10 MB that every shard read parses again (about a second each), so such a file is refused
+#: with advice before any work, rather than planned into a slow job.
+MAX_ROW_GROUPS_PER_FILE = 10_000
 
 
 def _read_footer(uri: str, relpath: str, size: int) -> InputFile:
     fs, path = resolve_filesystem(uri)
     try:
         with fs.open_input_file(path) as f:
-            meta = pq.ParquetFile(f).metadata
+            meta, raw = _footer_bytes(f)
             schema = meta.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as exc:
         raise SpecError("input.path", f"{uri}: not a readable Parquet file ({exc})") from None
-    digest = hashlib.sha256(json.dumps(meta.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+    if meta.num_row_groups > MAX_ROW_GROUPS_PER_FILE:
+        raise SpecError("input.path", f"{uri}: {meta.num_row_groups} row groups, more than the "
+                                      f"{MAX_ROW_GROUPS_PER_FILE} batchgen plans per file (each is "
+                                      f"{meta.num_rows / meta.num_row_groups:.0f} rows on average); rewrite it "
+                                      "with bigger row groups, e.g. pyarrow.parquet.write_table(..., "
+                                      "row_group_size=100_000)")
+    # The digest hashes the footer as stored: linear in its size, where hashing a dict of every
+    # row group's statistics took ~16 s for 50,000 row groups.
+    digest = hashlib.sha256(raw).hexdigest()
     rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
     return InputFile(uri=uri, relpath=relpath, size=size, row_group_rows=rows, schema=schema,
                      footer_digest=digest)
+
+
+def _footer_bytes(f: pa.NativeFile) -> tuple[pq.FileMetaData, bytes]:
+    """The parsed footer of an open Parquet file and its bytes (the footer, its length, ``PAR1``).
+
+    One read of the file's last 64 KiB, as pyarrow's own reader does, and a second only for a
+    bigger footer: an object store sees no more requests than for ``pq.ParquetFile(f).metadata``.
+    """
+    size = f.size()
+    tail = f.read_at(min(size, 1 << 16), size - min(size, 1 << 16))
+    if len(tail) < 12 or tail[-4:] != b"PAR1":
+        raise pa.ArrowInvalid("no Parquet magic bytes at the end of the file")
+    length = int.from_bytes(tail[-8:-4], "little")
+    if length + 12 > size:
+        raise pa.ArrowInvalid(f"the footer claims {length} bytes of a {size}-byte file")
+    if length + 8 > len(tail):
+        tail = f.read_at(length + 8, size - length - 8)
+    raw = tail[-(length + 8):]
+    return pq.read_metadata(pa.BufferReader(b"PAR1" + raw)), raw
 
 
 def input_fingerprint(files: Sequence[InputFile]) -> str:
@@ -246,8 +243,10 @@ class Shard:
     row_start: int  # index in the file of the shard's first row
 
 
-def _make_shard(f: InputFile, groups: tuple[int, ...], offset: int, rows: int, split: bool) -> Shard:
-    start = sum(f.row_group_rows[:groups[0]]) + offset
+def _make_shard(f: InputFile, groups: tuple[int, ...], offset: int, rows: int, split: bool,
+                first_row: int) -> Shard:
+    """The shard of ``groups`` of ``f``; ``first_row``: the file's rows before ``groups[0]``."""
+    start = first_row + offset
     if split:
         key = f"{f.relpath}:rg{groups[0]}:rows{offset}-{offset + rows}"
         label = f"rg{groups[0]}-r{offset}-{offset + rows}"
@@ -273,13 +272,15 @@ def plan_shards(input_spec: InputSpec, shard_rows: int, files: Sequence[InputFil
     files = list_input_files(input_spec) if files is None else files
     shards: list[Shard] = []
     for f in files:
+        # Rows before each row group, summed once (a sum per shard was quadratic in row groups).
+        before = [0, *itertools.accumulate(f.row_group_rows)]
         run: list[int] = []
         run_rows = 0
 
         def flush() -> None:
             nonlocal run, run_rows
             if run:
-                shards.append(_make_shard(f, tuple(run), 0, run_rows, split=False))
+                shards.append(_make_shard(f, tuple(run), 0, run_rows, split=False, first_row=before[run[0]]))
             run, run_rows = [], 0
 
         for g, n in enumerate(f.row_group_rows):
@@ -291,7 +292,7 @@ def plan_shards(input_spec: InputSpec, shard_rows: int, files: Sequence[InputFil
                 offset = 0
                 for k in range(pieces):
                     size = n // pieces + (1 if k < n % pieces else 0)
-                    shards.append(_make_shard(f, (g,), offset, size, split=True))
+                    shards.append(_make_shard(f, (g,), offset, size, split=True, first_row=before[g]))
                     offset += size
                 continue
             if run and run_rows + n > shard_rows:
@@ -305,6 +306,27 @@ def plan_shards(input_spec: InputSpec, shard_rows: int, files: Sequence[InputFil
     return shards
 
 
+_FOOTERS: dict[tuple[str, int | None, int | None], pq.FileMetaData] = {}
+
+
+def _footer(uri: str, size: int | None, mtime_ns: int | None, f: pa.NativeFile) -> pq.FileMetaData:
+    """The parsed footer of ``uri``, kept for the file's current size and mtime.
+
+    A replica reads a file's shards one after another; without this each read parses the whole
+    footer again (about a second for 50,000 row groups). Only the last few files are kept.
+    """
+    key = (uri, size, mtime_ns)
+    if mtime_ns is None:  # no way to tell a rewritten file: parse it every time
+        return pq.ParquetFile(f).metadata
+    meta = _FOOTERS.get(key)
+    if meta is None:
+        meta = pq.ParquetFile(f).metadata
+        while len(_FOOTERS) >= 4:
+            del _FOOTERS[next(iter(_FOOTERS))]
+        _FOOTERS[key] = meta
+    return meta
+
+
 def read_shard(shard: Shard, columns: Sequence[str]) -> pa.Table:
     """The shard's rows, only ``columns``, in file order.
 
@@ -312,8 +334,13 @@ def read_shard(shard: Shard, columns: Sequence[str]) -> pa.Table:
         RuntimeError: when the file no longer has the planned rows (it changed after planning).
     """
     fs, path = resolve_filesystem(shard.path)
+    info = fs.get_file_info(path)
     with fs.open_input_file(path) as f:
-        table = pq.ParquetFile(f).read_row_groups(list(shard.row_groups), columns=list(columns))
+        meta = _footer(shard.path, info.size, info.mtime_ns, f)
+        if max(shard.row_groups) >= meta.num_row_groups:
+            raise RuntimeError(f"{shard.path} changed since the job was planned: it has {meta.num_row_groups} "
+                               f"row groups, the plan reads row groups {shard.row_groups}")
+        table = pq.ParquetFile(f, metadata=meta).read_row_groups(list(shard.row_groups), columns=list(columns))
     if table.num_rows < shard.row_offset + shard.num_rows:
         raise RuntimeError(f"{shard.path} changed since the job was planned: row groups {shard.row_groups} "
                            f"have {table.num_rows} rows, expected at least {shard.row_offset + shard.num_rows}")
@@ -404,8 +431,9 @@ def validate_input(spec: JobSpec, files: Sequence[InputFile] | None = None) -> I
     """
     files = tuple(list_input_files(spec.input) if files is None else files)
     errors: list[tuple[str, str]] = []
+    names = [set(f.schema.names) for f in files]  # a list per lookup made 40k keep columns quadratic
     for field_path, column, kind in _column_roles(spec):
-        missing = [f for f in files if column not in f.schema.names]
+        missing = [f for f, has in zip(files, names) if column not in has]
         if missing:
             names = missing[0].schema.names
             shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
@@ -441,7 +469,9 @@ def _check_ids(id_column: str, files: Sequence[InputFile]) -> None:
     tables = []
     for i, f in enumerate(files):
         fs, path = resolve_filesystem(f.uri)
-        ids = pq.read_table(path, columns=[id_column], filesystem=fs).column(0)
+        # ParquetFile reads the row groups in one go; pq.read_table's dataset path costs per row group.
+        with fs.open_input_file(path) as fh:
+            ids = pq.ParquetFile(fh).read(columns=[id_column]).column(0)
         if ids.null_count:
             rows = pc.indices_nonzero(ids.is_null()).to_pylist()
             shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")

@@ -174,7 +174,10 @@ class InputSpec(_Section):
     @field_validator("keep_columns")
     @classmethod
     def _check_keep(cls, value: list[str]) -> list[str]:
-        dupes = sorted({c for c in value if value.count(c) > 1})
+        from collections import Counter  # here, so that this fix stays inside the validator
+
+        # One counting pass: list.count per column was O(n^2) (40k columns took 35 s).
+        dupes = sorted(c for c, n in Counter(value).items() if n > 1)
         if dupes:
             raise ValueError(f"listed more than once: {', '.join(map(repr, dupes))}")
         reserved = [c for c in value if c in RESULT_COLUMNS]

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from batchgen.bench import RunResult, Workload
+from batchgen.bench.core import RunResult, Workload, compare_tokens
 from batchgen.model import Transformer
 
 BOS_ID = 1
@@ -168,8 +168,6 @@ class PipelineBench:
 
         Uses only what the rounds kept in memory: the job files may already be removed.
         """
-        from batchgen.bench import compare_tokens
-
         reports = []
         for n in self.replicas:
             result = self.results[n]

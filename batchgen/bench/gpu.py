@@ -1,7 +1,7 @@
 """``batchgen bench`` on a GPU: single-stream decode of a 7B-shaped model against HBM bandwidth.
 
 One request decodes alone, so every step reads all weights once: bandwidth / weight bytes is the
-ceiling on its tokens per second. The batch comparison with transformers is in ``batchgen.bench``,
+ceiling on its tokens per second. The batch comparison with transformers is in ``batchgen.bench.run``,
 which adds this report (``gpu_extras``) on CUDA.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from batchgen.bench import QUICK_ARGS, _sync, measure_bandwidth_gbps
+from batchgen.bench.core import QUICK_ARGS, measure_bandwidth_gbps, sync
 from batchgen.model import ModelArgs, count_parameters, meta_model
 
 
@@ -43,10 +43,10 @@ def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
                   cuda_graphs=cuda_graphs, compile_decode=compiled)
 
         def timed(n: int) -> float:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             llm.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))
-            _sync(device)
+            sync(device)
             return time.perf_counter() - t0
 
         timed(steps + 1)  # warm-up at full length: with graphs, every table width gets recorded here
