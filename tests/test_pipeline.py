@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -216,7 +217,8 @@ def test_cli_run_and_status(tmp_path: Path) -> None:
     res = _cli("run", str(spec), "--no-dashboard", "--set", "execution.replicas=1", "--progress-every", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout)["rows"] == 20
-    assert "[batchgen] shards" in res.stderr  # the progress line
+    # The last progress line: everything done, nothing running.
+    assert re.search(r"\[batchgen\] \[#{20}\] 100% rows 20/20 \| shards (\d+)/\1, 0 running", res.stderr), res.stderr
     status = _cli("status", str(tmp_path / "out"))
     assert status.returncode == 0
     assert json.loads(status.stdout)["complete"] is True

@@ -222,8 +222,9 @@ class _Ranks:
 
 
 def _launch(world: int, use_gpu: bool, leader_cls: type, leader_args: tuple, follower_args: tuple,
-            timeout_s: float, setup_timeout_s: float) -> tuple[_Ranks, ray.ObjectRef]:
+            timeout_s: float, setup_timeout_s: float, name: Optional[str] = None) -> tuple[_Ranks, ray.ObjectRef]:
     """Place ``world`` ranks on one node and start them; returns them and rank 0's endpoint ref.
+    With ``name``, the rank actors are named ``<name>-rank-<r>``.
 
     Nothing here waits: each rank's first call runs as soon as its process is up.
     """
@@ -233,7 +234,8 @@ def _launch(world: int, use_gpu: bool, leader_cls: type, leader_args: tuple, fol
     def options(rank: int) -> dict:
         # max_restarts=0: a lone restarted rank could never rejoin its group; the whole replica restarts.
         return dict(num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=0, max_task_retries=0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank))
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+                    **({"name": f"{name}-rank-{rank}"} if name else {}))
 
     leader = ray.remote(leader_cls).options(**options(0)).remote(*leader_args)
     followers = [ray.remote(TPFollower).options(**options(r)).remote(*follower_args, r, timeout_s, setup_timeout_s)
@@ -320,8 +322,10 @@ class TPReplicaGroup:
             raise RuntimeError(f"{self.name} is already started; kill() or restart() it")
         use_gpu = _cluster_has_gpus() if self.use_gpu is None else self.use_gpu
         leader_args = (self.spec, self.queue_name, self.name, self.faults, self.timeout_s, self.setup_timeout_s)
+        # A restarted replica's ranks get new names: the killed ones may hold theirs a moment longer.
+        name = self.name if not self.starts else f"{self.name}-restart-{self.starts}"
         self._ranks, endpoint = _launch(self.world, use_gpu, TPLeaderReplica, leader_args, self._follower_args,
-                                        self.timeout_s, self.setup_timeout_s)
+                                        self.timeout_s, self.setup_timeout_s, name=name)
         self._setup_ref = self._ranks.leader.setup.remote(endpoint, *self._ranks.infos)
         self.starts += 1
         if wait:
