@@ -471,7 +471,7 @@ def scrape(port: int, job: str, names: list[str], timeout_s: float = 20) -> dict
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         for line in body.splitlines():
             name = line.split("{", 1)[0]
-            if name in names and f'job="{job}"' in line:
+            if name in names and f'batchgen_job="{job}"' in line:
                 found[name] = float(line.rsplit(" ", 1)[1])
         if len(found) == len(names):
             return found

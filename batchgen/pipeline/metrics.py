@@ -1,7 +1,7 @@
 """Job metrics for Prometheus (via `ray.util.metrics`) and the driver's progress line.
 
 Ray exports the metrics on each node's metrics port (`ray start --metrics-export-port`), named
-`ray_<name>` (counters gain `_total`). All carry a `job` tag; per-replica ones also `replica`, the replica's actor name
+`ray_<name>` (counters gain `_total`). All carry a `batchgen_job` tag (the spec's `name`); per-replica ones also `replica`, the replica's actor name
 (`batchgen-<job>-replica-<i>`, as the Ray dashboard lists it). `cluster/grafana-dashboard.json`
 charts them.
 
@@ -22,8 +22,11 @@ from dataclasses import dataclass
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-JOB_TAGS = ("job",)
-REPLICA_TAGS = ("job", "replica")
+# Not `job`: Prometheus sets `job` to the scrape job's name and renames a scraped `job` label
+# to `exported_job` (honor_labels: false, the default), so dashboards could not rely on it.
+JOB_TAG = "batchgen_job"
+JOB_TAGS = (JOB_TAG,)
+REPLICA_TAGS = (JOB_TAG, "replica")
 # Seconds per shard: from a few seconds (small model) to hours (70B, long outputs).
 SHARD_SECONDS_BUCKETS = [1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200]
 
@@ -67,6 +70,23 @@ def _make_instruments() -> _Instruments:
     )
 
 
+def prometheus_series() -> dict[str, tuple[str, ...]]:
+    """Every series name batchgen's metrics appear under in Prometheus (``ray_`` prefix; counters
+    add ``_total``, histograms ``_bucket``/``_sum``/``_count``), with its tag keys."""
+    out: dict[str, tuple[str, ...]] = {}
+    for instrument in vars(_make_instruments()).values():
+        info = instrument.info
+        base, tags = f"ray_{info['name']}", tuple(info["tag_keys"])
+        if isinstance(instrument, Counter):
+            out[f"{base}_total"] = tags
+        elif isinstance(instrument, Histogram):
+            out.update({f"{base}_{suffix}": (*tags, "le") if suffix == "bucket" else tags
+                        for suffix in ("bucket", "sum", "count")})
+        else:
+            out[base] = tags
+    return out
+
+
 class JobMetrics:
     """The batchgen metrics of one job, from the driver or any actor.
 
@@ -75,7 +95,7 @@ class JobMetrics:
     """
 
     def __init__(self, job: str) -> None:
-        """`job` becomes the `job` tag of every series."""
+        """`job` becomes the `batchgen_job` tag of every series."""
         if not job:
             raise ValueError("JobMetrics needs a non-empty job name")
         self.job = job
@@ -91,7 +111,7 @@ class JobMetrics:
         return self._instruments
 
     def _tags(self, replica: str | None = None) -> dict[str, str]:
-        return {"job": self.job} if replica is None else {"job": self.job, "replica": replica}
+        return {JOB_TAG: self.job} if replica is None else {JOB_TAG: self.job, "replica": replica}
 
     def shard_done(
         self,
