@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from typing import Optional
 
@@ -34,6 +35,8 @@ def connect(address: Optional[str] = None, dashboard: bool = True) -> None:
     target = address or os.environ.get("RAY_ADDRESS") or None
     if target is None or is_loopback(target):
         keep_ray_on_loopback()
+    if target is not None:
+        check_reachable(target)
     try:
         if target is None:
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=dashboard,
@@ -44,6 +47,23 @@ def connect(address: Optional[str] = None, dashboard: bool = True) -> None:
         raise ConnectionError(f"cannot connect to the Ray cluster at {target}: {exc}; check RAY_ADDRESS (and "
                               "RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH for a head with token auth: source its "
                               "env.sh), or unset it to run on a private local Ray") from exc
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing accepts connections at a ``host:port`` Ray address (Ray itself
+    retries for 60 s, or aborts the process, before saying so); other forms pass unchecked.
+
+    Raises:
+        ConnectionError: naming the address and what to check.
+    """
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: Ray resolves them
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot connect to the Ray cluster at {address} ({exc}); check RAY_ADDRESS "
+                              "(a local head's is in its env.sh), or unset it to run on a private local Ray") from exc
 
 
 def is_loopback(address: str) -> bool:

@@ -441,6 +441,7 @@ class Replica:
                     if self._publishing:
                         continue  # our own leases are still open: the queue cannot be finished
                     if ray.get(self.queue.is_finished.remote()):
+                        self._update_rate(metrics, force=True)  # a job shorter than GAUGE_EVERY_S too
                         return {"replica": self.replica_id, "shards": done}
                     time.sleep(0.5)  # others hold leases that may still come back
                     continue
@@ -462,14 +463,14 @@ class Replica:
                 self._complete(run, metrics)
             self._update_rate(metrics)
 
-    def _update_rate(self, metrics: Any) -> None:
+    def _update_rate(self, metrics: Any, force: bool = False) -> None:
         """Feed the rows that finished into the replica's tokens/s; publish it every few seconds."""
         tokens = self.worker.tokens_out
         if tokens != self._tokens_seen:
             self._rate.add(tokens - self._tokens_seen)
             self._tokens_seen = tokens
         now = time.monotonic()
-        if now - self._gauge_at >= GAUGE_EVERY_S:
+        if force or now - self._gauge_at >= GAUGE_EVERY_S:
             self._gauge_at = now
             rate = self._rate.rate()
             if rate is not None:
