@@ -64,23 +64,30 @@ def test_ray_job_submit_runs_a_job_and_exports_metrics(head_env: dict[str, str],
         token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text()
         code, body = http_get(f"http://127.0.0.1:{env['DASHBOARD_PORT']}/api/jobs/{job_id}", token)
         assert code == 200 and json.loads(body)["status"] == "SUCCEEDED"
-        assert "[batchgen] shards" in logs  # progress reaches the job's log
+        assert re.search(r"\[batchgen\] \[#{20}\] 100% rows 120/120 \| shards 6/6, 0 running", logs)  # progress
 
         out = pq.ParquetDataset(tmp_path / "out" / "shards").read()
         assert sorted(out.column("id").to_pylist()) == ids
         assert (tmp_path / "out" / "_SUCCESS").exists()
 
-        tokens_out = 0.0
+        tokens_out, rates = 0.0, {}
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             code, body = http_get(f"http://127.0.0.1:{env['METRICS_PORT']}/metrics")
             assert code == 200
             text = body.decode()
             tokens_out = _metric_total(text, "ray_batchgen_tokens_out_total")
-            if tokens_out > 0:
+            rates = {m[0]: float(m[1]) for m in re.findall(
+                r'^ray_batchgen_replica_tokens_per_second\{[^}]*replica="([^"]+)"[^}]*\} ([0-9.e+-]+)$', text, re.M)}
+            if tokens_out > 0 and len(rates) == 2:
                 break
             time.sleep(2)
         assert tokens_out > 0, [ln for ln in text.splitlines() if "batchgen" in ln][:20]
         assert _metric_total(text, "ray_batchgen_rows_done_total") > 0
+        # Per replica, labelled with the actor's name; a rate over at least a second of work, so
+        # never more than the job's tokens (the old per-commit rate read 335,389 tok/s on 2 cores).
+        assert set(rates) == {"batchgen-submitted-replica-0", "batchgen-submitted-replica-1"}, rates
+        assert all(0 < r <= tokens_out for r in rates.values()), (rates, tokens_out)
+        assert re.search(r'ray_batchgen_replica_tokens_per_second\{[^}]*batchgen_job="submitted"', text)
     finally:
         subprocess.run(["bash", str(STOP)], env=env, capture_output=True, text=True, timeout=90)

@@ -22,17 +22,17 @@ from ray_head import REPO, START, STOP, free_port, http_get
 DEMO_MODEL = REPO / "batchgen" / "demo" / "model"
 
 
-def _write_job(tmp: Path, name: str, rows: int, shard_rows: int, replicas: int = 1, max_tokens: int = 8) -> Path:
+def _write_job(tmp: Path, name: str, rows: int, shard_rows: int, max_num_seqs: int = 64) -> Path:
     ids = list(range(rows))
     (tmp / "in").mkdir(exist_ok=True)
     pq.write_table(pa.table({"id": ids, "q": [f"{i % 50}+{(i * 7) % 50}" for i in ids]}), tmp / "in" / "part-0.parquet")
     spec = {
         "name": name,
-        "model": {"path": str(DEMO_MODEL), "dtype": "float32"},
+        "model": {"path": str(DEMO_MODEL), "dtype": "float32", "max_num_seqs": max_num_seqs},
         "input": {"path": str(tmp / "in"), "id_column": "id", "template": "{q}="},
-        "sampling": {"max_tokens": max_tokens},
+        "sampling": {"max_tokens": 8},
         "output": {"path": str(tmp / "out")},
-        "execution": {"replicas": replicas, "shard_rows": shard_rows},
+        "execution": {"replicas": 1, "shard_rows": shard_rows},
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -89,10 +89,11 @@ def test_beside_a_local_head_runs_start_their_own_ray_and_ray_job_stop_drains(
         assert gcs.startswith("127.0.0.1:") and gcs != f"127.0.0.1:{env['RAY_PORT']}"  # not the head
 
         # 2. `ray job stop` on a running job: SIGTERM, then (RAY_JOB_STOP_WAIT_TIME_S later) SIGKILL.
-        # Each shard takes seconds (a delay per engine step), so one is in flight when it stops.
+        # Each shard takes seconds (a delay per engine step) and the engine holds one shard's rows
+        # (so at most two shards are leased): shards are in flight when it stops, others wait.
         stop_dir = tmp_path / "stop"
         stop_dir.mkdir()
-        job = _write_job(stop_dir, "stopme", rows=60, shard_rows=10)
+        job = _write_job(stop_dir, "stopme", rows=24, shard_rows=4, max_num_seqs=4)
         out = stop_dir / "out"
         faults = {"env_vars": {"BATCHGEN_FAULTS": json.dumps({"step_delay_s": 0.6})}}
         submit = subprocess.run(
@@ -135,11 +136,11 @@ def test_beside_a_local_head_runs_start_their_own_ray_and_ray_job_stop_drains(
             [str(ray_bin), "job", "submit", "--", "python", "-m", "batchgen", "run", str(job), "--progress-every", "1"],
             cwd=REPO, env=client_env, capture_output=True, text=True, timeout=300)
         assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
-        lines = re.findall(r"\[batchgen\] \[[#-]+\] \d+% rows (\d+)/60 \| shards (\d+)/6", resume.stdout)
+        lines = re.findall(r"\[batchgen\] \[[#-]+\] \d+% rows (\d+)/24 \| shards (\d+)/6", resume.stdout)
         before = int(stopped.group(1))
-        assert lines and int(lines[0][0]) >= 10 * before and int(lines[0][1]) >= before, lines[:3]
-        assert lines[-1] == ("60", "6")
-        assert sorted(pq.ParquetDataset(out / "shards").read().column("id").to_pylist()) == list(range(60))
+        assert lines and int(lines[0][0]) >= 4 * before and int(lines[0][1]) >= before, lines[:3]
+        assert lines[-1] == ("24", "6")
+        assert sorted(pq.ParquetDataset(out / "shards").read().column("id").to_pylist()) == list(range(24))
         assert (out / "_SUCCESS").exists()
     finally:
         subprocess.run(["bash", str(STOP)], env=env, capture_output=True, text=True, timeout=90)

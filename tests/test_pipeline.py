@@ -101,7 +101,7 @@ def test_job_end_to_end_every_row_exactly_once(local_ray, tmp_path: Path) -> Non
     assert sum(s["rows"] for s in shard_summary) == len(ids)
     assert sum(s["rows_error"] for s in shard_summary) == 6
     assert sum(s["completion_tokens"] for s in shard_summary) == sum(r["completion_tokens"] for r in rows.values())
-    assert {s["replica"] for s in shard_summary} <= {"replica-0", "replica-1"}
+    assert {s["replica"] for s in shard_summary} <= {"batchgen-pipeline-test-replica-0", "batchgen-pipeline-test-replica-1"}
     assert all(s["started"] <= s["finished"] for s in shard_summary)
     success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert success["rows"] == len(ids) and success["rows_error"] == 6 and not success["failed_shards"]
@@ -115,7 +115,7 @@ def test_one_replica_runs_the_next_shard_beside_the_last_rows_of_the_current(loc
     spec = load_spec(write_spec(tmp_path / "job.yaml", tmp_path / "in", tmp_path / "out", execution__replicas=1))
     run_job(spec)
     shards = sorted(pq.read_table(tmp_path / "out" / "summary.parquet").to_pylist(), key=lambda s: s["started"])
-    assert len(shards) == 3 and {s["replica"] for s in shards} == {"replica-0"}
+    assert len(shards) == 3 and {s["replica"] for s in shards} == {"batchgen-pipeline-test-replica-0"}
     for before, after in zip(shards, shards[1:]):
         assert after["started"] < before["finished"], (before, after)
 

@@ -285,7 +285,8 @@ class _Run:
                     r.kill() if self.tp else ray.kill(r)
                 if self.queue is not None:
                     ray.kill(self.queue)
-                raynet.wait_names_free(self.names)
+                if not self.tp:  # a TP group's kill() waits for its ranks' names itself
+                    raynet.wait_names_free(self.names)
         if self.stop_signal is not None:
             done = len(writer.committed_shards(self.fs, self.root) & {s.shard_id for s in self.plan.shards})
             name = signal.Signals(self.stop_signal).name

@@ -33,7 +33,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import ray
@@ -45,6 +45,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from batchgen.engine import CompletionOutput, SamplingParams
 from batchgen.engine.tp import TPError, TPLeaderLLM, destroy_tp_group, follower_loop, init_tp_group
 from batchgen.pipeline.faults import FAULT_EXIT_CODE
+from batchgen.pipeline.raynet import wait_names_free
 from batchgen.pipeline.replica import Replica, ShardWorker
 from batchgen.pipeline.spec import JobSpec
 
@@ -215,10 +216,14 @@ class _Ranks:
     infos: list[ray.ObjectRef]  # each rank's info()
     serving: list[ray.ObjectRef]  # the followers' serve()
 
+    names: list[str] = field(default_factory=list)  # the ranks' actor names, if named
+
     def kill(self) -> None:
         for actor in (self.leader, *self.followers):
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.pg)
+        # ray.kill returns before the names are free; a restart reuses them at once.
+        wait_names_free(self.names)
 
 
 def _launch(world: int, use_gpu: bool, leader_cls: type, leader_args: tuple, follower_args: tuple,
@@ -244,7 +249,8 @@ def _launch(world: int, use_gpu: bool, leader_cls: type, leader_args: tuple, fol
     endpoint = leader.endpoint.remote()
     infos = [a.info.remote() for a in (leader, *followers)]
     serving = [f.serve.remote(endpoint, *infos) for f in followers]
-    return _Ranks(pg, leader, followers, infos, serving), endpoint
+    names = [f"{name}-rank-{r}" for r in range(world)] if name else []
+    return _Ranks(pg, leader, followers, infos, serving, names), endpoint
 
 
 def _placement_state(pg: PlacementGroup) -> str:
@@ -322,10 +328,8 @@ class TPReplicaGroup:
             raise RuntimeError(f"{self.name} is already started; kill() or restart() it")
         use_gpu = _cluster_has_gpus() if self.use_gpu is None else self.use_gpu
         leader_args = (self.spec, self.queue_name, self.name, self.faults, self.timeout_s, self.setup_timeout_s)
-        # A restarted replica's ranks get new names: the killed ones may hold theirs a moment longer.
-        name = self.name if not self.starts else f"{self.name}-restart-{self.starts}"
         self._ranks, endpoint = _launch(self.world, use_gpu, TPLeaderReplica, leader_args, self._follower_args,
-                                        self.timeout_s, self.setup_timeout_s, name=name)
+                                        self.timeout_s, self.setup_timeout_s, name=self.name)
         self._setup_ref = self._ranks.leader.setup.remote(endpoint, *self._ranks.infos)
         self.starts += 1
         if wait:
