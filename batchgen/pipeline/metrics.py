@@ -186,17 +186,15 @@ class TokenRate:
             self._events.append((self._clock(), int(tokens)))
 
     def rate(self) -> float | None:
-        """Tokens/s over the window; None before the replica started or within its first second."""
+        """Tokens/s over the window; None before the replica started. Within its first second the
+        tokens are divided by one second: an underestimate, never the absurd rate of a tiny span."""
         if self._started is None:
             return None
         now = self._clock()
         since = max(now - self.window_s, self._started)
         while self._events and self._events[0][0] < since:
             self._events.popleft()
-        span = now - since
-        if span < 1.0:
-            return None
-        return sum(n for _, n in self._events) / span
+        return sum(n for _, n in self._events) / max(now - since, 1.0)
 
 
 # -- progress line -----------------------------------------------------------------------------

@@ -43,8 +43,8 @@ from batchgen.pipeline.writer import output_schema, publish_part, publish_shard,
 
 #: Longest time between a running shard's heartbeats, which carry its finished rows to the queue.
 PROGRESS_EVERY_S = 5.0
-#: How often a replica publishes its tokens/s gauge.
-GAUGE_EVERY_S = 5.0
+#: How often a replica publishes its tokens/s gauge (a local call; Ray exports it on its own cadence).
+GAUGE_EVERY_S = 1.0
 
 
 #: A row's outcome: the engine's output, or the reason it could not run.
