@@ -314,8 +314,8 @@ class _Run:
         else:
             # Named as the dashboard and `ray list actors` show them (and as their metrics'
             # `replica` label); the driver's own namespace keeps two runs of one job apart.
-            self.replicas = [ray.remote(Replica).options(name=name, **actor_opts).remote(spec_dict, queue_name, name, threads, self.faults)
-                             for name in self.names]
+            self.replicas = [ray.remote(Replica).options(name=name, **actor_opts)
+                             .remote(spec_dict, queue_name, name, threads, self.faults) for name in self.names]
         self.runs: dict[Any, int] = {}
         self.alive: dict[Any, int] = {}  # TP followers' loops: they end only when their replica broke
         self.idle: set[int] = set()

@@ -1,9 +1,9 @@
 """Job metrics for Prometheus (via `ray.util.metrics`) and the driver's progress line.
 
 Ray exports the metrics on each node's metrics port (`ray start --metrics-export-port`), named
-`ray_<name>` (counters gain `_total`). All carry a `batchgen_job` tag (the spec's `name`); per-replica ones also `replica`, the replica's actor name
-(`batchgen-<job>-replica-<i>`, as the Ray dashboard lists it). `cluster/grafana-dashboard.json`
-charts them.
+`ray_<name>` (counters gain `_total`). All carry a `batchgen_job` tag (the spec's `name`);
+per-replica ones also `replica`, the replica's actor name (`batchgen-<job>-replica-<i>`, as the
+Ray dashboard lists it). `cluster/grafana-dashboard.json` charts them.
 
 `ProgressLogger` is for humans: one line every `every_s` (never per token or per row), e.g.
 `[batchgen] [######--------------] 30% rows 12000/40000 | shards 12/40, 3 running | 350 rows/s |
