@@ -134,6 +134,24 @@ def test_leases_are_heartbeated_while_their_shard_is_being_published(local_ray, 
     assert [s["attempts"] for s in shards] == [1, 1]
 
 
+def test_progress_counts_rows_as_they_finish_before_their_shard_commits(local_ray, tmp_path: Path, monkeypatch,
+                                                                        caplog) -> None:
+    """One shard of 20 rows through an engine that holds 4 at a time: rows finish in waves, and
+    the progress line counts them (from the replica's heartbeats) while no shard is committed."""
+    write_input(tmp_path / "in", files=1, rows=20)
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"step_delay_s": 0.1}))
+    spec = load_spec(write_spec(tmp_path / "job.yaml", tmp_path / "in", tmp_path / "out", execution__replicas=1,
+                                execution__heartbeat_s=0.2, model__max_num_seqs=4))
+    with caplog.at_level("INFO", logger="batchgen"):
+        run_job(spec, progress_every_s=0.2)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[batchgen] [")]
+    counts = [tuple(map(int, m.groups())) for m in
+              (re.search(r"rows (\d+)/20 \| shards (\d+)/1", ln) for ln in lines) if m]
+    assert any(0 < rows < 20 and shards == 0 for rows, shards in counts), lines
+    assert counts[-1] == (20, 1)
+    assert all(a[0] <= b[0] for a, b in zip(counts, counts[1:])), counts  # never backwards here
+
+
 @pytest.mark.parametrize("replicas, layout", [
     (1, (1, {"num_cpus": 2}, 2)),  # one replica on a 2-core node uses both cores
     (2, (2, {"num_cpus": 1}, 1)),
