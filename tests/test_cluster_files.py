@@ -202,7 +202,7 @@ def test_every_cluster_setup_gives_the_driver_time_to_drain_under_ray_job_stop()
         assert values and all(v >= STOP_GRACE_S + 15 for v in values), (name, values)
     launcher = load(CLUSTER / "gpu-cluster.yaml")
     for cmd in launcher["head_start_ray_commands"][1:] + launcher["worker_start_ray_commands"][1:]:
-        assert "RAY_JOB_STOP_WAIT_TIME_S=90 ray start" in cmd
+        assert "RAY_JOB_STOP_WAIT_TIME_S=90 RAY_AUTH_MODE=token ray start" in cmd
     for manifest in ("raycluster.yaml", "rayjob.yaml"):
         doc = load(CLUSTER / "kuberay" / manifest)
         spec = doc["spec"].get("rayClusterSpec", doc["spec"])
