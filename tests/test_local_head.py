@@ -1,5 +1,5 @@
 """Beside a head started by cluster/start-local-head.sh: a local run starts its own loopback Ray
-instead of joining the head; `ray job stop` lets in-flight shards commit and the job resumes;
+instead of joining the head (and joins it, on loopback, when RAY_ADDRESS says so); `ray job stop` lets in-flight shards commit and the job resumes;
 replica actors carry their names in Ray's state API; a cluster that is not there is reported as
 such, fast, not as a storage error."""
 
@@ -87,6 +87,17 @@ def test_beside_a_local_head_runs_start_their_own_ray_and_ray_job_stop_drains(
         rows, node_ip, gcs = res.stdout.split("RESULT", 1)[1].split()
         assert rows == "6" and node_ip == "127.0.0.1"
         assert gcs.startswith("127.0.0.1:") and gcs != f"127.0.0.1:{env['RAY_PORT']}"  # not the head
+
+        # ... and with the head's RAY_ADDRESS (127.0.0.1) it joins the head, from loopback too.
+        joined = tmp_path / "joined"
+        joined.mkdir()
+        job = _write_job(joined, "joined", rows=4, shard_rows=2)
+        join_env = {k: v for k, v in client_env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+        res = subprocess.run([sys.executable, "-c", probe, str(job)], cwd=REPO, env=join_env,
+                             capture_output=True, text=True, timeout=180)
+        assert res.returncode == 0, res.stderr[-3000:]
+        rows, node_ip, gcs = res.stdout.split("RESULT", 1)[1].split()
+        assert (rows, node_ip, gcs) == ("4", "127.0.0.1", f"127.0.0.1:{env['RAY_PORT']}")
 
         # 2. `ray job stop` on a running job: SIGTERM, then (RAY_JOB_STOP_WAIT_TIME_S later) SIGKILL.
         # Each shard takes seconds (a delay per engine step) and the engine holds one shard's rows
