@@ -14,6 +14,9 @@
 #   RAY_TMPDIR=/tmp/batchgen-ray   Ray's temp/session dir; stop-local-head.sh finds the
 #                         processes to stop by it, so give both scripts the same value
 #   RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH   the cluster token (see below)
+#   RAY_JOB_STOP_WAIT_TIME_S=90   how long `ray job stop` waits after its SIGTERM before it
+#                         SIGKILLs the driver (Ray's default is 3 s); batchgen's driver needs up
+#                         to 60 s to let in-flight shards commit, and a few more to clean up
 #
 # Ports: all fixed ports sit outside 10002-19999, the range Ray hands out to worker processes
 # (--min/max-worker-port defaults), so a worker can never grab one of them first.
@@ -70,6 +73,8 @@ done
 
 export RAY_AUTH_MODE=token
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# Read by the job supervisor (a Ray worker of this head, so from the `ray start` environment).
+export RAY_JOB_STOP_WAIT_TIME_S="${RAY_JOB_STOP_WAIT_TIME_S:-90}"
 if [[ -z "${RAY_AUTH_TOKEN:-}" ]]; then
   if [[ -n "${RAY_AUTH_TOKEN_PATH:-}" ]]; then
     if [[ ! -s "$RAY_AUTH_TOKEN_PATH" ]]; then

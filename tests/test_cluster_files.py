@@ -185,3 +185,53 @@ def test_local_head_starts_on_loopback_with_auth_and_stops(head_env: dict[str, s
     assert leftovers.stdout.strip() == ""
     again = subprocess.run(["bash", str(STOP)], env=env, capture_output=True, text=True, timeout=30)
     assert again.returncode == 0 and "no Ray processes found" in again.stdout
+
+
+# -- stop under `ray job stop`, Grafana -------------------------------------------------------
+
+
+def test_every_cluster_setup_gives_the_driver_time_to_drain_under_ray_job_stop() -> None:
+    from batchgen.pipeline.driver import STOP_GRACE_S
+
+    # Ray's job supervisor SIGKILLs the driver RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM.
+    texts = {p.name: p.read_text() for p in (START, CLUSTER / "gpu-cluster.yaml",
+                                              CLUSTER / "kuberay" / "raycluster.yaml",
+                                              CLUSTER / "kuberay" / "rayjob.yaml")}
+    for name, text in texts.items():
+        values = [int(v) for v in re.findall(r'RAY_JOB_STOP_WAIT_TIME_S(?:=|:-|, value: )"?(\d+)', text)]
+        assert values and all(v >= STOP_GRACE_S + 15 for v in values), (name, values)
+    launcher = load(CLUSTER / "gpu-cluster.yaml")
+    for cmd in launcher["head_start_ray_commands"][1:] + launcher["worker_start_ray_commands"][1:]:
+        assert "RAY_JOB_STOP_WAIT_TIME_S=90 RAY_AUTH_MODE=token ray start" in cmd
+    for manifest in ("raycluster.yaml", "rayjob.yaml"):
+        doc = load(CLUSTER / "kuberay" / manifest)
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for group in groups:
+            env = {e["name"]: e["value"] for e in group["template"]["spec"]["containers"][0].get("env", [])}
+            assert int(env["RAY_JOB_STOP_WAIT_TIME_S"]) >= STOP_GRACE_S + 15, (manifest, env)
+
+
+def test_grafana_dashboard_queries_only_metrics_and_labels_batchgen_exports() -> None:
+    from batchgen.pipeline.metrics import prometheus_series
+
+    series = prometheus_series()
+    dash = json.loads((CLUSTER / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs.append(dash["templating"]["list"][1]["query"])
+    assert len(dash["panels"]) >= 5 and len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    used = set()
+    for expr in exprs:
+        names = set(re.findall(r"\bray_batchgen_\w+", expr))
+        assert names, f"no batchgen metric in {expr!r}"
+        for name in names:
+            assert name in series, f"{name} (in {expr!r}) is not exported; exported: {sorted(series)}"
+            labels = set(re.findall(r"(\w+)\s*(?:=~|!=|=)\s*\"", expr))
+            for group in re.findall(r"by \(([^)]*)\)", expr):
+                labels |= {label.strip() for label in group.split(",")}
+            assert labels <= set(series[name]), (expr, labels, series[name])
+            used.add(name)
+    # Every metric is on the dashboard somewhere.
+    plain = {n for n in series if not n.endswith(("_sum", "_count", "_bucket"))}
+    assert {n.rsplit("_bucket", 1)[0] for n in used} >= plain
+    assert any("ray_batchgen_shard_seconds_bucket" in e for e in exprs)

@@ -33,5 +33,5 @@ def test_demo_job_meets_the_accuracy_bar(tmp_path: Path) -> None:
     out = pq.ParquetDataset(tmp_path / "results" / "shards").read()
     assert sorted(out.column("id").to_pylist()) == list(range(160))
     summary = pq.read_table(tmp_path / "results" / "summary.parquet").to_pylist()
-    assert len(summary) == 8 and {s["replica"] for s in summary} <= {"replica-0", "replica-1"}
+    assert len(summary) == 8 and {s["replica"] for s in summary} <= {"batchgen-demo-replica-0", "batchgen-demo-replica-1"}
     assert (tmp_path / "results" / "_SUCCESS").exists()

@@ -55,18 +55,29 @@ def test_ray_job_submit_runs_a_job_and_exports_metrics(head_env: dict[str, str],
         assert "--set output.path=$PWD/demo-out/results/" in started.stdout
         exports = dict(re.findall(r"^export (\w+)=(.*)$", (Path(env["RAY_TMPDIR"]) / "env.sh").read_text(), re.M))
         client_env = {**env, **exports}
-        job = subprocess.run(
-            [str(ray_bin), "job", "submit", "--working-dir", ".", "--",
+        # A short delay per engine step (a test hook) keeps the replicas busy for some seconds.
+        faults = {"env_vars": {"BATCHGEN_FAULTS": json.dumps({"step_delay_s": 0.1})}}
+        job = subprocess.Popen(
+            [str(ray_bin), "job", "submit", "--working-dir", ".", "--runtime-env-json", json.dumps(faults), "--",
              "python", "-m", "batchgen", "run", str(tmp_path / "job.yaml"), "--progress-every", "2"],
-            cwd=REPO, env=client_env, capture_output=True, text=True, timeout=300,
+            cwd=REPO, env=client_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        logs = job.stdout + job.stderr
+        # Per-replica gauges vanish from the scrape once the job's workers are gone: read them
+        # while it runs. Labelled with the actor's name; a rate over at least a second of work.
+        rates: dict[str, float] = {}
+        while job.poll() is None and len(rates) < 2:
+            code, body = http_get(f"http://127.0.0.1:{env['METRICS_PORT']}/metrics")
+            rates.update({m[0]: float(m[1]) for m in re.findall(
+                r'^ray_batchgen_replica_tokens_per_second\{[^}]*batchgen_job="submitted"[^}]*replica="([^"]+)"[^}]*\}'
+                r' ([0-9.e+-]+)$', body.decode(), re.M) if float(m[1]) > 0})
+            time.sleep(0.3)
+        logs, _ = job.communicate(timeout=300)
         assert job.returncode == 0, logs[-4000:]
         job_id = re.search(r"Job '(raysubmit_\w+)' succeeded", logs).group(1)
         token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text()
         code, body = http_get(f"http://127.0.0.1:{env['DASHBOARD_PORT']}/api/jobs/{job_id}", token)
         assert code == 200 and json.loads(body)["status"] == "SUCCEEDED"
-        assert "[batchgen] shards" in logs  # progress reaches the job's log
+        assert re.search(r"\[batchgen\] \[#{20}\] 100% rows 120/120 \| shards 6/6, 0 running", logs)  # progress
 
         out = pq.ParquetDataset(tmp_path / "out" / "shards").read()
         assert sorted(out.column("id").to_pylist()) == ids
@@ -100,5 +111,9 @@ def test_ray_job_submit_runs_a_job_and_exports_metrics(head_env: dict[str, str],
             time.sleep(2)
         assert tokens_out > 0, [ln for ln in text.splitlines() if "batchgen" in ln][:20]
         assert _metric_total(text, "ray_batchgen_rows_done_total") > 0
+        # Never more than the job's tokens in a second (the old per-commit rate read 335,389 tok/s
+        # on 2 cores, when the whole job made ~1,000 tokens).
+        assert set(rates) == {"batchgen-submitted-replica-0", "batchgen-submitted-replica-1"}, rates
+        assert all(0 < r <= tokens_out for r in rates.values()), (rates, tokens_out)
     finally:
         subprocess.run(["bash", str(STOP)], env=env, capture_output=True, text=True, timeout=90)

@@ -101,7 +101,7 @@ def test_job_end_to_end_every_row_exactly_once(local_ray, tmp_path: Path) -> Non
     assert sum(s["rows"] for s in shard_summary) == len(ids)
     assert sum(s["rows_error"] for s in shard_summary) == 6
     assert sum(s["completion_tokens"] for s in shard_summary) == sum(r["completion_tokens"] for r in rows.values())
-    assert {s["replica"] for s in shard_summary} <= {"replica-0", "replica-1"}
+    assert {s["replica"] for s in shard_summary} <= {"batchgen-pipeline-test-replica-0", "batchgen-pipeline-test-replica-1"}
     assert all(s["started"] <= s["finished"] for s in shard_summary)
     success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert success["rows"] == len(ids) and success["rows_error"] == 6 and not success["failed_shards"]
@@ -115,7 +115,7 @@ def test_one_replica_runs_the_next_shard_beside_the_last_rows_of_the_current(loc
     spec = load_spec(write_spec(tmp_path / "job.yaml", tmp_path / "in", tmp_path / "out", execution__replicas=1))
     run_job(spec)
     shards = sorted(pq.read_table(tmp_path / "out" / "summary.parquet").to_pylist(), key=lambda s: s["started"])
-    assert len(shards) == 3 and {s["replica"] for s in shards} == {"replica-0"}
+    assert len(shards) == 3 and {s["replica"] for s in shards} == {"batchgen-pipeline-test-replica-0"}
     for before, after in zip(shards, shards[1:]):
         assert after["started"] < before["finished"], (before, after)
 
@@ -132,6 +132,24 @@ def test_leases_are_heartbeated_while_their_shard_is_being_published(local_ray, 
     assert seen[-1]["attempts"] == 2  # one lease per shard: none expired and was granted again
     shards = pq.read_table(tmp_path / "out" / "summary.parquet").to_pylist()
     assert [s["attempts"] for s in shards] == [1, 1]
+
+
+def test_progress_counts_rows_as_they_finish_before_their_shard_commits(local_ray, tmp_path: Path, monkeypatch,
+                                                                        caplog) -> None:
+    """One shard of 20 rows through an engine that holds 4 at a time: rows finish in waves, and
+    the progress line counts them (from the replica's heartbeats) while no shard is committed."""
+    write_input(tmp_path / "in", files=1, rows=20)
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"step_delay_s": 0.1}))
+    spec = load_spec(write_spec(tmp_path / "job.yaml", tmp_path / "in", tmp_path / "out", execution__replicas=1,
+                                execution__heartbeat_s=0.2, model__max_num_seqs=4))
+    with caplog.at_level("INFO", logger="batchgen"):
+        run_job(spec, progress_every_s=0.2)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[batchgen] [")]
+    counts = [tuple(map(int, m.groups())) for m in
+              (re.search(r"rows (\d+)/20 \| shards (\d+)/1", ln) for ln in lines) if m]
+    assert any(0 < rows < 20 and shards == 0 for rows, shards in counts), lines
+    assert counts[-1] == (20, 1)
+    assert all(a[0] <= b[0] for a, b in zip(counts, counts[1:])), counts  # never backwards here
 
 
 @pytest.mark.parametrize("replicas, layout", [
@@ -217,11 +235,12 @@ def test_cli_run_and_status(tmp_path: Path) -> None:
     res = _cli("run", str(spec), "--no-dashboard", "--set", "execution.replicas=1", "--progress-every", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout)["rows"] == 20
-    assert "[batchgen] shards" in res.stderr  # the progress line
     # Log lines carry ISO-8601 UTC times and name the absolute output location.
     started = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO job pipeline-test: output "
     assert re.search(started + re.escape(str(tmp_path / "out")) + "$", res.stderr, re.M), res.stderr[-3000:]
     assert f"complete, results in {tmp_path / 'out'}" in res.stderr
+    # The last progress line: everything done, nothing running.
+    assert re.search(r"\[batchgen\] \[#{20}\] 100% rows 20/20 \| shards (\d+)/\1, 0 running", res.stderr), res.stderr
     status = _cli("status", str(tmp_path / "out"))
     assert status.returncode == 0
     assert json.loads(status.stdout)["complete"] is True

@@ -21,7 +21,7 @@ import pytest
 import ray
 from ray._private import ray_constants
 
-from batchgen.pipeline.metrics import JobMetrics, ProgressLogger, format_duration, format_progress
+from batchgen.pipeline.metrics import JobMetrics, ProgressLogger, TokenRate, format_duration, format_progress
 from batchgen.pipeline.queue import ShardQueue, create_queue
 
 
@@ -284,11 +284,17 @@ def test_format_duration_and_progress_line() -> None:
     assert [format_duration(s) for s in (0, 45, 80, 3599, 7500, None, float("inf"))] == [
         "0s", "45s", "1m20s", "59m59s", "2h05m", "?", "?",
     ]
-    assert format_progress(12, 40, 12000, 350.0, 9100.0, 80.0) == (
-        "[batchgen] shards 12/40 (30%) rows 12000 | 350 rows/s | 9100 tok/s | ETA 1m20s"
+    assert format_progress(12, 40, 12000, 40000, 350.0, 9100.0, 80.0, running=3) == (
+        "[batchgen] [######--------------] 30% rows 12000/40000 | shards 12/40, 3 running | 350 rows/s | "
+        "9100 tok/s | ETA 1m20s"
     )
-    assert format_progress(0, 4, 0, None, 2.5, None, shards_dead=1) == (
-        "[batchgen] shards 0/4 (0%) rows 0 | - rows/s | 2.5 tok/s | ETA ? | 1 dead"
+    assert format_progress(0, 4, 0, 400, None, 2.5, None, shards_dead=1) == (
+        "[batchgen] [--------------------] 0% rows 0/400 | shards 0/4, 0 running | - rows/s | 2.5 tok/s | "
+        "ETA ? | 1 dead"
+    )
+    # Rows finish before their shard commits: the bar follows rows, not shards.
+    assert format_progress(0, 4, 200, 400, None, None, None, running=2).startswith(
+        "[batchgen] [##########----------] 50% rows 200/400 | shards 0/4, 2 running"
     )
 
 
@@ -298,15 +304,17 @@ def stats(done: int, pending: int, leased: int = 0, dead: int = 0) -> dict[str, 
 
 def test_progress_logger_cadence_rates_and_eta() -> None:
     clock = Clock()
-    progress = ProgressLogger(total_shards=12, done_before=2, every_s=10, window_s=60, clock=clock)
+    progress = ProgressLogger(total_shards=12, done_before=2, every_s=10, window_s=60, clock=clock,
+                              total_rows=1200, rows_before=200)
     assert progress.update(stats(0, 10), rows=0, tokens_out=0) is None  # not due yet
     clock.advance(5)
     assert progress.update(stats(1, 9), rows=100, tokens_out=2000) is None
     clock.advance(5)
-    line = progress.update(stats(2, 8), rows=200, tokens_out=4000)
-    # 10 s since the first sample: 20 rows/s, 400 tok/s, 0.2 shards/s -> 8 shards in 40 s;
-    # the 2 shards from the earlier run show as done but did not make the rate.
-    assert line == "[batchgen] shards 4/12 (33%) rows 200 | 20 rows/s | 400 tok/s | ETA 40s"
+    line = progress.update(stats(2, 7, leased=1), rows=200, tokens_out=4000)
+    # 10 s since the first sample: 20 rows/s, 400 tok/s -> 800 rows left in 40 s; the 2 shards
+    # and 200 rows from the earlier run count as done (cumulative) but did not make the rate.
+    assert line == ("[batchgen] [######--------------] 33% rows 400/1200 | shards 4/12, 1 running | 20 rows/s | "
+                    "400 tok/s | ETA 40s")
     clock.advance(1)
     assert progress.update(stats(2, 8), rows=200, tokens_out=4000) is None
     assert progress.update(stats(2, 8), rows=200, tokens_out=4000, force=True) is not None
@@ -330,8 +338,43 @@ def test_progress_logger_eta_is_zero_when_nothing_is_left() -> None:
     clock = Clock()
     progress = ProgressLogger(total_shards=3, every_s=1, clock=clock)
     assert progress.update(stats(2, 0, dead=1), force=True) == (
-        "[batchgen] shards 2/3 (66%) rows - | - rows/s | - tok/s | ETA 0s | 1 dead"
+        "[batchgen] [#############-------] 66% rows - | shards 2/3, 0 running | - rows/s | - tok/s | ETA 0s | 1 dead"
     )
+
+
+def test_token_rate_counts_finished_tokens_over_a_sliding_window() -> None:
+    clock = Clock()
+    rate = TokenRate(window_s=30, clock=clock)
+    assert rate.rate() is None  # not started
+    clock.advance(100)  # model loading: not part of any rate
+    rate.start()
+    clock.advance(0.5)
+    rate.add(40)
+    assert rate.rate() == 40  # under a second of work: over one second, never more
+    for _ in range(20):  # 10 s at 50 tok/s
+        clock.advance(0.5)
+        rate.add(25)
+    assert rate.rate() == pytest.approx((40 + 20 * 25) / 10.5)
+    # Two shards committing together no longer matter: only finished tokens and elapsed time.
+    for _ in range(60):  # a minute at 20 tok/s: the window forgets the faster start
+        clock.advance(1)
+        rate.add(20)
+    assert rate.rate() == pytest.approx(20, rel=0.05)
+    clock.advance(31)  # idle for a window: the rate falls to zero
+    assert rate.rate() == 0
+
+
+def test_result_totals_count_rows_in_flight_from_heartbeats() -> None:
+    clock = Clock()
+    q = ShardQueue({"a": 0, "b": 1}, max_attempts=2, lease_timeout_s=30, clock=clock)
+    a, b = q.lease("r0"), q.lease("r1")
+    assert q.heartbeat(a["lease_id"], {"rows": 4, "completion_tokens": 40})
+    assert q.heartbeat(b["lease_id"], {"rows": 1, "completion_tokens": 5})
+    assert q.result_totals(["rows"]) == {"rows": 0}  # committed only
+    assert q.result_totals(["rows", "completion_tokens"], in_flight=True) == {"rows": 5, "completion_tokens": 45}
+    assert q.ack(a["lease_id"], {"rows": 10, "completion_tokens": 100})  # counted once, as committed
+    assert q.nack(b["lease_id"], "boom")  # its rows will be done again: they leave the count
+    assert q.result_totals(["rows", "completion_tokens"], in_flight=True) == {"rows": 10, "completion_tokens": 100}
 
 
 # -- on real Ray -------------------------------------------------------------------------------
@@ -428,7 +471,7 @@ def scrape(port: int, job: str, names: list[str], timeout_s: float = 20) -> dict
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         for line in body.splitlines():
             name = line.split("{", 1)[0]
-            if name in names and f'job="{job}"' in line:
+            if name in names and f'batchgen_job="{job}"' in line:
                 found[name] = float(line.rsplit(" ", 1)[1])
         if len(found) == len(names):
             return found
@@ -448,6 +491,7 @@ class MetricsUser:
                                 replica="replica-0", seconds=2.0)
         self.metrics.shard_done(rows_ok=5, rows_err=2, tokens_in=80, tokens_out=36,
                                 replica="replica-0", seconds=4.0)
+        self.metrics.replica_throughput("replica-0", 9.0)
         self.metrics.shard_failed("replica-1")
         self.metrics.queue({"pending": 7, "leased": 2})
 

@@ -48,11 +48,12 @@ from typing import Any, Callable, Iterator, Optional
 import ray
 
 from batchgen import __version__
-from batchgen.pipeline import jobsummary, writer
+from batchgen.pipeline import jobsummary, raynet, writer
 from batchgen.pipeline.paths import absolute_uri, check_job_paths
 from batchgen.pipeline.planning import JobPlan, check_model, fingerprint_model, plan_job  # noqa: F401 (API)
 from batchgen.pipeline.metrics import JobMetrics, ProgressLogger
 from batchgen.pipeline.queue import create_queue
+from batchgen.pipeline.raynet import replica_name
 from batchgen.pipeline.faults import FAULTS_ENV, Faults
 from batchgen.pipeline.replica import Replica, Task, output_table
 from batchgen.pipeline.shards import Shard, read_shard, resolve_filesystem
@@ -82,13 +83,16 @@ class JobStopped(JobFailed):
 
 def init_ray(address: Optional[str] = None, dashboard: bool = True) -> None:
     """Join a cluster (``address``, or ``RAY_ADDRESS`` as ``ray job submit`` sets it), or start a
-    local one bound to 127.0.0.1."""
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or "auto")
-    else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=dashboard, dashboard_host="127.0.0.1")
+    private local Ray bound to 127.0.0.1, even beside a local head (see :func:`raynet.connect`).
+
+    Raises:
+        JobFailed: the cluster cannot be reached (not a storage error, though Ray's
+            ConnectionError is an OSError).
+    """
+    try:
+        raynet.connect(address, dashboard)
+    except ConnectionError as exc:  # incl. TimeoutError
+        raise JobFailed(str(exc)) from exc
 
 
 def replica_layout(spec: JobSpec, num_shards: int) -> tuple[int, dict[str, float], int]:
@@ -223,14 +227,17 @@ class _Run:
         self.parts_committed = 0
         self.merged = 0
         self.metrics = JobMetrics(spec.name)
+        # Cumulative over resumes: what earlier runs committed shows as done from the first line.
         self.progress = ProgressLogger(total_shards=len(plan.shards), done_before=len(plan.shards) - len(plan.todo),
-                                       every_s=progress_every_s, total_rows=sum(s.num_rows for s in plan.todo))
+                                       every_s=progress_every_s, total_rows=plan.rows_total,
+                                       rows_before=plan.rows_total - sum(s.num_rows for s in plan.todo))
         self.stop_signal: Optional[int] = None
         self.stop_now = False
         self.stop_deadline = 0.0
         self.queue_closed = False
         self.queue: Optional[ray.actor.ActorHandle] = None
         self.replicas: list[Any] = []  # Replica actors, or TPReplicaGroups with tensor_parallel > 1
+        self.names: list[str] = []
         self.tp = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -249,6 +256,8 @@ class _Run:
                     r.kill() if self.tp else ray.kill(r)
                 if self.queue is not None:
                     ray.kill(self.queue)
+                if not self.tp:  # a TP group's kill() waits for its ranks' names itself
+                    raynet.wait_names_free(self.names)
         if self.stop_signal is not None:
             done = len(writer.committed_shards(self.fs, self.root) & {s.shard_id for s in self.plan.shards})
             name = signal.Signals(self.stop_signal).name
@@ -264,18 +273,20 @@ class _Run:
                                   ex.max_attempts, ex.lease_timeout_s, name=queue_name)
         n, resources, threads = replica_layout(self.spec, len(self.plan.todo))
         # max_restarts=-1: a dead replica comes back; the queue's attempt limit bounds the retries.
-        actor_cls = ray.remote(Replica).options(max_restarts=-1, max_task_retries=0, **resources)
+        actor_opts = dict(max_restarts=-1, max_task_retries=0, **resources)
         # Replicas may run in another working directory: send them absolute local paths.
         spec_dict = self.spec.with_resolved_paths().model_dump(mode="json")
-        self.names = [f"replica-{i}" for i in range(n)]
+        self.names = [replica_name(self.spec.name, i) for i in range(n)]
         self.tp = self.spec.model.tensor_parallel > 1
         if self.tp:  # N rank actors per replica, in one placement group, restarted as a whole
             self.replicas = [TPReplicaGroup(spec_dict, queue_name, name, self.faults) for name in self.names]
             for g in self.replicas:
                 g.start(wait=False)
         else:
-            self.replicas = [actor_cls.remote(spec_dict, queue_name, name, threads, self.faults)
-                             for name in self.names]
+            # Named as the dashboard and `ray list actors` show them (and as their metrics'
+            # `replica` label); the driver's own namespace keeps two runs of one job apart.
+            self.replicas = [ray.remote(Replica).options(name=name, **actor_opts)
+                             .remote(spec_dict, queue_name, name, threads, self.faults) for name in self.names]
         self.runs: dict[Any, int] = {}
         self.alive: dict[Any, int] = {}  # TP followers' loops: they end only when their replica broke
         self.idle: set[int] = set()
@@ -310,9 +321,11 @@ class _Run:
             self._report(stats)
             if self.stop_signal is not None:
                 if not self.runs or self.stop_now or time.monotonic() >= self.stop_deadline:
+                    self._report(ray.get(self.queue.stats.remote()), force=True)
                     return
                 continue
             if stats["pending"] + stats["leased"] + stats["dead"] == 0 and not self.runs:
+                self._report(stats, force=True)
                 return
             if stats["pending"] and self.idle:  # new pieces after the replicas had run dry
                 for i in sorted(self.idle):
@@ -398,12 +411,14 @@ class _Run:
             raise JobFailed(f"replicas died {self.deaths_in_a_row} times in a row without taking any work "
                             f"(does the model fit the device?); last error: {error.splitlines()[0][:500]}")
 
-    def _report(self, stats: dict) -> None:
+    def _report(self, stats: dict, force: bool = False) -> None:
         self.metrics.queue(stats)
         # Committed pieces are not shards of the plan; merged shards are.
         shown = {**stats, "done": stats["done"] - self.parts_committed + self.merged}
-        totals = ray.get(self.queue.result_totals.remote(["rows", "completion_tokens"]))
-        line = self.progress.update(shown, int(totals["rows"]), int(totals["completion_tokens"]))
+        # Rows count as they finish (replicas report them with their heartbeats), not only
+        # when their shard commits.
+        totals = ray.get(self.queue.result_totals.remote(["rows", "completion_tokens"], in_flight=True))
+        line = self.progress.update(shown, int(totals["rows"]), int(totals["completion_tokens"]), force=force)
         if line:
             log.info(line)
         if self.on_stats:

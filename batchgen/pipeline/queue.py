@@ -62,6 +62,9 @@ class _Lease:
     attempt: int
     deadline: float
     state: LeaseState = "live"
+    # What the holder reported with its last heartbeat (rows finished so far, tokens): progress
+    # of work not yet committed, counted by result_totals(in_flight=True) while the lease lives.
+    progress: dict | None = None
 
 
 class ShardQueue:
@@ -140,13 +143,16 @@ class ShardQueue:
             "solo": shard.suspect,
         }
 
-    def heartbeat(self, lease_id: str) -> bool:
-        """Extend a live lease by `lease_timeout_s`; False means it is lost: stop the work."""
+    def heartbeat(self, lease_id: str, progress: Mapping[str, float] | None = None) -> bool:
+        """Extend a live lease by `lease_timeout_s`, recording the holder's `progress` (numeric
+        counts of the work so far, e.g. rows finished); False means it is lost: stop the work."""
         self.reap()
         lease = self._live.get(lease_id)
         if lease is None:
             return False
         lease.deadline = self._clock() + self._timeout
+        if progress is not None:
+            lease.progress = dict(progress)
         return True
 
     def ack(self, lease_id: str, result: dict) -> bool:
@@ -263,14 +269,20 @@ class ShardQueue:
         self.reap()
         return {sid: s.result for sid, s in self._shards.items() if s.state == "done"}
 
-    def result_totals(self, keys: Sequence[str]) -> dict[str, float]:
+    def result_totals(self, keys: Sequence[str], in_flight: bool = False) -> dict[str, float]:
         """Sum the numeric `keys` of all committed results (absent keys count 0): cheap progress
-        figures such as rows and tokens, without shipping every result to the caller."""
+        figures such as rows and tokens, without shipping every result to the caller. With
+        `in_flight`, the progress that live leases reported by heartbeat is added (a lease that
+        is lost takes its rows with it: they will be done again)."""
+        self.reap()
         totals = dict.fromkeys(keys, 0)
-        for shard in self._shards.values():
-            if shard.state == "done" and isinstance(shard.result, Mapping):
+        sources = [s.result for s in self._shards.values() if s.state == "done"]
+        if in_flight:
+            sources += [lease.progress for lease in self._live.values()]
+        for source in sources:
+            if isinstance(source, Mapping):
                 for key in keys:
-                    value = shard.result.get(key, 0)
+                    value = source.get(key, 0)
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
                         totals[key] += value
         return totals

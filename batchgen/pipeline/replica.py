@@ -42,6 +42,11 @@ from batchgen.pipeline.spec import JobSpec
 from batchgen.pipeline.writer import output_schema, publish_part, publish_shard, with_retries
 from batchgen.prompts import PromptError
 
+#: Longest time between a running shard's heartbeats, which carry its finished rows to the queue.
+PROGRESS_EVERY_S = 5.0
+#: How often a replica publishes its tokens/s gauge (a local call; Ray exports it on its own cadence).
+GAUGE_EVERY_S = 1.0
+
 
 #: A row's outcome: the engine's output, or the reason it could not run.
 RowResult = Union[CompletionOutput, str]
@@ -150,6 +155,11 @@ class ShardRun:
     def done(self) -> bool:
         return not self.pending
 
+    def progress(self) -> dict[str, int]:
+        """Rows finished so far (error rows included) and their completion tokens, for heartbeats."""
+        done = [r for r in self.results if r is not None]
+        return {"rows": len(done), "completion_tokens": sum(len(r.token_ids) for r in done if not isinstance(r, str))}
+
 
 class ShardWorker:
     """Runs shards through one engine, several at a time.
@@ -166,6 +176,8 @@ class ShardWorker:
         self.faults = faults
         self.inflight: list[ShardRun] = []
         self._tags = itertools.count()
+        #: Completion tokens of every row finished so far (the replica's throughput gauge reads it).
+        self.tokens_out = 0
 
     def _prompt(self, row: PromptRow) -> Any:
         """The engine input of a row: chat conversations as token ids (Meta's rendering), else the text.
@@ -286,6 +298,7 @@ class ShardWorker:
             item = run.pending.pop(out.request_id, None)
             if item is not None:
                 run.results[item.index] = out
+                self.tokens_out += len(out.token_ids)
                 return
 
     def finish(self, run: ShardRun) -> tuple[pa.Table, dict]:
@@ -386,8 +399,12 @@ class Replica:
         self.queue = ray.get_actor(queue_name)
         self.replica_id = replica_id
         self.faults = Faults.parse(faults)
+        from batchgen.pipeline.metrics import TokenRate
+
         self.worker: Optional[ShardWorker] = None
-        self._last_commit = 0.0
+        self._rate = TokenRate()
+        self._tokens_seen = 0  # worker.tokens_out already added to _rate
+        self._gauge_at = 0.0
         # One thread: shards are published in the order they finish, one at a time.
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchgen-publish")
         # (future, lease, counts, summary, heartbeat) of each shard being published
@@ -432,6 +449,7 @@ class Replica:
                     if self._publishing:
                         continue  # our own leases are still open: the queue cannot be finished
                     if ray.get(self.queue.is_finished.remote()):
+                        self._update_rate(metrics, force=True)  # a job shorter than GAUGE_EVERY_S too
                         return {"replica": self.replica_id, "shards": done}
                     time.sleep(0.5)  # others hold leases that may still come back
                     continue
@@ -451,22 +469,42 @@ class Replica:
                 exit_replica(f"{type(e).__name__}: {e}; this process's device state is not trusted any more")
             for run in finished:
                 self._complete(run, metrics)
+            self._update_rate(metrics)
+
+    def _update_rate(self, metrics: Any, force: bool = False) -> None:
+        """Feed the rows that finished into the replica's tokens/s; publish it every few seconds."""
+        tokens = self.worker.tokens_out
+        if tokens != self._tokens_seen:
+            self._rate.add(tokens - self._tokens_seen)
+            self._tokens_seen = tokens
+        now = time.monotonic()
+        if force or now - self._gauge_at >= GAUGE_EVERY_S:
+            self._gauge_at = now
+            rate = self._rate.rate()
+            if rate is not None:
+                metrics.replica_throughput(self.replica_id, rate)
 
     def _start(self, lease: dict, metrics: Any) -> None:
         import ray
 
         shard = lease["payload"].shard
         last_beat = time.monotonic()
+        # Heartbeats also carry the rows finished so far (the driver's progress line counts them
+        # before the shard commits), so they come at least every PROGRESS_EVERY_S.
+        every = min(self.spec.execution.heartbeat_s, PROGRESS_EVERY_S)
+        started: list[ShardRun] = []
 
         def keep_going() -> None:
             nonlocal last_beat
-            if time.monotonic() - last_beat >= self.spec.execution.heartbeat_s:
+            if time.monotonic() - last_beat >= every:
                 last_beat = time.monotonic()
-                if not ray.get(self.queue.heartbeat.remote(lease["lease_id"])):
+                progress = started[0].progress() if started else None
+                if not ray.get(self.queue.heartbeat.remote(lease["lease_id"], progress)):
                     raise LeaseLost(shard.shard_id)
 
+        self._rate.start()
         try:
-            self.worker.start(shard, keep_going, context=lease, solo=lease["solo"])
+            started.append(self.worker.start(shard, keep_going, context=lease, solo=lease["solo"]))
         except Exception as e:  # noqa: BLE001 - unreadable shard: this attempt fails
             self._fail(lease, e, metrics)
 
@@ -518,13 +556,8 @@ class Replica:
             if not ray.get(self.queue.ack.remote(lease["lease_id"], summary)):
                 continue
             acked += 1
-            # Shards overlap: the replica's rate is this shard's tokens over the time since the
-            # previous commit (or since this shard started), not over the shard's own lifetime.
-            now = time.monotonic()
-            since = max(self._last_commit, now - counts["seconds"])
-            self._last_commit = now
             metrics.shard_done(counts["rows_ok"], counts["rows_error"], counts["prompt_tokens"],
-                               counts["completion_tokens"], self.replica_id, counts["seconds"], now - since)
+                               counts["completion_tokens"], self.replica_id, counts["seconds"])
         self._publishing = still
         return acked
 

@@ -33,7 +33,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import ray
@@ -45,6 +45,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from batchgen.engine import CompletionOutput, SamplingParams
 from batchgen.engine.tp import TPError, TPLeaderLLM, destroy_tp_group, follower_loop, init_tp_group
 from batchgen.pipeline.faults import FAULT_EXIT_CODE
+from batchgen.pipeline.raynet import wait_names_free
 from batchgen.pipeline.replica import Replica, ShardWorker
 from batchgen.pipeline.spec import JobSpec
 
@@ -215,15 +216,20 @@ class _Ranks:
     infos: list[ray.ObjectRef]  # each rank's info()
     serving: list[ray.ObjectRef]  # the followers' serve()
 
+    names: list[str] = field(default_factory=list)  # the ranks' actor names, if named
+
     def kill(self) -> None:
         for actor in (self.leader, *self.followers):
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.pg)
+        # ray.kill returns before the names are free; a restart reuses them at once.
+        wait_names_free(self.names)
 
 
 def _launch(world: int, use_gpu: bool, leader_cls: type, leader_args: tuple, follower_args: tuple,
-            timeout_s: float, setup_timeout_s: float) -> tuple[_Ranks, ray.ObjectRef]:
+            timeout_s: float, setup_timeout_s: float, name: Optional[str] = None) -> tuple[_Ranks, ray.ObjectRef]:
     """Place ``world`` ranks on one node and start them; returns them and rank 0's endpoint ref.
+    With ``name``, the rank actors are named ``<name>-rank-<r>``.
 
     Nothing here waits: each rank's first call runs as soon as its process is up.
     """
@@ -233,7 +239,8 @@ def _launch(world: int, use_gpu: bool, leader_cls: type, leader_args: tuple, fol
     def options(rank: int) -> dict:
         # max_restarts=0: a lone restarted rank could never rejoin its group; the whole replica restarts.
         return dict(num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=0, max_task_retries=0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank))
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+                    **({"name": f"{name}-rank-{rank}"} if name else {}))
 
     leader = ray.remote(leader_cls).options(**options(0)).remote(*leader_args)
     followers = [ray.remote(TPFollower).options(**options(r)).remote(*follower_args, r, timeout_s, setup_timeout_s)
@@ -242,7 +249,8 @@ def _launch(world: int, use_gpu: bool, leader_cls: type, leader_args: tuple, fol
     endpoint = leader.endpoint.remote()
     infos = [a.info.remote() for a in (leader, *followers)]
     serving = [f.serve.remote(endpoint, *infos) for f in followers]
-    return _Ranks(pg, leader, followers, infos, serving), endpoint
+    names = [f"{name}-rank-{r}" for r in range(world)] if name else []
+    return _Ranks(pg, leader, followers, infos, serving, names), endpoint
 
 
 def _placement_state(pg: PlacementGroup) -> str:
@@ -321,7 +329,7 @@ class TPReplicaGroup:
         use_gpu = _cluster_has_gpus() if self.use_gpu is None else self.use_gpu
         leader_args = (self.spec, self.queue_name, self.name, self.faults, self.timeout_s, self.setup_timeout_s)
         self._ranks, endpoint = _launch(self.world, use_gpu, TPLeaderReplica, leader_args, self._follower_args,
-                                        self.timeout_s, self.setup_timeout_s)
+                                        self.timeout_s, self.setup_timeout_s, name=self.name)
         self._setup_ref = self._ranks.leader.setup.remote(endpoint, *self._ranks.infos)
         self.starts += 1
         if wait:
