@@ -393,15 +393,19 @@ def merge_into_state_dict(state_dict: dict[str, torch.Tensor], adapter: LoraAdap
 class StackedProj:
     """One (layer, projection) of every slot of a :class:`LoraStack`.
 
-    ``A`` [N + 1, R, in] and ``B`` [N + 1, out, R] are zero-padded to the largest rank R, with the
-    scale folded into B and a final all-zero slot for base rows (index -1). ``groups`` keeps each
-    adapter's unpadded ``(slot, A [r, in], scale * B [out, r])``; slots that leave this
-    projection alone are absent from it.
+    ``A`` [N + 1, R, in] and ``Bt`` [N + 1, R, out] (B transposed, the scale folded in) are
+    zero-padded to the stack's rank R, with a final all-zero slot for base rows (index -1).
+    ``groups`` lists ``(slot, rank)`` of the slots that adapt this projection. A fused entry
+    (``wqkv``) holds its parts' A stacked along R and their B block-diagonally.
     """
 
     A: torch.Tensor
-    B: torch.Tensor
-    groups: list[tuple[int, torch.Tensor, torch.Tensor]]
+    Bt: torch.Tensor
+    groups: list[tuple[int, int]]
+
+    @property
+    def width(self) -> int:
+        return self.A.shape[1]
 
 
 class LoraStack:
@@ -409,30 +413,62 @@ class LoraStack:
 
     Built once per replica (after :meth:`LoraAdapter.tp_slice` on a TP rank); the engine gives
     each row its slot, or -1 for the base model, and calls :func:`lora_forward` per projection.
+    ``fuse`` maps a new projection name to parts run as one (``{"wqkv": ("wq", "wk", "wv"),
+    "w13": ("w1", "w3")}``, matching a model that fuses those matmuls): the update of the fused
+    output [T, sum(out)] then costs one call instead of one per part.
     """
 
-    def __init__(self, adapters: Sequence[LoraAdapter], dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(self, adapters: Sequence[LoraAdapter], args: ModelArgs, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", fuse: Optional[dict[str, Sequence[str]]] = None) -> None:
         self.names = [a.name for a in adapters]
         self.fingerprints = [a.fingerprint for a in adapters]
-        self.nbytes = 0
+        self.rank = max((a.max_rank for a in adapters), default=0)
+        self.nbytes = 0  # what a replica holds (padding included)
         self.projs: dict[tuple[int, str], StackedProj] = {}
-        keys = sorted({k for a in adapters for k in a.weights})
-        n = len(adapters)
-        for key in keys:
-            present = [(i, a.weights[key]) for i, a in enumerate(adapters) if key in a.weights]
-            R = max(w.rank for _, w in present)
-            out_f, in_f = present[0][1].B.shape[0], present[0][1].A.shape[1]
-            A = torch.zeros(n + 1, R, in_f, dtype=dtype, device=device)
-            B = torch.zeros(n + 1, out_f, R, dtype=dtype, device=device)
-            groups = []
-            for i, w in present:
-                a = w.A.to(device=device, dtype=dtype)
-                b = (w.B.float() * w.scale).to(device=device, dtype=dtype)
-                A[i, :w.rank], B[i, :, :w.rank] = a, b
-                groups.append((i, a, b))
-                self.nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
-            self.projs[key] = StackedProj(A, B, groups)
+        tp = {(a.world_size, a.rank) for a in adapters}
+        if len(tp) > 1:
+            raise ValueError(f"adapters {self.names} are cut for different tensor-parallel ranks {sorted(tp)}")
+        ws, tp_rank = tp.pop() if tp else (1, 0)
+        full = _shapes(args)
+        n, R = len(adapters), self.rank
+        fused_parts = {p for parts in (fuse or {}).values() for p in parts}
+        unknown = sorted(fused_parts - set(PROJECTIONS))
+        if unknown:
+            raise ValueError(f"fuse names unknown projections {unknown}; known: {list(PROJECTIONS)}")
+        layers = sorted({layer for a in adapters for layer, _ in a.weights})
+        for layer in layers:
+            plan = [(p, (p,)) for p in PROJECTIONS if p not in fused_parts] + list((fuse or {}).items())
+            for name, parts in plan:
+                if not any((layer, p) in a.weights for a in adapters for p in parts):
+                    continue
+                shapes = []
+                for p in parts:  # this rank's (out, in) of each part
+                    o, i = full[p]
+                    if ws > 1:
+                        dim, lo, hi = _tp_span(p, args, ws, tp_rank)
+                        o, i = (hi - lo, i) if dim == 0 else (o, hi - lo)
+                    shapes.append((o, i))
+                if len({i for _, i in shapes}) != 1:
+                    raise ValueError(f"fused projection {name!r}: parts {list(parts)} take different inputs")
+                outs = [s[0] for s in shapes]
+                in_f = shapes[0][1]
+                A = torch.zeros(n + 1, R * len(parts), in_f, dtype=dtype, device=device)
+                Bt = torch.zeros(n + 1, R * len(parts), sum(outs), dtype=dtype, device=device)
+                groups = []
+                for i, a in enumerate(adapters):
+                    used = 0
+                    for j, p in enumerate(parts):
+                        w = a.weights.get((layer, p))
+                        if w is None:
+                            continue
+                        o0 = sum(outs[:j])
+                        A[i, j * R:j * R + w.rank] = w.A.to(device=device, dtype=dtype)
+                        Bt[i, j * R:j * R + w.rank, o0:o0 + outs[j]] = (w.B.float() * w.scale).T.to(device=device, dtype=dtype)
+                        used = j * R + w.rank
+                    if used:
+                        groups.append((i, used))
+                self.projs[(layer, name)] = sp = StackedProj(A, Bt, groups)
+                self.nbytes += sp.A.numel() * sp.A.element_size() + sp.Bt.numel() * sp.Bt.element_size()
 
     def slot(self, name: str) -> int:
         """Slot of adapter ``name`` (KeyError naming the known ones if absent)."""
@@ -444,25 +480,42 @@ class LoraStack:
 
 @dataclass
 class LoraRows:
-    """Per-step row grouping of the slot index [T], computed once and reused by every layer."""
+    """Per-step facts about the slot index [T], computed once and reused by every layer."""
 
     index: torch.Tensor  # [T] slot per row, -1 = base
+    n_slots: int
     gather: torch.Tensor  # [T] slot per row with -1 mapped to the zero slot N
-    groups: dict[int, torch.Tensor]  # slot -> row indices (only slots with rows)
+    _groups: Optional[dict[int, torch.Tensor]] = None
+    _masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def groups(self) -> dict[int, torch.Tensor]:
+        """slot -> its row indices, for slots with rows (one host sync, on first use)."""
+        if self._groups is None:
+            slots = torch.unique(self.index).tolist()
+            self._groups = {s: (self.index == s).nonzero().squeeze(1) for s in slots if s >= 0}
+        return self._groups
+
+    def mask(self, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """[T, N * width]: 1 on the ``width`` columns of each row's slot, 0 elsewhere (and on base rows)."""
+        m = self._masks.get(width)
+        if m is None or m.dtype != dtype:
+            slots = torch.arange(self.n_slots, device=self.index.device)
+            m = (self.index[:, None] == slots[None, :]).to(dtype).repeat_interleave(width, dim=1)
+            self._masks[width] = m
+        return m
 
 
 def lora_rows(index: torch.Tensor, n_slots: int) -> LoraRows:
-    """Group the rows of a step by adapter slot (one host sync per step, not per layer)."""
+    """The per-step view of the rows' slots (``index`` [T], -1 = base) that every layer reuses."""
     gather = torch.where(index < 0, torch.full_like(index, n_slots), index)
-    slots = torch.unique(index).tolist()
-    groups = {s: (index == s).nonzero().squeeze(1) for s in slots if s >= 0}
-    return LoraRows(index, gather, groups)
+    return LoraRows(index, n_slots, gather)
 
 
-Method = Literal["auto", "grouped", "gathered"]
+Method = Literal["auto", "grouped", "gathered", "masked"]
 
-#: ``auto`` picks the gathered form at or below this many rows (see bench/NOTES.md, LoRA).
-GATHERED_MAX_ROWS = 0
+#: ``auto`` uses the masked form up to this many rows, grouped above (bench/NOTES.md, LoRA).
+MASKED_MAX_ROWS = 256
 
 
 def lora_forward(x: torch.Tensor, proj: str, layer: int, rows: LoraRows | torch.Tensor, stack: LoraStack,
@@ -470,10 +523,17 @@ def lora_forward(x: torch.Tensor, proj: str, layer: int, rows: LoraRows | torch.
     """Each row's low-rank update [T, out] of projection ``proj`` in ``layer`` for inputs x [T, in].
 
     Add it to the base matmul's output (for row-parallel ``wo``/``w2`` on a TP rank: before the
-    all-reduce). ``rows`` is the per-row slot (-1 = base) or its :func:`lora_rows` grouping.
-    Returns None when no slot adapts this projection. ``grouped``: per adapter, its rows
-    selected, two small matmuls, added back; ``gathered``: every row's factors gathered (padded
-    to the largest rank) and two batched matmuls.
+    all-reduce). ``rows`` is the per-row slot (-1 = base) or its :func:`lora_rows` view. Returns
+    None when no slot adapts this projection. Forms, all equal to :func:`lora_reference`:
+
+    * ``grouped``: per adapter with rows, its rows selected, two small matmuls, added back (the
+      fewest flops; one host sync per step to find the groups, then 4 ops per adapter);
+    * ``masked``: every row times every adapter's A in one matmul, the other slots' columns
+      zeroed, one matmul with every B (N times the flops of grouped, but 3 ops and no host sync:
+      shapes depend on T alone, as a CUDA graph needs);
+    * ``gathered``: every row's A and B gathered (padded to the stack's rank), two batched
+      matmuls (moves T copies of the factors: slow, kept as a measured alternative);
+    * ``auto``: masked up to :data:`MASKED_MAX_ROWS` rows, grouped above.
     """
     sp = stack.projs.get((layer, proj))
     if sp is None:
@@ -481,30 +541,38 @@ def lora_forward(x: torch.Tensor, proj: str, layer: int, rows: LoraRows | torch.
     if isinstance(rows, torch.Tensor):
         rows = lora_rows(rows, len(stack.names))
     if method == "auto":
-        method = "gathered" if x.shape[0] <= GATHERED_MAX_ROWS else "grouped"
+        method = "masked" if x.shape[0] <= MASKED_MAX_ROWS else "grouped"
+    xf = x.to(sp.A.dtype)
+    n, width, in_f = len(stack.names), sp.width, sp.A.shape[2]
+    if method == "masked":
+        xa = xf @ sp.A[:n].reshape(n * width, in_f).T  # [T, N * width]
+        xa.mul_(rows.mask(width, xa.dtype))
+        return (xa @ sp.Bt[:n].reshape(n * width, -1)).to(x.dtype)
     if method == "gathered":
-        xa = torch.bmm(sp.A[rows.gather], x.to(sp.A.dtype).unsqueeze(2))  # [T, R, 1]
-        return torch.bmm(sp.B[rows.gather], xa).squeeze(2).to(x.dtype)  # [T, out]
-    out = x.new_zeros(x.shape[0], sp.B.shape[1])
-    for slot, a, b in sp.groups:
-        idx = rows.groups.get(slot)
+        xa = torch.bmm(sp.A[rows.gather], xf.unsqueeze(2))  # [T, width, 1]
+        return torch.bmm(xa.transpose(1, 2), sp.Bt[rows.gather]).squeeze(1).to(x.dtype)  # [T, out]
+    if method != "grouped":
+        raise ValueError(f"unknown LoRA method {method!r}; use auto, grouped, masked or gathered")
+    out = x.new_zeros(x.shape[0], sp.Bt.shape[2])
+    groups = rows.groups
+    for slot, used in sp.groups:
+        idx = groups.get(slot)
         if idx is None:
             continue
-        xs = x.index_select(0, idx)
-        out.index_add_(0, idx, ((xs @ a.T) @ b.T).to(x.dtype))
+        xs = xf.index_select(0, idx)
+        out.index_add_(0, idx, ((xs @ sp.A[slot, :used].T) @ sp.Bt[slot, :used]).to(x.dtype))
     return out
 
 
 def lora_reference(x: torch.Tensor, proj: str, layer: int, index: torch.Tensor,
-                   adapters: Sequence[LoraAdapter]) -> torch.Tensor:
-    """The naive per-row form (a test oracle): row t gets ``x[t] @ delta.T`` of its adapter."""
+                   adapters: Sequence[LoraAdapter], out_features: int) -> torch.Tensor:
+    """The naive per-row form (a test oracle): row t gets ``x[t] @ delta.T`` of its adapter, or
+    zeros [out_features] for a base row or an adapter that leaves ``proj`` alone."""
     out = []
     for t in range(x.shape[0]):
         s = int(index[t])
-        w = adapters[s].weights.get((layer, proj)) if s >= 0 else None
-        if w is None:
-            out_f = next((a.weights[(layer, proj)].B.shape[0] for a in adapters if (layer, proj) in a.weights))
-            out.append(x.new_zeros(out_f))
+        if s < 0 or (layer, proj) not in adapters[s].weights:
+            out.append(x.new_zeros(out_features))
         else:
             out.append((adapters[s].delta(layer, proj) @ x[t].float()).to(x.dtype))
     return torch.stack(out)
@@ -512,4 +580,4 @@ def lora_reference(x: torch.Tensor, proj: str, layer: int, index: torch.Tensor,
 
 __all__ = ["AdapterError", "LoraAdapter", "LoraWeights", "LoraStack", "LoraRows", "StackedProj", "PROJECTIONS",
            "load_adapter", "merge_into_state_dict", "lora_rows", "lora_forward", "lora_reference",
-           "GATHERED_MAX_ROWS"]
+           "MASKED_MAX_ROWS"]

@@ -245,12 +245,20 @@ def random_adapter(name: str, args: ModelArgs, r: int, projs: tuple[str, ...], s
 ARGS = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=96)
 
 
-@pytest.mark.parametrize("method", ["grouped", "gathered", "auto"])
+OUT = {"wq": 64, "wk": 32, "wv": 32, "wo": 64, "w1": 96, "w3": 96, "w2": 64}
+FUSE = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
+
+
+def mixed_adapters() -> list[LoraAdapter]:
+    return [random_adapter("a", ARGS, 4, ("wq", "wk", "wv", "wo", "w1", "w3", "w2"), 0),
+            random_adapter("b", ARGS, 16, ("wq", "wv", "w2"), 1),  # another rank, q/v only (no wk)
+            random_adapter("unused", ARGS, 8, ("wq",), 2)]
+
+
+@pytest.mark.parametrize("method", ["grouped", "gathered", "masked", "auto"])
 def test_lora_forward_matches_per_row_reference(method: str) -> None:
-    adapters = [random_adapter("a", ARGS, 4, ("wq", "wk", "wv", "wo", "w1", "w3", "w2"), 0),
-                random_adapter("b", ARGS, 16, ("wq", "wv", "w2"), 1),
-                random_adapter("unused", ARGS, 8, ("wq",), 2)]
-    stack = LoraStack(adapters)
+    adapters = mixed_adapters()
+    stack = LoraStack(adapters, ARGS)
     g = torch.Generator().manual_seed(3)
     index = torch.tensor([-1, 0, 1, 1, -1, 0, 0, 1, -1, 1])  # base rows, adapter a, adapter b (other rank)
     rows = lora_rows(index, len(adapters))
@@ -258,7 +266,8 @@ def test_lora_forward_matches_per_row_reference(method: str) -> None:
         in_f = {"wo": 64, "w2": 96}.get(proj, 64)
         x = torch.randn(len(index), in_f, generator=g)
         got = lora_forward(x, proj, 0, rows, stack, method=method)
-        want = lora_reference(x, proj, 0, index, adapters)
+        want = lora_reference(x, proj, 0, index, adapters, OUT[proj])
+        assert want[index >= 0].abs().max() > 0.1
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         assert got[index < 0].abs().max() == 0
         again = lora_forward(x, proj, 0, index, stack, method=method)  # a plain index works too
@@ -269,10 +278,23 @@ def test_lora_forward_matches_per_row_reference(method: str) -> None:
         stack.slot("zz")
 
 
+@pytest.mark.parametrize("method", ["grouped", "gathered", "masked"])
+def test_fused_projections_equal_their_parts_side_by_side(method: str) -> None:
+    adapters = mixed_adapters()
+    stack = LoraStack(adapters, ARGS, fuse=FUSE)
+    assert (0, "wqkv") in stack.projs and (0, "wq") not in stack.projs and (0, "wo") in stack.projs
+    index = torch.tensor([1, -1, 0, 2, 1, 0])
+    x = torch.randn(len(index), 64, generator=torch.Generator().manual_seed(4))
+    for fused, parts in FUSE.items():
+        got = lora_forward(x, fused, 0, index, stack, method=method)
+        want = torch.cat([lora_reference(x, p, 0, index, adapters, OUT[p]) for p in parts], dim=1)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_lora_stack_nbytes_and_fingerprint() -> None:
     a = random_adapter("a", ARGS, 4, ("wq", "wv"), 0)
     assert a.nbytes == 4 * 4 * (64 + 64) + 4 * 4 * (64 + 32)
-    assert LoraStack([a]).nbytes == a.nbytes
+    assert LoraStack([a], ARGS).nbytes == 2 * a.nbytes  # its slot and the zero slot of base rows
     assert a.fingerprint == random_adapter("a", ARGS, 4, ("wq", "wv"), 0).fingerprint
     assert a.fingerprint != random_adapter("a", ARGS, 4, ("wq", "wv"), 1).fingerprint
     assert a.tp_slice(2, 1, ARGS).fingerprint == a.fingerprint
@@ -300,7 +322,7 @@ def test_tp_slices_reassemble_the_full_update(n_kv_heads: int, world_size: int) 
         partial = sum(x[proj][:, r * n:(r + 1) * n] @ p.delta(0, proj).T for r, p in enumerate(parts))
         torch.testing.assert_close(partial, x[proj] @ full.delta(0, proj).T, atol=1e-4, rtol=1e-4)
         # and lora_forward on each rank's stack gives the same partial sums
-        stacks = [LoraStack([p]) for p in parts]
+        stacks = [LoraStack([p], args) for p in parts]
         idx = torch.zeros(5, dtype=torch.long)
         total = sum(lora_forward(x[proj][:, r * n:(r + 1) * n].contiguous(), proj, 0, idx, s)
                     for r, s in enumerate(stacks))
