@@ -356,6 +356,50 @@ def load_adapter(path: str | Path, args: ModelArgs, name: str, dtype: torch.dtyp
     return LoraAdapter(name=name, source=str(d), weights=weights)
 
 
+def _hf_permute_rows(b: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of :func:`_hf_unpermute_rows`: Meta's order → HF's rotate-half order."""
+    out, r = b.shape
+    return b.reshape(n_heads, out // n_heads // 2, 2, r).transpose(1, 2).reshape(out, r)
+
+
+def save_adapter(adapter: LoraAdapter, args: ModelArgs, out_dir: str | Path) -> Path:
+    """Write ``adapter`` as a PEFT LoRA directory (``adapter_config.json`` +
+    ``adapter_model.safetensors``, HF names and q/k row order) that :func:`load_adapter` and
+    ``peft.PeftModel.from_pretrained`` read. Every projection must share one rank and one scale."""
+    from safetensors.torch import save_file
+
+    if adapter.world_size != 1:
+        raise ValueError(f"adapter {adapter.name!r} is a TP slice; save the full adapter")
+    ranks = {w.rank for w in adapter.weights.values()}
+    scales = {w.scale for w in adapter.weights.values()}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise ValueError(f"adapter {adapter.name!r} mixes ranks {sorted(ranks)} or scales {sorted(scales)}")
+    r, scale = ranks.pop(), scales.pop()
+    to_hf = {v: k for k, v in _HF_PROJ.items()}
+    tensors = {}
+    for (layer, proj), w in adapter.weights.items():
+        b = w.B.detach().float().cpu()
+        if proj in ("wq", "wk"):
+            b = _hf_permute_rows(b, args.n_heads if proj == "wq" else args.n_kv_heads)
+        prefix = f"base_model.model.model.layers.{layer}.{_HF_MODULE[to_hf[proj]]}"
+        tensors[f"{prefix}.lora_A.weight"] = w.A.detach().float().cpu().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
+    layers = sorted({layer for layer, _ in adapter.weights})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": scale * r,
+        "target_modules": sorted({to_hf[p] for _, p in adapter.weights}), "lora_dropout": 0.0,
+        "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+        "layers_to_transform": None if layers == list(range(args.n_layers)) else layers,
+        "base_model_name_or_path": None, "revision": None,
+    }
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(d / _SAFETENSORS), metadata={"format": "pt"})
+    (d / _CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return d
+
+
 # ---------------------------------------------------------------------------------------------
 # Merged mode
 # ---------------------------------------------------------------------------------------------
@@ -514,8 +558,6 @@ def lora_rows(index: torch.Tensor, n_slots: int) -> LoraRows:
 
 Method = Literal["auto", "grouped", "gathered", "masked"]
 
-#: ``auto`` uses the masked form up to this many rows, grouped above (bench/NOTES.md, LoRA).
-MASKED_MAX_ROWS = 256
 
 
 def lora_forward(x: torch.Tensor, proj: str, layer: int, rows: LoraRows | torch.Tensor, stack: LoraStack,
@@ -533,7 +575,9 @@ def lora_forward(x: torch.Tensor, proj: str, layer: int, rows: LoraRows | torch.
       shapes depend on T alone, as a CUDA graph needs);
     * ``gathered``: every row's A and B gathered (padded to the stack's rank), two batched
       matmuls (moves T copies of the factors: slow, kept as a measured alternative);
-    * ``auto``: masked up to :data:`MASKED_MAX_ROWS` rows, grouped above.
+    * ``auto``: grouped, or masked while a CUDA graph is being captured (grouped's host sync
+      cannot be captured). On the CPU grouped was as fast as masked at 16 rows and faster from
+      64 up (``python -m batchgen.bench_lora``); GPU timings are yet to be taken.
     """
     sp = stack.projs.get((layer, proj))
     if sp is None:
@@ -541,7 +585,8 @@ def lora_forward(x: torch.Tensor, proj: str, layer: int, rows: LoraRows | torch.
     if isinstance(rows, torch.Tensor):
         rows = lora_rows(rows, len(stack.names))
     if method == "auto":
-        method = "masked" if x.shape[0] <= MASKED_MAX_ROWS else "grouped"
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        method = "masked" if capturing else "grouped"
     xf = x.to(sp.A.dtype)
     n, width, in_f = len(stack.names), sp.width, sp.A.shape[2]
     if method == "masked":
@@ -564,20 +609,5 @@ def lora_forward(x: torch.Tensor, proj: str, layer: int, rows: LoraRows | torch.
     return out
 
 
-def lora_reference(x: torch.Tensor, proj: str, layer: int, index: torch.Tensor,
-                   adapters: Sequence[LoraAdapter], out_features: int) -> torch.Tensor:
-    """The naive per-row form (a test oracle): row t gets ``x[t] @ delta.T`` of its adapter, or
-    zeros [out_features] for a base row or an adapter that leaves ``proj`` alone."""
-    out = []
-    for t in range(x.shape[0]):
-        s = int(index[t])
-        if s < 0 or (layer, proj) not in adapters[s].weights:
-            out.append(x.new_zeros(out_features))
-        else:
-            out.append((adapters[s].delta(layer, proj) @ x[t].float()).to(x.dtype))
-    return torch.stack(out)
-
-
 __all__ = ["AdapterError", "LoraAdapter", "LoraWeights", "LoraStack", "LoraRows", "StackedProj", "PROJECTIONS",
-           "load_adapter", "merge_into_state_dict", "lora_rows", "lora_forward", "lora_reference",
-           "MASKED_MAX_ROWS"]
+           "load_adapter", "save_adapter", "merge_into_state_dict", "lora_rows", "lora_forward"]

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from batchgen.checkpoint import load_args, load_model, save_meta
-from batchgen.lora import (AdapterError, LoraAdapter, LoraStack, LoraWeights, load_adapter, lora_forward,
-                           lora_reference, lora_rows, merge_into_state_dict)
+from batchgen.lora import (AdapterError, LoraAdapter, LoraStack, LoraWeights, load_adapter, lora_forward, lora_rows,
+                           merge_into_state_dict)
+from batchgen.lora import save_adapter as bg_save_adapter
 from batchgen.model import ModelArgs, Transformer
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency")
@@ -113,6 +114,20 @@ def test_rank_and_alpha_patterns_and_layers_to_transform(tmp_path: Path, tiny_hf
     assert adapter.weights[(1, "wq")].rank == 2 and adapter.weights[(1, "w2")].rank == 6
     assert adapter.weights[(1, "wv")].scale == pytest.approx(3 / 4)
     assert_same_as_peft(merged(tmp_path / "base", ad), peft_model(base, ad), base)
+
+
+def test_saved_adapter_reads_back_in_batchgen_and_peft(tmp_path: Path, tiny_hf_config: Callable[..., Any]) -> None:
+    """save_adapter writes PEFT's format: HF names and q/k order, read the same by both."""
+    base = hf_base(tiny_hf_config)
+    base.save_pretrained(str(tmp_path / "base"))
+    args = load_args(tmp_path / "base")
+    ad = random_adapter("mine", args, 4, ("wq", "wk", "wv", "wo", "w1", "w3", "w2"), 0, layers=2)
+    for w in ad.weights.values():
+        w.B.mul_(0.05)
+    out = bg_save_adapter(ad, args, tmp_path / "saved")
+    back = load_adapter(out, args, "mine")
+    assert back.fingerprint == ad.fingerprint
+    assert_same_as_peft(merged(tmp_path / "base", out), peft_model(base, out), base)
 
 
 def test_regex_target_modules(tmp_path: Path, tiny_hf_config: Callable[..., Any]) -> None:
@@ -240,6 +255,20 @@ def random_adapter(name: str, args: ModelArgs, r: int, projs: tuple[str, ...], s
                                   0.5 + seed)
           for layer in range(layers) for p in projs}
     return LoraAdapter(name, f"/synthetic/{name}", ws)
+
+
+def lora_reference(x: torch.Tensor, proj: str, layer: int, index: torch.Tensor,
+                   adapters: list[LoraAdapter], out_features: int) -> torch.Tensor:
+    """The naive per-row form: row t gets ``x[t] @ delta.T`` of its adapter, or zeros for a base
+    row or an adapter that leaves ``proj`` alone."""
+    out = []
+    for t in range(x.shape[0]):
+        s = int(index[t])
+        if s < 0 or (layer, proj) not in adapters[s].weights:
+            out.append(x.new_zeros(out_features))
+        else:
+            out.append(adapters[s].delta(layer, proj) @ x[t])
+    return torch.stack(out)
 
 
 ARGS = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=96)
