@@ -232,7 +232,8 @@ def _read_config(d: Path) -> dict[str, Any]:
 
 def _targets(cfg: dict[str, Any], path: Path, n_layers: int) -> set[tuple[int, str]]:
     """The (layer, HF projection) pairs the config's target_modules/layers_to_transform select."""
-    tm = cfg.get("target_modules")
+    # PEFT's default for LLaMA when a config names none (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+    tm = cfg.get("target_modules") or ["q_proj", "v_proj"]
     layers: Any = cfg.get("layers_to_transform")
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]

@@ -226,6 +226,17 @@ def test_weight_refusals(good_adapter: tuple[Path, ModelArgs]) -> None:
         load_adapter(ad, args, "x")
 
 
+def test_adapter_name_infix_and_fan_in_fan_out_flag_are_read(good_adapter: tuple[Path, ModelArgs]) -> None:
+    """Keys written as lora_A.<adapter>.weight load the same; fan_in_fan_out does not change a
+    LLaMA adapter's factors (lora_A/lora_B are Linear layers either way)."""
+    ad, args = good_adapter
+    want = load_adapter(ad, args, "x")
+    edit_weights(ad, lambda sd: sd.update({k.replace(".weight", ".default.weight"): sd.pop(k) for k in list(sd)}))
+    edit_config(ad, fan_in_fan_out=True)
+    got = load_adapter(ad, args, "x")
+    assert got.fingerprint == want.fingerprint
+
+
 class _Evil:
     def __reduce__(self) -> tuple:
         return (print, ("pwned",))
