@@ -99,7 +99,7 @@ class LoraAdapter:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the factors and scales (as loaded, before any TP slicing), for provenance."""
+        """sha256 of the factors (as fp32) and scales, before any TP slicing, for provenance."""
         if self._fingerprint is None:
             self._fingerprint = _fingerprint(self.weights)
         return self._fingerprint
@@ -140,9 +140,9 @@ def _fingerprint(weights: dict[tuple[int, str], LoraWeights]) -> str:
     h = hashlib.sha256()
     for (layer, proj) in sorted(weights):
         w = weights[(layer, proj)]
-        h.update(f"{layer}.{proj}:{w.scale!r}:{tuple(w.A.shape)}:{tuple(w.B.shape)}:{w.A.dtype};".encode())
-        for t in (w.A, w.B):
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(f"{layer}.{proj}:{w.scale!r}:{tuple(w.A.shape)}:{tuple(w.B.shape)};".encode())
+        for t in (w.A, w.B):  # fp32 values: the same adapter held in another dtype hashes alike
+            h.update(t.detach().float().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
