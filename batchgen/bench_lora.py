@@ -4,7 +4,27 @@ Not a timed test: a measurement for bench/NOTES.md. One decoder layer of the ben
 12 heads, FFN 2048, fp32): the base matmuls as the model runs them (q|k|v and w1|w3 fused, then wo
 and w2) against the LoRA updates of all seven projections for rows spread over 4 adapters of
 rank 16 (plus some base rows), in each :func:`batchgen.lora.lora_forward` form, the adapters
-stacked with the same fusion.
+stacked with the same fusion; each update is added into a stand-in of its base output.
+
+Measured 2026-12-06 on the shared 2-core dev box while other jobs ran (load average 9-23, so
++-50 %; rerun on a quiet machine before quoting), min of N reps, ms per layer; LoRA columns
+show the extra time as a fraction of the base matmuls' time:
+
+    rows   threads  base    grouped        masked         gathered
+    16     1        4.8     1.29 (27 %)    1.25 (26 %)    10.3 (215 %)
+    64     1        12.3    2.17 (18 %)    3.09 (25 %)    47.1 (383 %)
+    256    1        124     6.8  (5.5 %)   26.0 (21 %)    800  (644 %)
+    2048   1        522     101  (19 %)    142  (27 %)    4191 (803 %)
+    16     2        2.6     1.49 (57 %)    1.46 (55 %)    16.7 (632 %)
+    64     2        24.0    2.60 (11 %)    2.92 (12 %)    146  (609 %)
+    256    2        45.7    10.9 (24 %)    20.9 (46 %)    348  (760 %)
+    2048   2        438     252  (58 %)    213  (49 %)    3995 (912 %)
+
+The gathered form copies every row's factors and loses by 2-9x everywhere: out. Grouped and
+masked are within this machine's noise of each other; grouped does the fewest flops (its share
+of the base flops is ~3-7 % here), masked has no host sync. Small steps are bound by per-op
+dispatch (~28 small ops a layer). These are matmuls only: a whole step (attention, norms,
+logits) adds time to the base and not to the updates.
 """
 
 from __future__ import annotations
@@ -48,6 +68,9 @@ def measure(rows: int, n_adapters: int = 4, rank: int = 16, reps: int = 20, base
     index = torch.randint(0, n_adapters, (rows,), generator=g)
     index[torch.rand(rows, generator=g) < base_share] = -1
     inputs = {"wqkv": x, "wo": x, "w13": x, "w2": h}
+    # The engine adds each update into its base matmul's output: stand-ins of those outputs.
+    outs = {"wqkv": torch.zeros(rows, 3 * d), "wo": torch.zeros(rows, d), "w13": torch.zeros(rows, 2 * f),
+            "w2": torch.zeros(rows, d)}
 
     def base() -> None:
         linear(x, wqkv), linear(x, wo), linear(x, w13), linear(h, w2)
@@ -56,7 +79,7 @@ def measure(rows: int, n_adapters: int = 4, rank: int = 16, reps: int = 20, base
         def run() -> None:
             r = lora_rows(index, n_adapters)  # once per step in the engine; counted per layer here
             for p, xin in inputs.items():
-                lora_forward(xin, p, 0, r, stack, method=method)  # type: ignore[arg-type]
+                lora_forward(xin, p, 0, r, stack, method=method, out=outs[p])  # type: ignore[arg-type]
         return run
 
     fns = {"base": base, **{m: lora(m) for m in METHODS}}

@@ -562,12 +562,14 @@ Method = Literal["auto", "grouped", "gathered", "masked"]
 
 
 def lora_forward(x: torch.Tensor, proj: str, layer: int, rows: LoraRows | torch.Tensor, stack: LoraStack,
-                 method: Method = "auto") -> Optional[torch.Tensor]:
+                 method: Method = "auto", out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Each row's low-rank update [T, out] of projection ``proj`` in ``layer`` for inputs x [T, in].
 
     Add it to the base matmul's output (for row-parallel ``wo``/``w2`` on a TP rank: before the
     all-reduce). ``rows`` is the per-row slot (-1 = base) or its :func:`lora_rows` view. Returns
-    None when no slot adapts this projection. Forms, all equal to :func:`lora_reference`:
+    None when no slot adapts this projection. With ``out`` (the base matmul's output [T, out]) the
+    update is added into it in place and ``out`` is returned: no [T, out] zeros, no second pass.
+    Forms, all equal to the naive per-row product (tests/test_lora.py):
 
     * ``grouped``: per adapter with rows, its rows selected, two small matmuls, added back (the
       fewest flops; one host sync per step to find the groups, then 4 ops per adapter);
@@ -593,21 +595,22 @@ def lora_forward(x: torch.Tensor, proj: str, layer: int, rows: LoraRows | torch.
     if method == "masked":
         xa = xf @ sp.A[:n].reshape(n * width, in_f).T  # [T, N * width]
         xa.mul_(rows.mask(width, xa.dtype))
-        return (xa @ sp.Bt[:n].reshape(n * width, -1)).to(x.dtype)
-    if method == "gathered":
+        delta = xa @ sp.Bt[:n].reshape(n * width, -1)
+    elif method == "gathered":
         xa = torch.bmm(sp.A[rows.gather], xf.unsqueeze(2))  # [T, width, 1]
-        return torch.bmm(xa.transpose(1, 2), sp.Bt[rows.gather]).squeeze(1).to(x.dtype)  # [T, out]
-    if method != "grouped":
+        delta = torch.bmm(xa.transpose(1, 2), sp.Bt[rows.gather]).squeeze(1)  # [T, out]
+    elif method == "grouped":
+        target = out if out is not None else x.new_zeros(x.shape[0], sp.Bt.shape[2])
+        groups = rows.groups
+        for slot, used in sp.groups:
+            idx = groups.get(slot)
+            if idx is not None:
+                xs = xf.index_select(0, idx)
+                target.index_add_(0, idx, ((xs @ sp.A[slot, :used].T) @ sp.Bt[slot, :used]).to(x.dtype))
+        return target
+    else:
         raise ValueError(f"unknown LoRA method {method!r}; use auto, grouped, masked or gathered")
-    out = x.new_zeros(x.shape[0], sp.Bt.shape[2])
-    groups = rows.groups
-    for slot, used in sp.groups:
-        idx = groups.get(slot)
-        if idx is None:
-            continue
-        xs = xf.index_select(0, idx)
-        out.index_add_(0, idx, ((xs @ sp.A[slot, :used].T) @ sp.Bt[slot, :used]).to(x.dtype))
-    return out
+    return out.add_(delta) if out is not None else delta.to(x.dtype)
 
 
 __all__ = ["AdapterError", "LoraAdapter", "LoraWeights", "LoraStack", "LoraRows", "StackedProj", "PROJECTIONS",

@@ -312,6 +312,10 @@ def test_lora_forward_matches_per_row_reference(method: str) -> None:
         assert got[index < 0].abs().max() == 0
         again = lora_forward(x, proj, 0, index, stack, method=method)  # a plain index works too
         torch.testing.assert_close(again, got)
+        base = torch.randn(len(index), OUT[proj], generator=g)
+        into = base.clone()
+        assert lora_forward(x, proj, 0, rows, stack, method=method, out=into) is into  # added in place
+        torch.testing.assert_close(into, base + want, atol=1e-4, rtol=1e-4)
     assert lora_forward(torch.randn(3, 64), "wq", 5, torch.tensor([0, 1, -1]), stack) is None
     assert stack.slot("b") == 1
     with pytest.raises(KeyError, match="unknown adapter 'zz'"):
