@@ -8,7 +8,8 @@ stacked with the same fusion; each update is added into a stand-in of its base o
 
 Measured 2026-12-06 on the shared 2-core dev box while other jobs ran (load average 9-23, so
 +-50 %; rerun on a quiet machine before quoting), min of N reps, ms per layer; LoRA columns
-show the extra time as a fraction of the base matmuls' time:
+show the extra time as a fraction of the base matmuls' time. The 1-thread rows predate ``out=``
+(each update returned as a new [T, out] tensor); the 2-thread rows add into the output:
 
     rows   threads  base    grouped        masked         gathered
     16     1        4.8     1.29 (27 %)    1.25 (26 %)    10.3 (215 %)
