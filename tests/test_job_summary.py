@@ -46,7 +46,9 @@ def _job(tmp_path: Path, model: Path, rows: int = 120) -> Path:
                    tmp_path / "in" / "part-0.parquet", row_group_size=20)
     spec = {
         "name": "summary-test",
-        "model": {"path": str(model), "dtype": "float32"},
+        # Few rows at a time: a replica keeps its engine full across shards, and with room for
+        # all 120 rows every shard could commit between two of the driver's polls.
+        "model": {"path": str(model), "dtype": "float32", "max_num_seqs": 4},
         "input": {"path": str(tmp_path / "in"), "id_column": "id", "template": "{q}="},
         "sampling": {"max_tokens": 6},
         "output": {"path": str(tmp_path / "out"), "mode": "resume"},
