@@ -161,17 +161,21 @@ def test_generate_sampling_chat_and_json_flags_equal_the_engine(llm: LLM) -> Non
     assert again.returncode == 0 and again.stdout == first.stdout  # same seed, same text
 
 
-def test_generate_stop_strings_and_plain_text_output(llm: LLM) -> None:
-    prompt = "sort: 3 1 2 ="
-    full = llm.generate([prompt], SamplingParams(max_tokens=8))[0]
-    assert len(full.text) > 2
-    stop = full.text.strip()[1:3]  # a string the greedy completion contains
-    res = cli("generate", "--model", str(DEMO_MODEL), "--dtype", "float32", "--device", "cpu", "--prompt", prompt,
-              "--max-tokens", "8", "--stop", stop, "--stop", "never-generated", "--json")
+def test_generate_stop_strings_stop_token_ids_and_plain_text_output(llm: LLM) -> None:
+    prompts = ["sort: 3 1 2 =", "reverse: sun moon ="]
+    free = llm.generate(prompts, SamplingParams(max_tokens=8))  # greedy, no stops
+    assert len(free[0].text) > 2 and len(free[1].token_ids) > 2
+    stop = free[0].text.strip()[1:3]  # a string only the first completion contains
+    stop_id = free[1].token_ids[1]  # a token only the second one contains
+    assert stop not in free[1].text and stop_id not in free[0].token_ids
+    flags = ["generate", "--model", str(DEMO_MODEL), "--dtype", "float32", "--device", "cpu", "--max-tokens", "8"]
+    res = cli(*flags, "--prompt", prompts[0], "--prompt", prompts[1], "--stop", stop, "--stop", "never-generated",
+              "--stop-token-ids", f"{stop_id},{llm.tokenizer.vocab_size - 1}", "--json")
     assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout)
-    assert out["finish_reason"] == "stop" and out["text"] == full.text[:full.text.find(stop)]
+    by_string, by_token = [json.loads(line) for line in res.stdout.splitlines()]
+    assert by_string["finish_reason"] == "stop" and by_string["text"] == free[0].text[:free[0].text.find(stop)]
+    assert by_token["finish_reason"] == "stop" and by_token["token_ids"] == free[1].token_ids[:2]
+    assert free[1].text.startswith(by_token["text"]) and len(by_token["text"]) < len(free[1].text)
 
-    res = cli("generate", "--model", str(DEMO_MODEL), "--dtype", "float32", "--device", "cpu", "--prompt", prompt,
-              "--max-tokens", "8")
-    assert res.returncode == 0 and res.stdout == full.text + "\n"
+    res = cli(*flags, "--prompt", prompts[0])
+    assert res.returncode == 0 and res.stdout == free[0].text + "\n"
