@@ -32,7 +32,9 @@ DEMO_MODEL = REPO / "batchgen" / "demo" / "model"
 ROWS, SHARD_ROWS = 30, 5
 SHARDS = ROWS // SHARD_ROWS
 # Sampled, not greedy: the same text every time comes from each row's (seed, id) stream.
-SAMPLING = {"max_tokens": 8, "temperature": 3.0, "top_p": 0.95, "seed": 7}
+# ignore_eos: every row takes exactly max_tokens steps, so a shard's rows start and end together
+# and the next shard needs max_tokens more steps (the SIGINT check below relies on it).
+SAMPLING = {"max_tokens": 8, "temperature": 3.0, "top_p": 0.95, "seed": 7, "ignore_eos": True}
 COMPARED = ["completion", "finish_reason", "token_ids", "prompt_tokens", "completion_tokens", "error"]
 
 
@@ -150,7 +152,7 @@ def test_sampled_job_gives_the_same_text_with_tp2_after_sigint_and_resume_and_in
               for i in range(ROWS)]
     for i, out in enumerate(llm.generate(prompts, params)):
         assert (ref[i]["token_ids"], ref[i]["completion"]) == (out.token_ids, out.text), i
-    greedy = llm.generate(prompts, SamplingParams(max_tokens=8))
+    greedy = llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
     # Really sampled: the demo model is sure of its answers, but at this temperature most rows
     # draw something else than its greedy answer.
     assert sum(ref[i]["token_ids"] != g.token_ids for i, g in enumerate(greedy)) >= ROWS // 3
@@ -161,17 +163,14 @@ def test_sampled_job_gives_the_same_text_with_tp2_after_sigint_and_resume_and_in
     assert "2 ranks in one placement group" in text
     assert rows(tp_out) == ref
 
-    # 3. SIGINT once shards have committed: leasing stops and in-flight shards get time to
-    # finish; a second SIGINT stops at once. Each step is slowed down (the test hook) so that a
-    # shard is still in flight when the signals come.
+    # 3. SIGINT once a shard has committed: leasing stops and the shard in flight gets time to
+    # finish; a second SIGINT stops at once. Each step is slowed down (the test hook) so that the
+    # next shard is still in flight (8 steps of 1 s) when the signals come.
     int_out, log = tmp / "out-int", tmp / "int.log"
     hook = {"BATCHGEN_FAULTS": json.dumps({"step_delay_s": 1.0})}
     proc = start_run(spec, log, f"output.path={int_out}", env=hook)
     try:
         wait_for(lambda: committed(int_out) >= 1, 240, proc, log)
-        # `status` on the running job: progress, not complete.
-        st = json.loads(cli("status", str(int_out)).stdout)
-        assert st["complete"] is False and st["total_shards"] == SHARDS and 1 <= st["committed_shards"] < SHARDS
         proc.send_signal(signal.SIGINT)
         wait_for(lambda: "leasing stopped" in log.read_text(), 60, proc, log)
         assert proc.poll() is None  # the first signal waits for the shard in flight ...
@@ -188,8 +187,21 @@ def test_sampled_job_gives_the_same_text_with_tp2_after_sigint_and_resume_and_in
     res = cli("verify", str(spec), "--set", f"output.path={int_out}")
     assert res.returncode == 1 and "missing" in res.stdout
 
-    # The same command again resumes: committed shards are skipped, the rest is redone.
-    text = run_to_end(spec, tmp / "resume.log", f"output.path={int_out}")
+    # The same command again resumes: committed shards are skipped, the rest is redone. `status`
+    # on the running job shows its progress.
+    log = tmp / "resume.log"
+    proc = start_run(spec, log, f"output.path={int_out}",
+                     env={"BATCHGEN_FAULTS": json.dumps({"step_delay_s": 0.5})})  # time to run `status`
+    try:
+        wait_for(lambda: committed(int_out) > before, 240, proc, log)
+        st = json.loads(cli("status", str(int_out)).stdout)
+        assert st["complete"] is False and st["total_shards"] == SHARDS
+        assert before < st["committed_shards"] <= SHARDS
+        proc.wait(timeout=300)
+    finally:
+        kill(proc)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
     assert f"{before} already committed" in text
     assert rows(int_out) == ref
     assert cli("verify", str(spec), "--set", f"output.path={int_out}").returncode == 0
