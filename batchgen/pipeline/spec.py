@@ -543,6 +543,11 @@ def _parse_text(text: str, path: Path) -> Any:
         return yaml.safe_load(stream)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise SpecError("", f"cannot parse {path}: {exc}") from None
+    except RecursionError:
+        # Both parsers recurse once per level: a hostile file (10**5 nested brackets) would end
+        # in a traceback. No real spec nests more than a few levels.
+        raise SpecError("", f"cannot parse {path}: nested too deeply (a spec is a few levels of "
+                            "sections)") from None
 
 
 def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobSpec:
@@ -565,13 +570,18 @@ def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Jo
     if not isinstance(data, dict):
         raise SpecError("", f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     for assignment in overrides:
-        apply_override(data, assignment)
+        try:
+            apply_override(data, assignment)
+        except RecursionError:  # a --set value as deeply nested as the file case above
+            raise SpecError("--set", f"value nested too deeply (in --set {assignment[:60]}...)") from None
     if "name" not in data:
         data["name"] = re.sub(r"[^A-Za-z0-9._-]", "-", path.stem).lstrip("._-") or "job"
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
         raise _convert(exc, source=str(path)) from None
+    except RecursionError:  # parsed, but deeper than validation can walk
+        raise SpecError("", f"{path}: nested too deeply (a spec is a few levels of sections)") from None
 
 
 def validate_spec(data: dict[str, Any], source: str | None = None) -> JobSpec:
