@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from batchgen import model as model_module
+from batchgen import ops
 from batchgen.model import ModelArgs, Transformer, count_parameters
 
 # The model: ~134M parameters, MHA. max_seq_len only sizes RoPE tables here; the
@@ -146,9 +146,7 @@ class EngineSystem:
         return [o.token_ids for o in self.llm.generate(self.wl.prompts, self.params)]
 
     def info(self) -> dict[str, Any]:
-        kv = sum(t.numel() * t.element_size() for layer in self.model.layers
-                 for t in (layer.attention.k_cache, layer.attention.v_cache))
-        return {"kv_cache_bytes": kv, "kv_cache_tokens": self.llm.kv_cache_tokens,
+        return {"kv_cache_bytes": self.llm.kv_cache.nbytes, "kv_cache_tokens": self.llm.kv_cache_tokens,
                 "preemptions": self.llm.scheduler.num_preemptions, "cuda_graphs": self.llm.runner.graphs is not None,
                 "compile_decode": self.llm.runner.graphs is not None and self.compile_decode}
 
@@ -351,7 +349,7 @@ def _validate(args: argparse.Namespace) -> Optional[str]:
     for flag in ("gpu_extras", "compile_decode"):
         if getattr(args, flag) and not (torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")):
             return f"--{flag.replace('_', '-')} needs a CUDA device"
-    if args.cpu_matmul == "onednn" and not model_module.onednn_linear_available():
+    if args.cpu_matmul == "onednn" and not ops.onednn_linear_available():
         return "--cpu-matmul onednn: this PyTorch build has no oneDNN inner product"
     if args.compile_decode and args.eager:
         return "--compile-decode compiles the replayed steps, which --eager turns off"
@@ -366,12 +364,9 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.cpu_matmul:  # the switch is the model module's: back to what it was once the bench ends
-        onednn, model_module.CPU_ONEDNN_LINEAR = model_module.CPU_ONEDNN_LINEAR, args.cpu_matmul == "onednn"
-        try:
+    if args.cpu_matmul:  # back to what it was once the bench ends
+        with ops.cpu_matmul(args.cpu_matmul):
             return run_bench(argparse.Namespace(**{**vars(args), "cpu_matmul": None}))
-        finally:
-            model_module.CPU_ONEDNN_LINEAR = onednn
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -451,7 +446,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "machine": _machine(device),
         "dtype": str(dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
-        "cpu_matmul": ("onednn" if model_module.CPU_ONEDNN_LINEAR else "blas") if device.type == "cpu" else None,
+        "cpu_matmul": ops.current_cpu_matmul() if device.type == "cpu" else None,
         "torch_version": torch.__version__,
         "model_params": count_parameters(margs),
         "model": {"path": args.model, "dim": margs.dim, "n_layers": margs.n_layers, "n_heads": margs.n_heads,
