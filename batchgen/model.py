@@ -213,7 +213,8 @@ class FeedForward(nn.Module):
         w1, w2, w3 = (nn.Linear(i, o, bias=False) for i, o in
                       ((args.dim, self.hidden), (self.hidden, args.dim), (args.dim, self.hidden)))
         self.w13 = nn.Linear(args.dim, 2 * self.hidden, bias=False, device="meta")  # w1 (gate) | w3 (up)
-        self.w13.weight = nn.Parameter(torch.cat([w1.weight, w3.weight]).detach())
+        if not w1.weight.is_meta:  # (on meta, cat would import torch._dynamo: see empty_model)
+            self.w13.weight = nn.Parameter(torch.cat([w1.weight, w3.weight]).detach())
         self.w2 = w2
 
     def fused_rows(self) -> dict[str, tuple[int, int]]:
@@ -283,7 +284,8 @@ class Transformer(nn.Module):
         """
         if attn is None:
             if tokens.dim() != 2:
-                raise ValueError(f"without an attention backend tokens must be a [B, L] batch, got {tuple(tokens.shape)}")
+                raise ValueError("without an attention backend tokens must be a [B, L] batch, "
+                                 f"got {tuple(tokens.shape)}")
             attn = CausalAttention(tokens.shape[0])
             if positions is None:
                 positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)

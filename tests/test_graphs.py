@@ -75,7 +75,8 @@ def test_replayed_decode_steps_give_the_reference_tokens(n_kv_heads: int) -> Non
     assert {bucket for bucket, _ in graphs} == {1, 2, 4, 8}
     assert len({width for _, width in graphs}) >= 3
     assert len(replayed) > 3 * len(graphs) and eager_decode, (len(replayed), len(eager_decode))
-    for k_cache, v_cache in zip(llm.kv_cache.k, llm.kv_cache.v):  # padding rows wrote into the null block; it is zero again
+    # Padding rows wrote into the null block; it is zero again.
+    for k_cache, v_cache in zip(llm.kv_cache.k, llm.kv_cache.v):
         assert not k_cache[0].any() and not v_cache[0].any()
     assert llm.blocks.num_free == llm.blocks.num_blocks
 

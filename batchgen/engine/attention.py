@@ -73,14 +73,14 @@ class PagedAttention:
                            else tables.shape[0] if tables is not None else 0)
         # Decode: (B, W) = tables' shape; the masks in the layout each kernel wants.
         self.tables, self.owner = tables, metadata.block_owner
-        self.mask: Optional[torch.Tensor] = None  # gathered: SDPA's boolean mask [B, 1, 1, W * bs]
-        self.bias: Optional[torch.Tensor] = None  # in place: additive mask [B, 1, 1, W, bs]
+        self.mask: Optional[torch.Tensor] = None  # gathered: SDPA's boolean mask [B, 1, 1, W * block_size]
+        self.bias: Optional[torch.Tensor] = None  # in place: additive mask [B, 1, 1, W, block_size]
         self._scores: Optional[torch.Tensor] = None
         self._probs: Optional[torch.Tensor] = None
         if self.num_decode:
             B, W = tables.shape
             span = torch.arange(W * block_size, device=dev)
-            outside = span >= metadata.context_lens[:, None]  # [B, W * bs]
+            outside = span >= metadata.context_lens[:, None]  # [B, W * block_size]
             if self.owner is None:
                 self.mask = (~outside).view(B, 1, 1, W * block_size)
             else:
@@ -123,8 +123,8 @@ class PagedAttention:
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def scratch(self, q: torch.Tensor, k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Buffers of :func:`decode_in_place`, reused by every layer: the scores [B, Hkv, G, W, bs]
-        (fp32, as the mask) and the per-block probabilities [hi, Hkv, G, bs] (cache dtype)."""
+        """Buffers of :func:`decode_in_place`, reused by every layer: the scores [B, Hkv, G, W, block_size]
+        (fp32, as the mask) and the per-block probabilities [hi, Hkv, G, block_size] (cache dtype)."""
         if self._scores is None:
             B, W = self.tables.shape
             Hkv, block_size = k_cache.shape[1], k_cache.shape[2]
@@ -183,7 +183,8 @@ def prefill_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Page
     return o[plan.pad_index] if plan.padded else o
 
 
-def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: PagedAttention) -> torch.Tensor:
+def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    plan: PagedAttention) -> torch.Tensor:
     """One query per sequence (q [B, Hq, D]) against its paged context, reading the cache in place.
 
     Gathering each sequence's blocks into a dense [B, context] copy (what SDPA needs) would move
@@ -208,16 +209,16 @@ def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def decode_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                     mask: torch.Tensor) -> torch.Tensor:
-    """:func:`decode_in_place` by gathering each row's blocks into a dense [B, Hkv, W * bs, D] copy.
+    """:func:`decode_in_place` by gathering each row's blocks into a dense [B, Hkv, W * block_size, D] copy.
 
     More bytes moved than in place, but no shape depends on the blocks' ids: this is the decode
-    attention that CUDA graphs replay (``batchgen.engine.graphs``). ``mask`` [B, 1, 1, W * bs] is
+    attention that CUDA graphs replay (``batchgen.engine.graphs``). ``mask`` [B, 1, 1, W * block_size] is
     True inside each row's context.
     """
     B, Hq, D = q.shape
     Hkv, block_size = k_cache.shape[1], k_cache.shape[2]
     W = tables.shape[1]
-    # [B, W, Hkv, bs, D] -> [B, Hkv, W * bs, D]: each row's context, block after block
+    # [B, W, Hkv, block_size, D] -> [B, Hkv, W * block_size, D]: each row's context, block after block
     k = k_cache[tables].transpose(1, 2).reshape(B, Hkv, W * block_size, D)
     v = v_cache[tables].transpose(1, 2).reshape(B, Hkv, W * block_size, D)
     o = F.scaled_dot_product_attention(q.view(B, Hq, 1, D), k, v, attn_mask=mask,
