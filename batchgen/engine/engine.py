@@ -15,8 +15,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from batchgen.engine.graphs import DecodeGraphs
-from batchgen.engine.kv_cache import BlockManager, allocate_kv_cache
-from batchgen.engine.kv_cache import num_kv_blocks as num_kv_blocks_for
+from batchgen.engine.kv_cache import BlockManager, allocate_kv_cache, kv_blocks_for_budget
 from batchgen.engine.request import CompletionOutput, Request, SamplingParams
 from batchgen.engine.runner import ModelRunner
 from batchgen.engine.scheduler import Scheduler
@@ -55,7 +54,7 @@ class LLM:
         The KV cache holds ``num_kv_blocks`` blocks of ``block_size`` tokens when given (a
         tensor-parallel leader passes what every rank agreed on); otherwise as many as
         ``kv_cache_bytes`` hold (default :func:`default_kv_cache_bytes`), never more than
-        ``max_num_seqs`` full-length sequences use (``kv_cache.num_kv_blocks``).
+        ``max_num_seqs`` full-length sequences use (``kv_cache.kv_blocks_for_budget``).
 
         ``max_model_len`` sets the context length (default: the checkpoint's ``max_seq_len``).
         ``cuda_graphs`` replays decode steps from CUDA graphs (see ``batchgen.engine.graphs``);
@@ -88,7 +87,7 @@ class LLM:
 
         if num_kv_blocks is None:
             budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(self.device)
-            num_kv_blocks = num_kv_blocks_for(model, budget, block_size, max_num_seqs, self.max_model_len, cache_dtype)
+            num_kv_blocks = kv_blocks_for_budget(model, budget, block_size, max_num_seqs, self.max_model_len, cache_dtype)
         elif num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
         self.kv_cache = allocate_kv_cache(model, num_kv_blocks, block_size, cache_dtype, self.device)

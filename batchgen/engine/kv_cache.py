@@ -33,7 +33,7 @@ def bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> 
     return per_token * block_size * torch.finfo(dtype).bits // 8
 
 
-def num_kv_blocks(model: Transformer, kv_cache_bytes: int, block_size: int, max_num_seqs: int,
+def kv_blocks_for_budget(model: Transformer, kv_cache_bytes: int, block_size: int, max_num_seqs: int,
                   max_model_len: int, dtype: torch.dtype) -> int:
     """How many KV blocks an engine gets from a budget of ``kv_cache_bytes``: as many as fit, but
     never more than ``max_num_seqs`` full-length sequences could use.

@@ -15,10 +15,11 @@ and samples. Hooking the model call, rather than copying the runner, keeps TP co
 the runner does to build its batch.
 
 Set-up (each rank loads its slice, then rank 0 picks the KV block count that the smallest
-rank's byte budget allows, with ``kv_cache.num_kv_blocks`` as ``LLM`` does) goes through the rendezvous store, with a long timeout because loading can
-take minutes. Steps go through collectives with a short one. Wire format of a step (no pickling):
-a fixed ``int64[HEADER_LEN]`` header (op code, item count, payload size, one descriptor per
-item), then one ``uint8`` payload holding every tensor's bytes.
+rank's byte budget allows, with ``kv_blocks_for_budget`` as ``LLM`` does) goes through the
+rendezvous store, with a long timeout because loading can take minutes. Steps go through
+collectives with a short one. Wire format of a step (no pickling): a fixed ``int64[HEADER_LEN]``
+header (op code, item count, payload size, one descriptor per item), then one ``uint8`` payload
+holding every tensor's bytes.
 
 Failure handling: a collective that a dead or frozen peer never joins raises after the group's
 timeout (gloo; a dead peer's closed socket usually much sooner), or the NCCL watchdog aborts the
@@ -59,7 +60,7 @@ import torch.distributed as dist
 
 from batchgen.engine.attention import AttentionMetadata, PagedAttention
 from batchgen.engine.engine import LLM, default_kv_cache_bytes
-from batchgen.engine.kv_cache import allocate_kv_cache, num_kv_blocks
+from batchgen.engine.kv_cache import allocate_kv_cache, kv_blocks_for_budget
 from batchgen.engine.request import CompletionOutput
 from batchgen.model import Transformer
 from batchgen.tokenizer import Tokenizer, load_tokenizer
@@ -409,8 +410,8 @@ class TPLeaderLLM(LLM):
         errors = "; ".join(f"rank {r}: {a['error']}" for r, a in answers.items() if "error" in a)
         if failure is None and not errors:
             try:  # what the smallest rank's budget holds
-                num_blocks = num_kv_blocks(model, min([budget] + [a["bytes"] for a in answers.values()]),
-                                           block_size, max_num_seqs, mlen, next(model.parameters()).dtype)
+                num_blocks = kv_blocks_for_budget(model, min([budget] + [a["bytes"] for a in answers.values()]),
+                                                  block_size, max_num_seqs, mlen, next(model.parameters()).dtype)
             except ValueError as e:
                 failure = ValueError(f"the smallest rank's {e}")
         if failure is not None or errors:
