@@ -4,11 +4,14 @@ Meta layout: ``params.json`` + ``consolidated.00.pth … consolidated.NN.pth``, 
 model-parallel rank of Meta's reference code. Hugging Face layout: ``config.json`` +
 ``model.safetensors`` (or shards listed in ``model.safetensors.index.json``), with HF's names
 and HF's rotate-half ordering of the q/k rows, which is undone here so both layouts feed the
-same :class:`~batchgen.model.Transformer`.
+same :class:`~batchgen.model.Transformer`. Checkpoints keep q/k/v and w1/w3 as separate
+tensors; the model holds them fused (``wqkv``, ``w13``): loading slices each projection for its
+tensor-parallel rank, then concatenates, and the writers split them again.
 
 Loading never materialises a second copy of the weights: the model is built on the meta device,
 ``.pth`` files are memory-mapped, safetensors are read slice by slice, and the tensors are
-*assigned* into the model rather than copied into pre-allocated parameters. A tensor-parallel
+*assigned* into the model rather than copied into pre-allocated parameters (the fused ones are
+the one copy made, replacing their pieces). A tensor-parallel
 rank reads only its own slice of each matrix.
 
 Only ``torch.load(weights_only=True)`` is ever used: a checkpoint is data, not code.
@@ -28,9 +31,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from batchgen.model import ModelArgs, Transformer, default_device, ffn_hidden_dim, meta_model, resolve_dtype
+from batchgen.model import (ModelArgs, Transformer, default_device, empty_model, ffn_hidden_dim, fuse_weights,
+                            resolve_dtype, split_fused_weights)
 
 Layout = Literal["meta", "hf"]
+# ``Layout`` "meta" is Meta's file layout; the meta *device* appears only as ``empty_model``.
 # (dim, start, stop): the part of a full tensor one tensor-parallel rank holds.
 Slice = tuple[int, int, int]
 
@@ -438,7 +443,9 @@ def _tp_slice(name: str, args: ModelArgs, world_size: int, rank: int) -> Optiona
 
 
 def _full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in meta_model(args).state_dict().items()}
+    """Full shape of every checkpoint tensor (checkpoint names: q/k/v and w1/w3 separate)."""
+    sd = split_fused_weights(empty_model(args).state_dict(), args)
+    return {k: tuple(v.shape) for k, v in sd.items()}
 
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
@@ -458,7 +465,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
     expected = _full_shapes(args)
     if args.tie_word_embeddings:
         expected.pop("output.weight")
-    model = meta_model(args, world_size, rank)
+    model = empty_model(args, world_size, rank)
     with ExitStack() as stack:
         entries = _meta_entries(d) if layout == "meta" else _hf_entries(d, args, stack)
         if args.tie_word_embeddings:
@@ -486,7 +493,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
             sd[name] = t.to(device=dev, dtype=dt).contiguous()
     if args.tie_word_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
-    model.load_state_dict(sd, strict=True, assign=True)
+    model.load_state_dict(fuse_weights(sd), strict=True, assign=True)
     if args.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight  # assign=True made two Parameters
     return model.eval()
@@ -498,9 +505,9 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
 
 
 def _complete_state_dict(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """``state_dict`` checked against ``args`` (names and full shapes), on CPU, output head filled in
-    from the embedding when tied."""
-    sd = {k: v.detach().cpu() for k, v in state_dict.items()}
+    """``state_dict`` checked against ``args`` (names and full shapes), on CPU, with fused weights
+    split into the checkpoint's tensors and the output head filled in from the embedding when tied."""
+    sd = split_fused_weights({k: v.detach().cpu() for k, v in state_dict.items()}, args)
     if args.tie_word_embeddings and "output.weight" not in sd and "tok_embeddings.weight" in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     expected = _full_shapes(args)
@@ -531,7 +538,8 @@ def save_meta(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str
               num_shards: int = 1) -> None:
     """Write ``params.json`` + ``consolidated.NN.pth`` (``num_shards`` model-parallel files).
 
-    ``state_dict`` uses batchgen/Meta names and full shapes. A tied output head is written out
+    ``state_dict`` is a whole model's (``Transformer.state_dict()``, fused weights split here) or
+    uses Meta's names for every tensor; full shapes. A tied output head is written out
     as an ordinary ``output.weight`` (Meta's format has no tying).
     """
     sd = _complete_state_dict(state_dict, args)
@@ -560,7 +568,8 @@ def save_meta(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str
 def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path) -> None:
     """Write ``config.json`` + ``model.safetensors`` that ``transformers.LlamaForCausalLM`` loads.
 
-    ``state_dict`` uses batchgen/Meta names; q/k rows get HF's rotate-half order. A tied output
+    ``state_dict`` is a whole model's or uses Meta's names (as for :func:`save_meta`); q/k rows
+    get HF's rotate-half order. A tied output
     head is not written (HF re-ties it from ``tie_word_embeddings``).
     """
     sd = _complete_state_dict(state_dict, args)

@@ -22,7 +22,7 @@ from batchgen.bench import (QUICK_ARGS, Workload, compare_tokens, linear_flops_p
                             min_traffic_bytes, request_flops)
 from batchgen.bench.core import print_report as _print_report
 from batchgen.bench.gpu import single_stream_decode
-from batchgen import model as model_module
+from batchgen import ops
 from batchgen.checkpoint import save_hf
 from batchgen.model import Transformer
 from reference import reference_greedy, sharp_model
@@ -53,11 +53,11 @@ def test_quick_bench_reports_every_field_and_tokens_match(capsys: pytest.Capture
 
 
 def test_cpu_matmul_switch_is_reported_and_put_back(capsys: pytest.CaptureFixture[str]) -> None:
-    before = model_module.CPU_ONEDNN_LINEAR
+    before = ops.current_cpu_matmul()
     assert main(["--quick", "--json", "--skip-hf", "--prompts", "3", "--cpu-matmul", "blas"]) == 0
     assert json.loads(capsys.readouterr().out)["cpu_matmul"] == "blas"
-    assert model_module.CPU_ONEDNN_LINEAR is before
-    if model_module.onednn_linear_available():
+    assert ops.current_cpu_matmul() == before
+    if ops.onednn_linear_available():
         assert main(["--quick", "--json", "--skip-hf", "--prompts", "3"]) == 0
         assert json.loads(capsys.readouterr().out)["cpu_matmul"] == "onednn"
 

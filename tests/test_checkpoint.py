@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from batchgen.checkpoint import CheckpointError, detect_layout, load_args, load_model, save_hf, save_meta
-from batchgen.model import ModelArgs, Transformer
+from batchgen.model import ModelArgs, Transformer, split_fused_weights
 
 COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
                    "feed_forward.w1.weight", "feed_forward.w3.weight")
@@ -33,7 +33,12 @@ def random_weights(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
     sd = {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()}
     if args.tie_word_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
-    return sd
+    return split_fused_weights(sd, args)  # checkpoint names: wq, wk, wv, w1, w3 apart
+
+
+def checkpoint_sd(model: Transformer) -> dict[str, torch.Tensor]:
+    """``model``'s weights under checkpoint names (fused weights split, this rank's slices)."""
+    return split_fused_weights(model.state_dict(), model.args, model.world_size)
 
 
 def write(layout: str, args: ModelArgs, out: Path, num_shards: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -284,7 +289,7 @@ def test_tp_rank_slices_concatenate_to_full_weights(tmp_path: Path, layout: str,
                                                     world_size: int) -> None:
     args = tiny_args(n_heads=4, n_kv_heads=4 if world_size == 4 else 2)
     full = write(layout, args, tmp_path, num_shards)
-    ranks = [cpu32(tmp_path, world_size=world_size, rank=r).state_dict() for r in range(world_size)]
+    ranks = [checkpoint_sd(cpu32(tmp_path, world_size=world_size, rank=r)) for r in range(world_size)]
     for name, want in full.items():
         dim = tp_dim(name)
         if dim is None:  # embeddings, output head, norms: whole on every rank
@@ -303,7 +308,7 @@ def test_tp_replicates_kv_heads_when_fewer_than_ranks(tmp_path: Path, layout: st
     full = write(layout, args, tmp_path)
     hd = args.head_dim
     for rank in range(world_size):
-        sd = cpu32(tmp_path, world_size=world_size, rank=rank).state_dict()
+        sd = checkpoint_sd(cpu32(tmp_path, world_size=world_size, rank=rank))
         head = rank * n_kv_heads // world_size
         for name in ("layers.1.attention.wk.weight", "layers.1.attention.wv.weight"):
             torch.testing.assert_close(sd[name], full[name][head * hd:(head + 1) * hd], rtol=0, atol=0)
@@ -363,7 +368,8 @@ def test_writers_reject_a_state_dict_that_does_not_match_args(tmp_path: Path) ->
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc/self/maps")
 def test_meta_weights_are_served_from_the_mapped_file(tmp_path: Path) -> None:
     """fp32 on CPU from a 1-file Meta checkpoint: parameters live in the mmap of the .pth, so
-    loading made no second copy in memory."""
+    loading made no second copy in memory. The fused q/k/v and w1/w3 weights are the exception:
+    concatenated at load, they are the one copy (their pieces are not kept)."""
     write("meta", tiny_args(), tmp_path)
     model = cpu32(tmp_path)
     pth = str(tmp_path / "consolidated.00.pth")
@@ -374,8 +380,14 @@ def test_meta_weights_are_served_from_the_mapped_file(tmp_path: Path) -> None:
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
             maps.append((lo, hi))
     assert maps, "checkpoint file is not memory-mapped"
+    fused = (".attention.wqkv.", ".feed_forward.w13.")
     for name, p in model.named_parameters():
-        assert any(lo <= p.data_ptr() < hi for lo, hi in maps), f"{name} was copied out of the mapped file"
+        mapped = any(lo <= p.data_ptr() < hi for lo, hi in maps)
+        if any(f in name for f in fused):
+            assert not mapped, f"{name} should be the fused copy"
+        else:
+            assert mapped, f"{name} was copied out of the mapped file"
+    assert sum(any(f in name for f in fused) for name, _ in model.named_parameters()) == 2 * model.args.n_layers
 
 
 def test_save_meta_splits_like_meta_model_parallel_files(tmp_path: Path) -> None:

@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchgen import model as model_module
 from batchgen.engine import LLM, SamplingParams
 from batchgen.engine import kv_cache
 from batchgen.engine.kv_cache import bytes_per_block, zeroed
-from batchgen.model import AttentionMetadata, ModelArgs, Transformer, linear, onednn_linear_available
-from reference import random_prompts, reference_greedy, sharp_model
+from batchgen.engine.attention import AttentionMetadata
+from batchgen.model import ModelArgs, Transformer
+from batchgen.ops import cpu_matmul, linear, onednn_linear_available
+from reference import random_prompts, reference_greedy, reference_logits, sharp_model
 
 
 def _model(n_kv_heads: int = 2, seed: int = 0, max_seq_len: int = 128) -> Transformer:
@@ -55,16 +56,16 @@ def test_cpu_fp32_inference_matmuls_run_through_onednn_and_match_f_linear() -> N
         assert "mkldnn::_linear_pointwise" not in _ops(lambda: linear(x.bfloat16(), w.detach().bfloat16()))
 
 
-def test_blas_switch_gives_the_same_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_blas_switch_gives_the_same_tokens() -> None:
     model = _model()
     prompts = random_prompts(6, seed=11)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     fast = [o.token_ids for o in LLM(model=model, device="cpu").generate(prompts, params)]
-    monkeypatch.setattr(model_module, "CPU_ONEDNN_LINEAR", False)
-    with torch.inference_mode():
-        x, w = torch.randn(3, 8), torch.randn(5, 8)
-        assert "mkldnn::_linear_pointwise" not in _ops(lambda: linear(x, w))
-    assert [o.token_ids for o in LLM(model=model, device="cpu").generate(prompts, params)] == fast
+    with cpu_matmul("blas"):
+        with torch.inference_mode():
+            x, w = torch.randn(3, 8), torch.randn(5, 8)
+            assert "mkldnn::_linear_pointwise" not in _ops(lambda: linear(x, w))
+        assert [o.token_ids for o in LLM(model=model, device="cpu").generate(prompts, params)] == fast
 
 
 @pytest.mark.parametrize("n_kv_heads", [8, 2])  # MHA and GQA
@@ -150,7 +151,7 @@ def test_logprobs_are_the_chosen_tokens_log_softmax(model: Transformer) -> None:
     out = llm.generate([prompt], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=True))[0]
     seq = prompt + out.token_ids
     with torch.inference_mode():
-        lp = torch.log_softmax(model.logits_full(torch.tensor([seq]))[0], dim=-1)
+        lp = torch.log_softmax(reference_logits(model, seq), dim=-1)
     expected = [float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(out.token_ids)]
     assert out.logprobs == pytest.approx(expected, abs=1e-4)
 
@@ -234,9 +235,9 @@ def test_text_and_stop_strings_with_the_real_tokenizer(shared_dir) -> None:
 
 
 def _record_steps(model: Transformer) -> list[AttentionMetadata]:
-    """The metadata of every forward (a forward pre-hook, as tensor parallelism uses)."""
+    """The attention metadata of every forward (a forward pre-hook, as tensor parallelism uses)."""
     seen: list[AttentionMetadata] = []
-    model.register_forward_pre_hook(lambda mod, args: seen.append(args[2]))
+    model.register_forward_pre_hook(lambda mod, args: seen.append(args[2].metadata))
     return seen
 
 
@@ -270,31 +271,31 @@ def test_block_compaction_keeps_tokens_exact() -> None:
     assert llm.blocks.num_free == llm.blocks.num_blocks
 
 
-def test_fused_projections_follow_parameter_edits_and_keep_gradients() -> None:
+def test_fused_projections_match_the_unfused_reference_and_keep_gradients() -> None:
     model = _model(seed=1)
     tokens = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(2))
 
     def both() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
             fused = model.logits_full(tokens)  # one stacked matmul per projection group
-        with torch.enable_grad():
-            separate = model.logits_full(tokens)  # the parameters themselves
+            separate = torch.stack([reference_logits(model, row.tolist()) for row in tokens])
         return fused, separate
 
     close = dict(rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(*both(), **close)
     attn, ffn = model.layers[0].attention, model.layers[1].feed_forward
     with torch.no_grad():
-        attn.wk.weight.mul_(0.5)  # in place: the stacked copy shares the parameter's memory
+        start, stop = attn.fused_rows()["wk"]
+        attn.wqkv.weight[start:stop].mul_(0.5)  # one projection's rows, as a per-projection edit does
+        start, stop = ffn.fused_rows()["w3"]
+        ffn.w13.weight[start:stop] = torch.randn(stop - start, ffn.w13.weight.shape[1]) * 0.1
     fused, separate = both()
     torch.testing.assert_close(fused, separate, **close)
-    ffn.w3.weight = torch.nn.Parameter(torch.randn_like(ffn.w3.weight) * 0.1)  # replaced: rebuilt
-    fused2, separate2 = both()
-    torch.testing.assert_close(fused2, separate2, **close)
-    assert not torch.allclose(fused, fused2)
-    separate2.sum().backward()
-    for lin in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
-        assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    with torch.enable_grad():
+        model.logits_full(tokens).sum().backward()
+    for lin, rows in ((attn.wqkv, attn.fused_rows()), (ffn.w13, ffn.fused_rows())):
+        for start, stop in rows.values():  # every projection's rows get a gradient
+            assert lin.weight.grad[start:stop].abs().sum() > 0
 
 
 def _rss_bytes(kind: str = "VmRSS") -> int:

@@ -17,7 +17,7 @@ import torch
 from batchgen.bench import Workload, compare_tokens
 from batchgen.bench import main as bench_main
 from batchgen.engine import LLM, SamplingParams
-from reference import sharp_model, stand_in_graphs
+from reference import reference_logits, sharp_model, stand_in_graphs
 
 DEVICE = os.environ.get("BATCHGEN_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu,
@@ -65,15 +65,15 @@ def test_bf16_engine_on_the_device_picks_the_top_token_at_every_step(graphs: boo
     prompts = [[1], [1, 5, 7, 9], [1] + list(range(100, 140)), [1, 17, 42, 9, 200, 33], [1, 250, 251]]
     llm = device_llm(graphs, model=sharp_model().to(device=DEVICE, dtype=torch.bfloat16), max_num_seqs=3,
                      compile_decode=compiled)
-    assert llm.model.layers[0].attention.k_cache.dtype == torch.bfloat16
-    assert llm.model.layers[0].attention.k_cache.device.type == torch.device(DEVICE).type
+    assert llm.kv_cache.dtype == torch.bfloat16
+    assert llm.kv_cache.device.type == torch.device(DEVICE).type
     outs = llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
     reference = sharp_model()  # fp32 on the CPU: the same weights before the cast
     for prompt, out in zip(prompts, outs):
         assert len(out.token_ids) == 20
         for t, token in enumerate(out.token_ids):
             with torch.inference_mode():
-                logits = reference.logits_full(torch.tensor([prompt + out.token_ids[:t]]))[0, -1]
+                logits = reference_logits(reference, prompt + out.token_ids[:t])[-1]
             assert float(logits.max() - logits[token]) <= 0.25, (prompt, t, token)
 
 

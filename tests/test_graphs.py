@@ -16,7 +16,8 @@ import torch
 
 from batchgen.engine import LLM, SamplingParams
 from batchgen.engine.graphs import batch_buckets, eager_capture
-from batchgen.model import AttentionMetadata, Transformer
+from batchgen.engine.attention import AttentionMetadata
+from batchgen.model import Transformer
 from reference import random_prompts, reference_greedy, sharp_model, stand_in_graphs
 
 
@@ -40,9 +41,9 @@ def decode_steps(model: Transformer) -> tuple[list[AttentionMetadata], list[Atte
     eager: list[AttentionMetadata] = []
 
     def hook(mod: torch.nn.Module, args: tuple) -> None:
-        meta = args[2]
-        if not meta.is_prefill:  # a replayed step gathers: it has no block_owner
-            (replayed if meta.block_owner is None else eager).append(meta)
+        metadata = args[2].metadata
+        if not metadata.is_prefill:  # a replayed step gathers: it has no block_owner
+            (replayed if metadata.block_owner is None else eager).append(metadata)
 
     model.register_forward_pre_hook(hook)
     return replayed, eager
@@ -74,8 +75,9 @@ def test_replayed_decode_steps_give_the_reference_tokens(n_kv_heads: int) -> Non
     assert {bucket for bucket, _ in graphs} == {1, 2, 4, 8}
     assert len({width for _, width in graphs}) >= 3
     assert len(replayed) > 3 * len(graphs) and eager_decode, (len(replayed), len(eager_decode))
-    for layer in model.layers:  # padding rows wrote into the null block; it is zero again
-        assert not layer.attention.k_cache[0].any() and not layer.attention.v_cache[0].any()
+    # Padding rows wrote into the null block; it is zero again.
+    for k_cache, v_cache in zip(llm.kv_cache.k, llm.kv_cache.v):
+        assert not k_cache[0].any() and not v_cache[0].any()
     assert llm.blocks.num_free == llm.blocks.num_blocks
 
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from batchgen.bench.core import QUICK_ARGS, measure_bandwidth_gbps, sync
-from batchgen.model import ModelArgs, count_parameters, meta_model
+from batchgen.model import ModelArgs, count_parameters, empty_model
 
 
 def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
@@ -29,7 +29,7 @@ def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
     n_params = count_parameters(args)
     weight_bytes = n_params * dtype.itemsize
     bw = measure_bandwidth_gbps(device, _probe_bytes(weight_bytes))
-    model = meta_model(args).to(dtype)
+    model = empty_model(args).to(dtype)
     model = model.to_empty(device=device)  # allocated once, in dtype: 13.5 GB in bf16
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():

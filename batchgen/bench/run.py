@@ -34,7 +34,7 @@ import torch
 from batchgen.bench.core import (BENCH_ARGS, MAX_NUM_SEQS, QUICK_ARGS, TIE_TOL, RunResult, Workload, build_model,
                                  compare_tokens, machine, make_workload, measure_bandwidth_gbps, measure_peak_gflops,
                                  min_traffic_bytes, print_report, request_flops, timed_run)
-from batchgen.bench.matmul import cpu_matmul, cpu_matmul_in_use, onednn_available
+from batchgen.ops import cpu_matmul, current_cpu_matmul, onednn_linear_available
 from batchgen.bench.systems import EngineSystem, HFSystem, build_hf
 from batchgen.model import Transformer, count_parameters
 
@@ -96,7 +96,7 @@ def _validate(args: argparse.Namespace) -> Optional[str]:
     for flag in ("gpu_extras", "compile_decode"):
         if getattr(args, flag) and not (torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")):
             return f"--{flag.replace('_', '-')} needs a CUDA device"
-    if args.cpu_matmul == "onednn" and not onednn_available():
+    if args.cpu_matmul == "onednn" and not onednn_linear_available():
         return "--cpu-matmul onednn: this PyTorch build has no oneDNN inner product"
     if args.compile_decode and args.eager:
         return "--compile-decode compiles the replayed steps, which --eager turns off"
@@ -126,7 +126,8 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    with cpu_matmul(args.cpu_matmul):  # back to what it was once the bench ends
+    # Back to what it was once the bench ends; without --cpu-matmul the current choice stays.
+    with cpu_matmul(args.cpu_matmul or current_cpu_matmul()):
         try:
             setup = _setup(args)
         except BadModel as e:
@@ -250,7 +251,7 @@ def _report(args: argparse.Namespace, s: Setup, ours: RunResult, theirs: Optiona
         "machine": machine(device),
         "dtype": str(s.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
-        "cpu_matmul": cpu_matmul_in_use() if device.type == "cpu" else None,
+        "cpu_matmul": current_cpu_matmul() if device.type == "cpu" else None,
         "torch_version": torch.__version__,
         "model_params": count_parameters(margs),
         "model": {"path": args.model, "dim": margs.dim, "n_layers": margs.n_layers, "n_heads": margs.n_heads,

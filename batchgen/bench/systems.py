@@ -61,9 +61,7 @@ class EngineSystem:
         return [o.token_ids for o in self.llm.generate(self.wl.prompts, self.params)]
 
     def info(self) -> dict[str, Any]:
-        kv = sum(t.numel() * t.element_size() for layer in self.model.layers
-                 for t in (layer.attention.k_cache, layer.attention.v_cache))
-        return {"kv_cache_bytes": kv, "kv_cache_tokens": self.llm.kv_cache_tokens,
+        return {"kv_cache_bytes": self.llm.kv_cache.nbytes, "kv_cache_tokens": self.llm.kv_cache_tokens,
                 "preemptions": self.llm.scheduler.num_preemptions, "cuda_graphs": self.llm.runner.graphs is not None,
                 "compile_decode": self.llm.runner.graphs is not None and self.compile_decode}
 

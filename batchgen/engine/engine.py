@@ -9,14 +9,13 @@ Usage::
 from __future__ import annotations
 
 import itertools
-from collections import deque
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
 from batchgen.engine.graphs import DecodeGraphs
-from batchgen.engine.kv_cache import BlockManager, allocate_kv_cache, bytes_per_block
+from batchgen.engine.kv_cache import BlockManager, allocate_kv_cache, kv_blocks_for_budget
 from batchgen.engine.request import CompletionOutput, Request, SamplingParams
 from batchgen.engine.runner import ModelRunner
 from batchgen.engine.scheduler import Scheduler
@@ -46,11 +45,16 @@ class LLM:
 
     def __init__(self, model_dir: Optional[Union[str, Path]] = None, *, model: Optional[Transformer] = None,
                  tokenizer: Optional[Tokenizer] = None, dtype: str = "auto", device: Optional[str] = None,
-                 kv_cache_bytes: Optional[int] = None, max_num_seqs: int = 64,
+                 kv_cache_bytes: Optional[int] = None, num_kv_blocks: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
                  max_model_len: Optional[int] = None, world_size: int = 1, rank: int = 0,
                  cuda_graphs: Optional[bool] = None, compile_decode: bool = False) -> None:
         """Load ``model_dir`` (Meta or HF layout) or wrap an already built ``model``.
+
+        The KV cache holds ``num_kv_blocks`` blocks of ``block_size`` tokens when given (a
+        tensor-parallel leader passes what every rank agreed on); otherwise as many as
+        ``kv_cache_bytes`` hold (default :func:`default_kv_cache_bytes`), never more than
+        ``max_num_seqs`` full-length sequences use (``kv_cache.kv_blocks_for_budget``).
 
         ``max_model_len`` sets the context length (default: the checkpoint's ``max_seq_len``).
         ``cuda_graphs`` replays decode steps from CUDA graphs (see ``batchgen.engine.graphs``);
@@ -81,15 +85,13 @@ class LLM:
         self.max_model_len = model.args.max_seq_len
         cache_dtype = next(model.parameters()).dtype
 
-        budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(self.device)
-        per_block = bytes_per_block(model, block_size, cache_dtype)
-        # Never more blocks than max_num_seqs full-length sequences could use.
-        blocks_cap = max_num_seqs * -(-self.max_model_len // block_size)
-        num_blocks = min(budget // per_block, blocks_cap)
-        if num_blocks < 1:
-            raise ValueError(f"KV cache budget of {budget} bytes holds no block of {per_block} bytes")
-        allocate_kv_cache(model, num_blocks, block_size, cache_dtype, self.device)
-        self.blocks = BlockManager(num_blocks, block_size)
+        if num_kv_blocks is None:
+            budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(self.device)
+            num_kv_blocks = kv_blocks_for_budget(model, budget, block_size, max_num_seqs, self.max_model_len, cache_dtype)
+        elif num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
+        self.kv_cache = allocate_kv_cache(model, num_kv_blocks, block_size, cache_dtype, self.device)
+        self.blocks = BlockManager(num_kv_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens or max(self.max_model_len, 2048))
         graphs = None
         if cuda_graphs is None:
@@ -97,12 +99,17 @@ class LLM:
         if cuda_graphs:
             if self.device.type != "cuda" or world_size > 1:
                 raise ValueError(f"cuda_graphs needs one CUDA device, not {self.device} with world_size={world_size}")
-            graphs = DecodeGraphs(model, block_size, self.max_model_len, max_num_seqs, self.device,
+            graphs = DecodeGraphs(model, self.kv_cache, self.max_model_len, max_num_seqs, self.device,
                                   compile_decode=compile_decode)
-        self.runner = ModelRunner(model, self.blocks, self.device, graphs)
+        self.runner = ModelRunner(model, self.kv_cache, self.blocks, self.device, graphs)
         self._ids = itertools.count()
         self._streams: dict[str, tuple[IncrementalDecoder, Optional[StopStringMatcher]]] = {}
         self._finished: list[CompletionOutput] = []
+
+    @property
+    def max_num_seqs(self) -> int:
+        """How many requests run at once at most (the scheduler's slots)."""
+        return self.scheduler.max_num_seqs
 
     @property
     def kv_cache_tokens(self) -> int:
@@ -149,19 +156,14 @@ class LLM:
         """Drop these requests, queued, running or finished but not yet returned, and free their
         blocks (a shard given up while others keep running)."""
         drop = set(request_ids)
-        sched = self.scheduler
-        for req in [r for r in sched.running + list(sched.waiting) if r.request_id in drop]:
-            sched.finish(req)
-        sched.waiting = deque(r for r in sched.waiting if r.request_id not in drop)
+        self.scheduler.abort(drop)
         for rid in drop:
             self._streams.pop(rid, None)
         self._finished = [o for o in self._finished if o.request_id not in drop]
 
     def abort_all(self) -> None:
         """Drop every queued and running request and free their blocks (an abandoned shard)."""
-        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self.scheduler.finish(req)
-        self.scheduler.waiting.clear()
+        self.scheduler.abort_all()
         self._streams.clear()
         self._finished = []
 

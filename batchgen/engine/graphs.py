@@ -7,7 +7,7 @@ So each step shape is recorded once as a CUDA graph and replayed with one launch
 
 A graph replays fixed work on fixed memory, so a step must have fixed shapes: the batch is
 padded up to a bucket (powers of two, and ``max_rows``) and the block tables to a power-of-two
-width, and decode attention gathers each row's blocks (``Attention._decode_gathered``) instead
+width, and decode attention gathers each row's blocks (``attention.decode_gathered``) instead
 of reading the pool in place up to its highest block in use. The inputs live in static buffers
 that each step overwrites before the replay, and every graph leaves its logits in one static
 buffer. Padding rows decode token 0 at position 0 into the null block 0, which the graph zeroes
@@ -25,7 +25,9 @@ from typing import Callable, Optional
 
 import torch
 
-from batchgen.model import AttentionMetadata, Transformer
+from batchgen.engine.attention import AttentionMetadata, PagedAttention
+from batchgen.engine.kv_cache import KVCache
+from batchgen.model import Transformer
 
 #: Largest gathered K (as much again for V) of one layer in a replayed step. Measured with a 7B
 #: model on an H100 (bench/NOTES.md, "GPU"): at 4-16 rows replayed steps beat eager ones by
@@ -58,15 +60,15 @@ def cuda_capture(pool: list) -> Capture:
     return capture
 
 
-def decode_logits(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                  tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+def decode_logits(model: Transformer, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor,
+                  slots: torch.Tensor, tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
     """Logits [B, vocab] (fp32) of a decode step that reads its blocks gathered (no ``block_owner``).
 
     Every input is a tensor argument, so ``torch.compile(decode_logits, dynamic=True)`` compiles
     once for all batch sizes and table widths instead of once per graph.
     """
-    meta = AttentionMetadata(is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=context_lens)
-    return model.compute_logits(model(ids, positions, meta))
+    metadata = AttentionMetadata(is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=context_lens)
+    return model.compute_logits(model(ids, positions, PagedAttention(cache, metadata)))
 
 
 def batch_buckets(max_rows: int) -> tuple[int, ...]:
@@ -92,18 +94,20 @@ class DecodeGraphs:
     """Replays padded decode steps of up to ``max_rows`` rows; one graph per (batch bucket, table
     width) pair, recorded the first time that pair is needed."""
 
-    def __init__(self, model: Transformer, block_size: int, max_model_len: int, max_rows: int,
+    def __init__(self, model: Transformer, cache: KVCache, max_model_len: int, max_rows: int,
                  device: torch.device, capture: Optional[Capture] = None,
                  max_gather_bytes: int = MAX_GATHER_BYTES, compile_decode: bool = False) -> None:
         self.model = model
+        self.cache = cache
+        block_size = cache.block_size
         # Compiling fuses the step's small kernels (norms, RoPE, casts); see bench/NOTES.md, "GPU".
         self.forward = torch.compile(decode_logits, dynamic=True) if compile_decode else decode_logits
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
         self.buckets = batch_buckets(max_rows)
         self.capture = capture or cuda_capture([])
-        cache = model.layers[0].attention.k_cache  # [num_blocks, kv_heads, block_size, head_dim]
-        self.max_row_blocks = max_gather_bytes // (cache[0].numel() * cache.element_size())
+        pool = cache.k[0]  # [num_blocks, kv_heads, block_size, head_dim]
+        self.max_row_blocks = max_gather_bytes // (pool[0].numel() * pool.element_size())
         n = max_rows
         # Static inputs: every replay reads these very tensors.
         self.ids = torch.zeros(n, dtype=torch.long, device=device)
@@ -153,15 +157,13 @@ class DecodeGraphs:
         return out[:B]
 
     def _step_fn(self, bucket: int, width: int) -> Callable[[], torch.Tensor]:
-        model, forward, out = self.model, self.forward, self.logits[:bucket]
+        model, cache, forward, out = self.model, self.cache, self.forward, self.logits[:bucket]
         inputs = (self.ids[:bucket], self.positions[:bucket], self.slots[:bucket],
                   self.tables[:bucket, :width], self.context_lens[:bucket])
 
         def step() -> torch.Tensor:
-            out.copy_(forward(model, *inputs))  # [bucket, vocab]
-            for layer in model.layers:  # padding rows wrote into the null block: zero it again
-                layer.attention.k_cache[0].zero_()
-                layer.attention.v_cache[0].zero_()
+            out.copy_(forward(model, cache, *inputs))  # [bucket, vocab]
+            cache.zero_null_block()  # padding rows wrote into it
             return out
 
         return step

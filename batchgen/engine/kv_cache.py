@@ -5,7 +5,11 @@ hold few blocks, so many more of them fit than a worst-case slot layout would al
 
 Block 0 is the null block: never handed out, always zero, the padding of block tables. Free
 blocks are handed out lowest id first, so the blocks in use stay packed at the low end of the
-pool; decode attention reads the pool up to the highest block in use (see ``Attention._decode``).
+pool; decode attention reads the pool up to the highest block in use (see
+``batchgen.engine.attention.decode_in_place``).
+
+The pools live here, with the engine, not on the model: :class:`KVCache` holds one K and one V
+pool per layer, and the attention backend reads and writes them.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import heapq
 import math
 import mmap
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -26,6 +31,56 @@ def bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> 
     attn = model.layers[0].attention
     per_token = 2 * len(model.layers) * attn.n_local_kv_heads * attn.head_dim
     return per_token * block_size * torch.finfo(dtype).bits // 8
+
+
+def kv_blocks_for_budget(model: Transformer, kv_cache_bytes: int, block_size: int, max_num_seqs: int,
+                  max_model_len: int, dtype: torch.dtype) -> int:
+    """How many KV blocks an engine gets from a budget of ``kv_cache_bytes``: as many as fit, but
+    never more than ``max_num_seqs`` full-length sequences could use.
+
+    Raises:
+        ValueError: the budget holds no block at all.
+    """
+    per_block = bytes_per_block(model, block_size, dtype)
+    blocks = min(kv_cache_bytes // per_block, max_num_seqs * -(-max_model_len // block_size))
+    if blocks < 1:
+        raise ValueError(f"KV cache budget of {kv_cache_bytes} bytes holds no block of {per_block} bytes")
+    return blocks
+
+
+@dataclass
+class KVCache:
+    """The paged K and V pools of every layer, ``[1 + num_blocks, Hkv, block_size, head_dim]`` each.
+
+    Block-major, then head: decode attention multiplies whole blocks in place. Block 0 is the
+    null block (always zero, the padding of block tables).
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @property
+    def block_size(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all pools (K and V, every layer, the null block included)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def zero_null_block(self) -> None:
+        """Zero block 0 again in every pool (padding rows of a replayed step write into it)."""
+        for k, v in zip(self.k, self.v):
+            k[0].zero_()
+            v[0].zero_()
 
 
 def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -57,8 +112,8 @@ def host_memory_available() -> Optional[int]:
 
 
 def allocate_kv_cache(model: Transformer, num_blocks: int, block_size: int,
-                      dtype: torch.dtype, device: torch.device) -> None:
-    """Give every attention layer its K and V block pools [1 + num_blocks, Hkv, block_size, D].
+                      dtype: torch.dtype, device: torch.device) -> KVCache:
+    """K and V block pools [1 + num_blocks, Hkv, block_size, D] for every layer of ``model``.
 
     Raises:
         ValueError: on the CPU, when the pools would not fit in the memory available. Their pages
@@ -72,11 +127,10 @@ def allocate_kv_cache(model: Transformer, num_blocks: int, block_size: int,
             raise ValueError(f"a KV cache of {num_blocks} blocks needs {total / 2**30:.2f} GiB, but only "
                              f"{available / 2**30:.2f} GiB of memory is available: lower the KV budget "
                              "(kv_cache_bytes; model.kv_cache_memory_gb in a job spec), max_num_seqs or max_model_len")
-    for layer in model.layers:
-        attn = layer.attention
-        shape = (1 + num_blocks, attn.n_local_kv_heads, block_size, attn.head_dim)  # + the null block
-        attn.k_cache = zeroed(shape, dtype, device)
-        attn.v_cache = zeroed(shape, dtype, device)
+    attn = model.layers[0].attention
+    shape = (1 + num_blocks, attn.n_local_kv_heads, block_size, attn.head_dim)  # + the null block
+    return KVCache([zeroed(shape, dtype, device) for _ in model.layers],
+                   [zeroed(shape, dtype, device) for _ in model.layers])
 
 
 class BlockManager:
@@ -127,7 +181,7 @@ class BlockManager:
         Finished requests leave holes below the highest block in use, and decode attention reads
         every block up to that one. Once the holes make up more than a quarter of that range,
         each block above ``n`` takes a free id at or below ``n``. ``reqs`` must be every request
-        holding blocks. Returns the ``(src, dst)`` copies the cache must make (the model makes
+        holding blocks. Returns the ``(src, dst)`` copies the cache must make (the attention backend makes
         them, see ``AttentionMetadata.block_moves``).
         """
         n = self.num_blocks - len(self.free)

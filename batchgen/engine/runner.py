@@ -10,17 +10,21 @@ from typing import Optional
 
 import torch
 
+from batchgen.engine.attention import AttentionMetadata, PagedAttention
 from batchgen.engine.graphs import DecodeGraphs
-from batchgen.engine.kv_cache import BlockManager
+from batchgen.engine.kv_cache import BlockManager, KVCache
 from batchgen.engine.request import Request
 from batchgen.engine.sampler import sample
-from batchgen.model import AttentionMetadata, Transformer
+from batchgen.model import Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, blocks: BlockManager, device: torch.device,
+    """Runs the engine's steps: ``model`` reads and writes ``cache`` through a :class:`PagedAttention`."""
+
+    def __init__(self, model: Transformer, cache: KVCache, blocks: BlockManager, device: torch.device,
                  graphs: Optional[DecodeGraphs] = None) -> None:
         self.model = model
+        self.cache = cache
         self.blocks = blocks
         self.block_size = blocks.block_size
         self.device = device
@@ -58,9 +62,9 @@ class ModelRunner:
             cu.append(cu[-1] + n)
             last.append(len(decode) + cu[-1] - 1)
 
-        meta = AttentionMetadata(is_prefill=bool(prefill), cu_seqlens=cu if prefill else [],
-                                 slot_mapping=self._to(slots), num_decode=len(decode),
-                                 block_moves=self._to(list(zip(*moves))) if moves else None)
+        metadata = AttentionMetadata(is_prefill=bool(prefill), cu_seqlens=cu if prefill else [],
+                                     slot_mapping=self._to(slots), num_decode=len(decode),
+                                     block_moves=self._to(list(zip(*moves))) if moves else None)
         if decode:
             width = max(len(req.block_table) for req in decode)
             # Padding points at the null block 0, masked out past each context length.
@@ -69,10 +73,10 @@ class ModelRunner:
             for row, req in enumerate(decode):
                 for b in req.block_table:
                     owner[b] = row
-            meta.block_tables = self._to(tables)
-            meta.context_lens = self._to([len(req) for req in decode])
-            meta.block_owner = self._to(owner)
-        return self._to(ids), self._to(positions), meta, last
+            metadata.block_tables = self._to(tables)
+            metadata.context_lens = self._to([len(req) for req in decode])
+            metadata.block_owner = self._to(owner)
+        return self._to(ids), self._to(positions), metadata, last
 
     @torch.inference_mode()
     def run(self, decode: list[Request], prefill: list[Request], moves: list[tuple[int, int]]
@@ -82,8 +86,8 @@ class ModelRunner:
                 and self.graphs.fits(len(decode), max(len(req.block_table) for req in decode))):
             logits = self.graphs.run(*self._decode_inputs(decode), [req.block_table for req in decode])
         else:
-            ids, positions_t, meta, last = self.prepare(decode, prefill, moves)
-            hidden = self.model(ids, positions_t, meta)  # [T, dim]
+            ids, positions_t, metadata, last = self.prepare(decode, prefill, moves)
+            hidden = self.model(ids, positions_t, PagedAttention(self.cache, metadata))  # [T, dim]
             if len(last) != hidden.shape[0]:
                 hidden = hidden[self._to(last)]  # [B, dim]: only the last token of each sequence
             logits = self.model.compute_logits(hidden)  # [B, vocab] fp32

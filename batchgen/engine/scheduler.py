@@ -10,6 +10,7 @@ blocks are freed and it goes back to the front of the queue, to be recomputed la
 from __future__ import annotations
 
 from collections import deque
+from typing import Collection
 
 from batchgen.engine.kv_cache import BlockManager
 from batchgen.engine.request import Request, Status
@@ -78,3 +79,15 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         self.blocks.release(req)
+
+    def abort(self, request_ids: Collection[str]) -> None:
+        """Drop the waiting and running requests with these ids and free their blocks."""
+        for req in [r for r in self.running + list(self.waiting) if r.request_id in request_ids]:
+            self.finish(req)
+        self.waiting = deque(r for r in self.waiting if r.request_id not in request_ids)
+
+    def abort_all(self) -> None:
+        """Drop every waiting and running request and free their blocks."""
+        for req in self.running + list(self.waiting):
+            self.finish(req)
+        self.waiting.clear()

@@ -8,16 +8,18 @@ KV cache: the same block ids on every rank, each rank storing only its own KV he
 Rank 0 runs :class:`TPLeaderLLM`, an :class:`~batchgen.engine.LLM` that owns the scheduler, the
 block manager, sampling and the tokenizer. Ranks 1..N-1 run :func:`follower_loop`. Whenever rank
 0 calls its model, a forward pre-hook first broadcasts the step plan (tokens, positions and every
-field of :class:`~batchgen.model.AttentionMetadata`) so that every follower runs the same forward
+field of the attention backend's :class:`~batchgen.engine.attention.AttentionMetadata`) so that
+every follower runs the same forward (over its own KV cache)
 at the same time; the all-reduces inside the model need all ranks. Only rank 0 computes logits
 and samples. Hooking the model call, rather than copying the runner, keeps TP correct whatever
 the runner does to build its batch.
 
 Set-up (each rank loads its slice, then rank 0 picks the KV block count that the smallest
-rank's budget allows) goes through the rendezvous store, with a long timeout because loading can
-take minutes. Steps go through collectives with a short one. Wire format of a step (no pickling):
-a fixed ``int64[HEADER_LEN]`` header (op code, item count, payload size, one descriptor per
-item), then one ``uint8`` payload holding every tensor's bytes.
+rank's byte budget allows, with ``kv_blocks_for_budget`` as ``LLM`` does) goes through the
+rendezvous store, with a long timeout because loading can take minutes. Steps go through
+collectives with a short one. Wire format of a step (no pickling): a fixed ``int64[HEADER_LEN]``
+header (op code, item count, payload size, one descriptor per item), then one ``uint8`` payload
+holding every tensor's bytes.
 
 Failure handling: a collective that a dead or frozen peer never joins raises after the group's
 timeout (gloo; a dead peer's closed socket usually much sooner), or the NCCL watchdog aborts the
@@ -56,10 +58,11 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
+from batchgen.engine.attention import AttentionMetadata, PagedAttention
 from batchgen.engine.engine import LLM, default_kv_cache_bytes
-from batchgen.engine.kv_cache import allocate_kv_cache, bytes_per_block
+from batchgen.engine.kv_cache import allocate_kv_cache, kv_blocks_for_budget
 from batchgen.engine.request import CompletionOutput
-from batchgen.model import AttentionMetadata, Transformer
+from batchgen.model import Transformer
 from batchgen.tokenizer import Tokenizer, load_tokenizer
 
 HEADER_LEN = 128
@@ -210,11 +213,12 @@ class _StepChannel:
         header[0] = op
         dist.broadcast(header.to(self.device), src=0)
 
-    def send_step(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
-        if not isinstance(meta, AttentionMetadata):
-            raise TypeError(f"tensor parallel: the model's third argument is a {type(meta).__name__}, "
-                            "expected AttentionMetadata")
-        values = (tokens, positions) + tuple(getattr(meta, f.name) for f in fields(AttentionMetadata))
+    def send_step(self, tokens: torch.Tensor, positions: torch.Tensor, attn: PagedAttention) -> None:
+        if not isinstance(attn, PagedAttention):
+            raise TypeError(f"tensor parallel: the model's attention backend is a {type(attn).__name__}, "
+                            "expected PagedAttention")
+        metadata = attn.metadata
+        values = (tokens, positions) + tuple(getattr(metadata, f.name) for f in fields(AttentionMetadata))
         if 3 + _DESC * len(values) > HEADER_LEN:
             raise TypeError(f"tensor parallel: {len(values)} step items do not fit a {HEADER_LEN}-int header")
         header = [_OP_STEP, len(values), 0]
@@ -292,8 +296,8 @@ class _StepChannel:
                 t = payload[offset:offset + size].view(dtype).view(shape)
                 offset += _padded(size)
                 values.append(t.cpu() if on_host and self.device.type != "cpu" else t)
-        meta = AttentionMetadata(**dict(zip(_ITEM_NAMES[2:], values[2:])))
-        return values[0], values[1], meta
+        metadata = AttentionMetadata(**dict(zip(_ITEM_NAMES[2:], values[2:])))
+        return values[0], values[1], metadata
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,11 +346,9 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _kv_capacity_tokens(model: Transformer, kv_cache_bytes: Optional[int], device: torch.device) -> int:
-    """Tokens this rank's KV budget holds (the same per-token size on every rank)."""
-    per_token = bytes_per_block(model, 1, next(model.parameters()).dtype)
-    budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(device)
-    return budget // per_token
+def _kv_budget(kv_cache_bytes: Optional[int], device: torch.device) -> int:
+    """This rank's KV cache budget in bytes (every rank's block has the same size)."""
+    return kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(device)
 
 
 def _load_slice(model_dir: Optional[Union[str, Path]], model: Optional[Transformer], dtype: str,
@@ -401,18 +403,17 @@ class TPLeaderLLM(LLM):
             if tokenizer is None and model_dir is not None:
                 tokenizer = load_tokenizer(model_dir)
             mlen = max_model_len or model.args.max_seq_len
-            capacity = _kv_capacity_tokens(model, kv_cache_bytes, dev)
+            budget = _kv_budget(kv_cache_bytes, dev)
         except Exception as e:  # still answer the followers, so that they stop waiting at once
             failure = e
-        answers = {r: setup.get(f"capacity/{r}", f"rank {r}") for r in range(1, world)}
+        answers = {r: setup.get(f"budget/{r}", f"rank {r}") for r in range(1, world)}
         errors = "; ".join(f"rank {r}: {a['error']}" for r, a in answers.items() if "error" in a)
         if failure is None and not errors:
-            capacity = min([capacity] + [a["tokens"] for a in answers.values()])
-            # The same cap as LLM's: never more blocks than max_num_seqs full-length sequences use.
-            num_blocks = min(capacity // block_size, max_num_seqs * -(-mlen // block_size))
-            if num_blocks < 1:
-                failure = ValueError(f"the smallest rank's KV cache budget holds {capacity} tokens, "
-                                     f"less than one block of {block_size}")
+            try:  # what the smallest rank's budget holds
+                num_blocks = kv_blocks_for_budget(model, min([budget] + [a["bytes"] for a in answers.values()]),
+                                                  block_size, max_num_seqs, mlen, next(model.parameters()).dtype)
+            except ValueError as e:
+                failure = ValueError(f"the smallest rank's {e}")
         if failure is not None or errors:
             setup.put("config", {"error": _describe(failure) if failure is not None else errors})
             if failure is not None:
@@ -427,20 +428,15 @@ class TPLeaderLLM(LLM):
 
         sig = inspect.signature(model.forward)
         if len(sig.parameters) != 3:
-            raise TPError(f"Transformer.forward{sig} no longer takes (tokens, positions, meta); "
+            raise TPError(f"Transformer.forward{sig} no longer takes (tokens, positions, attn); "
                           "batchgen/engine/tp.py must be updated to match")
         self._forward_sig = sig
         # Any forward rank 0 runs (also a warm-up inside LLM.__init__) must run on every rank.
         hook = model.register_forward_pre_hook(self._broadcast_step, with_kwargs=True)
         try:
-            per_token = bytes_per_block(model, 1, next(model.parameters()).dtype)
-            super().__init__(model=model, tokenizer=tokenizer, device=str(dev),
-                             kv_cache_bytes=num_blocks * block_size * per_token, max_num_seqs=max_num_seqs,
-                             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-                             max_model_len=mlen)
-            if self.blocks.num_blocks != num_blocks:
-                raise TPError(f"LLM sized its cache to {self.blocks.num_blocks} blocks, the followers "
-                              f"allocated {num_blocks}; batchgen/engine/tp.py must match LLM's sizing")
+            super().__init__(model=model, tokenizer=tokenizer, device=str(dev), num_kv_blocks=num_blocks,
+                             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                             block_size=block_size, max_model_len=mlen)
         except BaseException:
             hook.remove()
             self._send_stop()
@@ -533,11 +529,11 @@ def follower_loop(model_dir: Optional[Union[str, Path]] = None, *, model: Option
     setup = _Setup(group, rank)
     try:
         model = _load_slice(model_dir, model, dtype, dev, world, rank)
-        capacity = _kv_capacity_tokens(model, kv_cache_bytes, dev)
+        budget = _kv_budget(kv_cache_bytes, dev)
     except Exception as e:
-        setup.put(f"capacity/{rank}", {"error": _describe(e)})
+        setup.put(f"budget/{rank}", {"error": _describe(e)})
         raise
-    setup.put(f"capacity/{rank}", {"tokens": capacity})
+    setup.put(f"budget/{rank}", {"bytes": budget})
     cfg = setup.get("config", "rank 0")
     if "error" in cfg:
         raise TPError(f"rank {rank}: rank 0 could not set up the replica: {cfg['error']}")
@@ -547,7 +543,7 @@ def follower_loop(model_dir: Optional[Union[str, Path]] = None, *, model: Option
     if not problem:
         try:
             model.set_max_seq_len(cfg["max_model_len"])  # as LLM does on rank 0
-            allocate_kv_cache(model, cfg["num_blocks"], cfg["block_size"], next(model.parameters()).dtype, dev)
+            cache = allocate_kv_cache(model, cfg["num_blocks"], cfg["block_size"], next(model.parameters()).dtype, dev)
         except Exception as e:
             problem = f"cannot allocate {cfg['num_blocks']} KV blocks: {_describe(e)}"
     setup.put(f"ready/{rank}", {"error": problem} if problem else {"ok": True})
@@ -566,8 +562,9 @@ def follower_loop(model_dir: Optional[Union[str, Path]] = None, *, model: Option
                 raise TPError(f"rank {rank}: lost rank 0 after {steps} steps: {e}") from e
             if item is None:
                 return steps
+            tokens, positions, metadata = item
             try:
-                model(*item)
+                model(tokens, positions, PagedAttention(cache, metadata))
             except Exception as e:
                 raise TPError(f"rank {rank}: step {steps} failed: {e}") from e
             steps += 1

@@ -258,7 +258,7 @@ class ShardWorker:
             return True
         if any(run.solo for run in self.inflight):
             return False
-        cap = 1 + -(-self.llm.scheduler.max_num_seqs // max(1, self.spec.execution.shard_rows))
+        cap = 1 + -(-self.llm.max_num_seqs // max(1, self.spec.execution.shard_rows))
         return self.llm.num_waiting == 0 and len(self.inflight) < cap
 
     def step(self) -> list[ShardRun]:
