@@ -101,7 +101,13 @@ class DecodeGraphs:
         self.cache = cache
         block_size = cache.block_size
         # Compiling fuses the step's small kernels (norms, RoPE, casts); see bench/NOTES.md, "GPU".
-        self.forward = torch.compile(decode_logits, dynamic=True) if compile_decode else decode_logits
+        self.forward = decode_logits
+        if compile_decode:
+            # The pools never change shape; left dynamic, their head count would reach SDPA's
+            # enable_gqa as a symbolic bool, which breaks the graph at every layer.
+            for pool in (*cache.k, *cache.v):
+                torch._dynamo.mark_static(pool)
+            self.forward = torch.compile(decode_logits, dynamic=True)
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
         self.buckets = batch_buckets(max_rows)
