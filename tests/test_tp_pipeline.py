@@ -27,7 +27,8 @@ from batchgen.model import ModelArgs, Transformer
 from reference import sharp_model
 from batchgen.pipeline.driver import plan_job
 from batchgen.pipeline.queue import create_queue
-from batchgen.pipeline.replica import ShardWorker, Task, build_llm
+from batchgen.pipeline.replica import Task
+from batchgen.pipeline.worker import ShardWorker, build_llm
 from batchgen.pipeline.shards import Shard
 from batchgen.pipeline.spec import JobSpec
 from batchgen.pipeline.tp_replica import (

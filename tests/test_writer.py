@@ -142,7 +142,7 @@ def test_stale_temp_files_are_never_read_as_output(job: tuple[JobSpec, list[Shar
     assert writer.job_status(spec.output.path)["committed_shards"] == 1
     assert writer.prepare_output(spec, shards, input_fp) == {shards[0].shard_id}
     assert ds.dataset(str(shard_dir), format="parquet").to_table().num_rows == shards[0].num_rows
-    assert [r["shard_id"] for r in writer.read_shard_summaries(LOCAL, spec.output.path)] == [shards[0].shard_id]
+    assert [r.shard_id for r in writer.read_shard_summaries(LOCAL, spec.output.path)] == [shards[0].shard_id]
 
 
 # ------------------------------------------------------------------------------------------ modes
@@ -268,7 +268,7 @@ def test_summary_success_and_status_round_trip(job: tuple[JobSpec, list[Shard], 
             status["complete"], status["success"]) == (3, 2, 30, 20, False, None)
 
     rows = writer.read_shard_summaries(LOCAL, out, [s.shard_id for s in shards])
-    assert {r["shard_id"]: r["rows_ok"] for r in rows} == {shards[0].shard_id: 10, shards[2].shard_id: 9}
+    assert {r.shard_id: r.rows_ok for r in rows} == {shards[0].shard_id: 10, shards[2].shard_id: 9}
     writer.write_summary(LOCAL, out, rows)
     summary = pq.read_table(tmp_path / "out" / "summary.parquet")
     assert summary.schema == writer.SUMMARY_SCHEMA
@@ -297,7 +297,8 @@ def test_summary_success_and_status_round_trip(job: tuple[JobSpec, list[Shard], 
 def test_shard_without_stored_summary_still_counts_its_rows(job: tuple[JobSpec, list[Shard], str]) -> None:
     spec, shards, _ = job
     writer.publish_shard(LOCAL, spec.output.path, shards[0].shard_id, result_table(spec, ["a", "b"]))
-    assert writer.read_shard_summaries(LOCAL, spec.output.path) == [{"shard_id": shards[0].shard_id, "rows": 2}]
+    assert [r.to_dict() for r in writer.read_shard_summaries(LOCAL, spec.output.path)] == [{"shard_id": shards[0].shard_id,
+                                                                                     "rows": 2}]
 
 
 def test_corrupt_manifest_is_a_clear_error(job: tuple[JobSpec, list[Shard], str], tmp_path: Path) -> None:
