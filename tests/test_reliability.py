@@ -333,8 +333,17 @@ def test_a_raising_row_fails_only_its_own_row_among_shards_in_flight(model_dir: 
         assert rows == expected
 
 
-def test_fault_hook_is_inert_unless_set_and_rejects_typos() -> None:
+def test_fault_hook_is_inert_unless_set_and_rejects_typos(monkeypatch) -> None:
+    from batchgen.pipeline.faults import FAULTS_ENV
+    from batchgen.pipeline.replica import fault_hook_env, load_test_hooks
+
     assert Faults.parse(None) is None and Faults.parse("") is None
+    monkeypatch.delenv(FAULTS_ENV, raising=False)
+    assert fault_hook_env() is None and load_test_hooks(fault_hook_env(), "here") is None
+    monkeypatch.setenv(FAULTS_ENV, '{"step_delay_s": 1}')
+    assert fault_hook_env() == '{"step_delay_s": 1}'  # the seam reads the hook's own variable
+    with pytest.raises(ValueError, match="unknown key"):
+        load_test_hooks('{"raise_onn": "x"}', "here")
     with pytest.raises(ValueError, match="unknown key"):
         Faults.parse('{"raise_onn": "x"}')
     with pytest.raises(ValueError, match="exit_once_at"):

@@ -9,13 +9,15 @@ start and the end, records each run in ``runs.json`` however it ends, and writes
 
 What the driver does when things go wrong:
 
-- A replica process dies (SIGKILL, OOM killer, a crashing row): Ray restarts the actor, the
-  driver returns its leases to the queue at once and submits ``run`` to the new process. If
-  replicas keep dying without the queue handing out any work, the job fails (a replica that
-  cannot even load the model would otherwise restart forever).
+- A replica process dies (SIGKILL, OOM killer, a crashing row; for a tensor-parallel replica,
+  any of its ranks): the driver returns its leases to the queue at once and submits ``run`` to
+  the replica's next incarnation (:mod:`supervise`). If replicas keep dying without the queue
+  handing out any work, the job fails (a replica that cannot even load the model would
+  otherwise restart forever).
 - A shard runs out of attempts (``execution.max_attempts``): it is replaced by up to
-  :data:`~batchgen.pipeline.splitting.SPLIT_WAYS` pieces with fresh attempts, recursively, so that a row that kills or hangs
-  every attempt is cornered while the other rows complete. A single row that runs out of
+  :data:`~batchgen.pipeline.splitting.SPLIT_WAYS` pieces with fresh attempts, recursively, so
+  that a row that kills or hangs every attempt is cornered while the other rows complete
+  (:mod:`splitting`). A single row that runs out of
   attempts is written as an error row (``failed N attempts: <last error>``). Pieces are published
   under ``parts/<shard_id>/`` and merged into ``shards/<shard_id>.parquet`` in one atomic write
   once all are done, so a shard is still committed exactly when its one file exists.
