@@ -134,6 +134,7 @@ class Replica:
         return f"{self.replica_id}@{_host()} pid {os.getpid()}"
 
     def _fault(self, point: str) -> None:
+        """The test hook's fault at ``point`` (``load``, ``publish``), when it is active."""
         if self.faults is not None:
             self.faults.at(point)
 

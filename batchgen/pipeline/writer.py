@@ -20,7 +20,7 @@ names starting with ``.`` or ``_``) ignores. The whole output reads as one datas
 ``pyarrow.dataset.dataset(f"{out}/shards", format="parquet")``.
 
 Object stores fail transiently (500s, resets, throttling). Beyond the SDK's own retries, every
-storage call here on a non-local filesystem goes through :func:`with_retries` (exponential
+storage call here on a non-local filesystem goes through :func:`storage.with_retries` (exponential
 backoff with jitter); an error that outlasts it is raised to the caller, which for a replica
 fails the attempt (the shard goes back to the queue), not the job.
 """
