@@ -110,3 +110,19 @@ def test_the_graph_holds_known_edges() -> None:
     graph = import_graph()
     assert "batchgen.engine.request" in graph["batchgen.engine.sampler"]
     assert "batchgen.pipeline.spec" in graph["batchgen.cli"]  # function-level in cli.py
+
+
+def test_production_code_reaches_the_fault_hook_only_at_its_seam() -> None:
+    """``batchgen.pipeline.faults`` is a test hook: one marked function imports it
+    (``replica.load_test_hooks``), and only when the hook is set; no other module does."""
+    modules = module_names(PACKAGE)
+    hook = "batchgen.pipeline.faults"
+    importers = sorted(name for name, path in modules.items() if name != hook
+                       and hook in imports_of(name, path, set(modules)))
+    assert importers == ["batchgen.pipeline.replica"], importers
+    tree = ast.parse(modules["batchgen.pipeline.replica"].read_text())
+    top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [n for n in top_level if "faults" in ast.dump(n)], "imported at module level"
+    seams = [f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+             and any(isinstance(n, ast.ImportFrom) and n.module == hook for n in ast.walk(f))]
+    assert seams == ["load_test_hooks"]

@@ -150,6 +150,36 @@ def test_progress_counts_rows_as_they_finish_before_their_shard_commits(local_ra
     assert any(0 < rows < 20 and shards == 0 for rows, shards in counts), lines
     assert counts[-1] == (20, 1)
     assert all(a[0] <= b[0] for a, b in zip(counts, counts[1:])), counts  # never backwards here
+    # The test hook was on: the driver says so, loudly.
+    assert any(r.levelname == "WARNING" and "TEST HOOK ACTIVE in the driver" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_fault_hook_warns_loudly_in_every_replica_and_wraps_its_engine(local_ray, tmp_path: Path, caplog) -> None:
+    """The test hook announces itself in each replica process it runs in (the driver's warning is
+    checked above); without it nothing of the hook is there."""
+    from batchgen.pipeline.faults import FaultyEngine
+    from batchgen.pipeline.queue import create_queue
+    from batchgen.pipeline.replica import Replica
+
+    write_input(tmp_path / "in", files=1, rows=4)
+    spec = load_spec(write_spec(tmp_path / "job.yaml", tmp_path / "in", tmp_path / "out"))
+    queue = create_queue({}, 1, 10.0, name="hook-test-queue")
+    try:
+        spec_dict = spec.with_resolved_paths().model_dump(mode="json")
+        with caplog.at_level("WARNING", logger="batchgen"):
+            quiet = Replica(spec_dict, "hook-test-queue", "replica-7")
+        assert quiet.faults is None and not caplog.records
+        engine = object()
+        assert quiet._engine(engine) is engine
+        with caplog.at_level("WARNING", logger="batchgen"):
+            hooked = Replica(spec_dict, "hook-test-queue", "replica-8", None, json.dumps({"step_delay_s": 0.01}))
+        [record] = caplog.records
+        assert record.levelname == "WARNING" and "TEST HOOK ACTIVE in replica replica-8" in record.getMessage()
+        assert "step_delay_s" in record.getMessage()
+        assert isinstance(hooked._engine(engine), FaultyEngine) and hooked._engine(engine).engine is engine
+    finally:
+        ray.kill(queue)
 
 
 @pytest.mark.parametrize("replicas, layout", [

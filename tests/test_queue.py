@@ -50,10 +50,10 @@ def make_queue(n: int = 3, max_attempts: int = 3, timeout: float = 10.0) -> tupl
 def test_leases_come_in_input_order_then_none() -> None:
     q, _ = make_queue(3)
     leases = [q.lease("r1"), q.lease("r2"), q.lease("r1")]
-    assert [lease["shard_id"] for lease in leases] == ["s0", "s1", "s2"]
-    assert [lease["payload"] for lease in leases] == [{"index": 0}, {"index": 1}, {"index": 2}]
-    assert [lease["attempt"] for lease in leases] == [1, 1, 1]
-    assert len({lease["lease_id"] for lease in leases}) == 3
+    assert [lease.shard_id for lease in leases] == ["s0", "s1", "s2"]
+    assert [lease.payload for lease in leases] == [{"index": 0}, {"index": 1}, {"index": 2}]
+    assert [lease.attempt for lease in leases] == [1, 1, 1]
+    assert len({lease.lease_id for lease in leases}) == 3
     assert q.lease("r3") is None
     assert not q.is_finished()  # all leased, none done
     assert q.stats() == {
@@ -66,9 +66,9 @@ def test_heartbeat_extends_the_lease() -> None:
     lease = q.lease("r1")
     for _ in range(3):  # 24 s in all: well past the first deadline, alive thanks to the beats
         clock.advance(8)
-        assert q.heartbeat(lease["lease_id"])
+        assert q.heartbeat(lease.lease_id)
     clock.advance(10)  # a full timeout without a beat
-    assert not q.heartbeat(lease["lease_id"])
+    assert not q.heartbeat(lease.lease_id)
     assert q.stats()["pending"] == 1
 
 
@@ -79,10 +79,10 @@ def test_expired_lease_is_released_with_the_next_attempt() -> None:
     assert q.lease("r2") is None  # not expired yet
     clock.advance(1)
     second = q.lease("r2")
-    assert (second["shard_id"], second["attempt"]) == ("s0", 2)
-    assert second["lease_id"] != first["lease_id"]
-    assert not q.heartbeat(first["lease_id"])  # the old holder must abandon its work
-    assert q.heartbeat(second["lease_id"])
+    assert (second.shard_id, second.attempt) == ("s0", 2)
+    assert second.lease_id != first.lease_id
+    assert not q.heartbeat(first.lease_id)  # the old holder must abandon its work
+    assert q.heartbeat(second.lease_id)
     assert q.stats()["attempts"] == 2
 
 
@@ -102,8 +102,8 @@ def test_late_ack_is_rejected_once_another_holder_acked() -> None:
     slow = q.lease("r1")
     clock.advance(11)
     fast = q.lease("r2")
-    assert q.ack(fast["lease_id"], {"by": "r2"})
-    assert not q.ack(slow["lease_id"], {"by": "r1"})
+    assert q.ack(fast.lease_id, {"by": "r2"})
+    assert not q.ack(slow.lease_id, {"by": "r1"})
     assert q.results() == {"s0": {"by": "r2"}}
 
 
@@ -112,9 +112,9 @@ def test_late_ack_wins_when_nobody_finished_and_revokes_the_new_lease() -> None:
     slow = q.lease("r1")
     clock.advance(11)
     fresh = q.lease("r2")
-    assert q.ack(slow["lease_id"], {"by": "r1"})  # the work is done: keep it
-    assert not q.heartbeat(fresh["lease_id"])  # ... and tell the new holder to stop
-    assert not q.ack(fresh["lease_id"], {"by": "r2"})
+    assert q.ack(slow.lease_id, {"by": "r1"})  # the work is done: keep it
+    assert not q.heartbeat(fresh.lease_id)  # ... and tell the new holder to stop
+    assert not q.ack(fresh.lease_id, {"by": "r2"})
     assert q.results() == {"s0": {"by": "r1"}}
     assert q.is_finished()
 
@@ -124,7 +124,7 @@ def test_late_ack_of_an_expired_lease_takes_the_shard_out_of_the_queue() -> None
     slow = q.lease("r1")
     clock.advance(11)
     assert q.stats()["pending"] == 1  # expired, back in the queue
-    assert q.ack(slow["lease_id"], {"ok": True})
+    assert q.ack(slow.lease_id, {"ok": True})
     assert q.lease("r2") is None  # not handed out again
     assert q.stats()["done"] == 1 and q.is_finished()
 
@@ -132,8 +132,8 @@ def test_late_ack_of_an_expired_lease_takes_the_shard_out_of_the_queue() -> None
 def test_double_ack_counts_once() -> None:
     q, _ = make_queue(1)
     lease = q.lease("r1")
-    assert q.ack(lease["lease_id"], {"n": 1})
-    assert not q.ack(lease["lease_id"], {"n": 2})
+    assert q.ack(lease.lease_id, {"n": 1})
+    assert not q.ack(lease.lease_id, {"n": 2})
     assert q.results() == {"s0": {"n": 1}}
     assert not q.ack("lease-999", {}) and not q.heartbeat("lease-999")  # unknown ids
 
@@ -141,32 +141,32 @@ def test_double_ack_counts_once() -> None:
 def test_nack_requeues_now_and_counts_an_attempt() -> None:
     q, _ = make_queue(2)
     lease = q.lease("r1")
-    assert q.nack(lease["lease_id"], "CUDA out of memory")
-    assert not q.nack(lease["lease_id"], "again")  # already given back
-    assert not q.ack(lease["lease_id"], {})  # a nacked attempt cannot commit
-    assert q.lease("r1")["shard_id"] == "s1"  # requeued at the back
+    assert q.nack(lease.lease_id, "CUDA out of memory")
+    assert not q.nack(lease.lease_id, "again")  # already given back
+    assert not q.ack(lease.lease_id, {})  # a nacked attempt cannot commit
+    assert q.lease("r1").shard_id == "s1"  # requeued at the back
     retry = q.lease("r1")
-    assert (retry["shard_id"], retry["attempt"]) == ("s0", 2)
+    assert (retry.shard_id, retry.attempt) == ("s0", 2)
 
 
 def test_shared_leases_skip_shards_that_failed_before() -> None:
     q, _ = make_queue(3)
     first = q.lease("r1")
-    assert first["solo"] is False
-    q.nack(first["lease_id"], "replica died")  # s0 goes to the back, suspect now
-    assert q.lease("r2", shared=True)["shard_id"] == "s1"
-    assert q.lease("r2", shared=True)["shard_id"] == "s2"
+    assert first.solo is False
+    q.nack(first.lease_id, "replica died")  # s0 goes to the back, suspect now
+    assert q.lease("r2", shared=True).shard_id == "s1"
+    assert q.lease("r2", shared=True).shard_id == "s2"
     assert q.lease("r2", shared=True) is None  # only s0 is left, and it must run alone
     retry = q.lease("r3")
-    assert (retry["shard_id"], retry["attempt"], retry["solo"]) == ("s0", 2, True)
+    assert (retry.shard_id, retry.attempt, retry.solo) == ("s0", 2, True)
 
 
 def test_replacements_of_a_dead_shard_run_alone() -> None:
     q, _ = make_queue(1, max_attempts=1)
-    q.nack(q.lease("r1")["lease_id"], "boom")
+    q.nack(q.lease("r1").lease_id, "boom")
     q.requeue_dead("s0", {"s0.a": {"i": 0}, "s0.b": {"i": 1}})
     assert q.lease("r1", shared=True) is None
-    assert [q.lease("r1")["solo"], q.lease("r2")["solo"]] == [True, True]
+    assert [q.lease("r1").solo, q.lease("r2").solo] == [True, True]
 
 
 def test_release_replica_returns_all_its_leases_at_once() -> None:
@@ -175,14 +175,14 @@ def test_release_replica_returns_all_its_leases_at_once() -> None:
     assert q.release_replica("r1") == 2
     assert q.release_replica("r1") == 0
     again = [q.lease("r3"), q.lease("r3")]
-    assert [(x["shard_id"], x["attempt"]) for x in again] == [("s0", 2), ("s1", 2)]
-    assert not q.heartbeat(a["lease_id"]) and not q.ack(b["lease_id"], {})
-    assert q.heartbeat(c["lease_id"])  # the other replica is untouched
+    assert [(x.shard_id, x.attempt) for x in again] == [("s0", 2), ("s1", 2)]
+    assert not q.heartbeat(a.lease_id) and not q.ack(b.lease_id, {})
+    assert q.heartbeat(c.lease_id)  # the other replica is untouched
 
 
 def test_exhausted_attempts_dead_letter_the_shard_with_every_error() -> None:
     q, clock = make_queue(1, max_attempts=3, timeout=10)
-    q.nack(q.lease("r1")["lease_id"], "ValueError: bad row 17")
+    q.nack(q.lease("r1").lease_id, "ValueError: bad row 17")
     q.lease("r2")
     clock.advance(10)  # attempt 2 times out
     q.lease("r3")
@@ -203,7 +203,7 @@ def test_late_ack_rescues_a_shard_dead_lettered_by_expiry() -> None:
     lease = q.lease("r1")
     clock.advance(10)
     assert "s0" in q.dead_letters()
-    assert q.ack(lease["lease_id"], {"ok": 1})
+    assert q.ack(lease.lease_id, {"ok": 1})
     assert q.dead_letters() == {} and q.results() == {"s0": {"ok": 1}}
 
 
@@ -211,10 +211,10 @@ def test_requeue_dead_replaces_a_shard_by_sub_shards_with_fresh_attempts() -> No
     q, clock = make_queue(2, max_attempts=2, timeout=10)
     first = q.lease("r1")  # s0
     keep = q.lease("r1")  # s1 stays leased throughout
-    q.nack(first["lease_id"], "poison")
+    q.nack(first.lease_id, "poison")
     second = q.lease("r1")  # s0, attempt 2: let it expire, so a late ack would be acceptable
     clock.advance(9)
-    assert q.heartbeat(keep["lease_id"])
+    assert q.heartbeat(keep.lease_id)
     clock.advance(1)
     assert list(q.dead_letters()) == ["s0"]
 
@@ -223,13 +223,13 @@ def test_requeue_dead_replaces_a_shard_by_sub_shards_with_fresh_attempts() -> No
     assert q.replaced() == {"s0": ["s0/a", "s0/b"]}
     stats = q.stats()
     assert (stats["total"], stats["pending"], stats["leased"], stats["replaced"]) == (3, 2, 1, 1)
-    assert not q.ack(second["lease_id"], {})  # the replaced shard can no longer be committed
+    assert not q.ack(second.lease_id, {})  # the replaced shard can no longer be committed
 
     sub = q.lease("r2")
-    assert (sub["shard_id"], sub["payload"], sub["attempt"]) == ("s0/a", {"rows": [0, 50]}, 1)
-    q.nack(sub["lease_id"], "still poison")  # one failure does not kill it: fresh count of 2
-    assert q.lease("r2")["shard_id"] == "s0/b"
-    assert (q.lease("r2")["shard_id"], q.dead_letters()) == ("s0/a", {})
+    assert (sub.shard_id, sub.payload, sub.attempt) == ("s0/a", {"rows": [0, 50]}, 1)
+    q.nack(sub.lease_id, "still poison")  # one failure does not kill it: fresh count of 2
+    assert q.lease("r2").shard_id == "s0/b"
+    assert (q.lease("r2").shard_id, q.dead_letters()) == ("s0/a", {})
 
 
 def test_requeue_dead_can_retry_the_same_id_and_checks_its_input() -> None:
@@ -246,17 +246,17 @@ def test_requeue_dead_can_retry_the_same_id_and_checks_its_input() -> None:
         q.requeue_dead("s0", {"s1": {}})
     q.requeue_dead("s0", {"s0": {"index": 0}})
     retry = q.lease("r2")
-    assert (retry["shard_id"], retry["attempt"]) == ("s1", 1)
+    assert (retry.shard_id, retry.attempt) == ("s1", 1)
     retry = q.lease("r2")
-    assert (retry["shard_id"], retry["attempt"]) == ("s0", 1)
+    assert (retry.shard_id, retry.attempt) == ("s0", 1)
 
 
 def test_stats_results_and_totals_over_a_mixed_run() -> None:
     q, clock = make_queue(5, max_attempts=1, timeout=10)
     leases = [q.lease("r1") for _ in range(4)]
-    q.ack(leases[0]["lease_id"], {"rows_ok": 10, "completion_tokens": 300})
-    q.ack(leases[1]["lease_id"], {"rows_ok": 7, "rows_error": 3, "completion_tokens": 150})
-    q.nack(leases[2]["lease_id"], "boom")  # dead: one attempt only
+    q.ack(leases[0].lease_id, {"rows_ok": 10, "completion_tokens": 300})
+    q.ack(leases[1].lease_id, {"rows_ok": 7, "rows_error": 3, "completion_tokens": 150})
+    q.nack(leases[2].lease_id, "boom")  # dead: one attempt only
     assert q.stats() == {
         "total": 5, "pending": 1, "leased": 1, "done": 2, "dead": 1, "replaced": 0, "attempts": 4,
     }
@@ -368,12 +368,12 @@ def test_result_totals_count_rows_in_flight_from_heartbeats() -> None:
     clock = Clock()
     q = ShardQueue({"a": 0, "b": 1}, max_attempts=2, lease_timeout_s=30, clock=clock)
     a, b = q.lease("r0"), q.lease("r1")
-    assert q.heartbeat(a["lease_id"], {"rows": 4, "completion_tokens": 40})
-    assert q.heartbeat(b["lease_id"], {"rows": 1, "completion_tokens": 5})
+    assert q.heartbeat(a.lease_id, {"rows": 4, "completion_tokens": 40})
+    assert q.heartbeat(b.lease_id, {"rows": 1, "completion_tokens": 5})
     assert q.result_totals(["rows"]) == {"rows": 0}  # committed only
     assert q.result_totals(["rows", "completion_tokens"], in_flight=True) == {"rows": 5, "completion_tokens": 45}
-    assert q.ack(a["lease_id"], {"rows": 10, "completion_tokens": 100})  # counted once, as committed
-    assert q.nack(b["lease_id"], "boom")  # its rows will be done again: they leave the count
+    assert q.ack(a.lease_id, {"rows": 10, "completion_tokens": 100})  # counted once, as committed
+    assert q.nack(b.lease_id, "boom")  # its rows will be done again: they leave the count
     assert q.result_totals(["rows", "completion_tokens"], in_flight=True) == {"rows": 10, "completion_tokens": 100}
 
 
@@ -432,13 +432,13 @@ class Consumer:
                 time.sleep(0.01)
                 continue
             n += 1
-            if nack_every and n % nack_every == 0 and lease["attempt"] == 1:
-                ray.get(queue.nack.remote(lease["lease_id"], "flaky"))
+            if nack_every and n % nack_every == 0 and lease.attempt == 1:
+                ray.get(queue.nack.remote(lease.lease_id, "flaky"))
                 continue
             time.sleep(0.005)  # a little "work", so that the two consumers interleave
-            result = {"replica": self.replica_id, "double": lease["payload"] * 2}
-            if ray.get(queue.ack.remote(lease["lease_id"], result)):
-                committed.append(lease["shard_id"])
+            result = {"replica": self.replica_id, "double": lease.payload * 2}
+            if ray.get(queue.ack.remote(lease.lease_id, result)):
+                committed.append(lease.shard_id)
 
 
 def test_two_concurrent_consumers_commit_every_shard_exactly_once(ray_local: int) -> None:

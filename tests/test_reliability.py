@@ -32,7 +32,7 @@ import yaml
 from batchgen.pipeline import verify
 from batchgen.pipeline.driver import run_job
 from batchgen.pipeline.faults import Faults
-from batchgen.pipeline.replica import ShardWorker
+from batchgen.pipeline.worker import ShardWorker
 from batchgen.pipeline.shards import plan_shards
 from batchgen.pipeline.spec import SpecError, validate_spec
 
@@ -256,7 +256,7 @@ def test_a_raising_row_is_cornered_in_process_and_the_rest_completes(model_dir: 
     pq.write_table(pa.table({"id": list(range(9)), "prompt": prompts}), inp / "x.parquet")
     spec = validate_spec(job_spec(model_dir, inp, tmp_path / "out", shard_rows=100))
     spec = spec.model_copy(update={"sampling": spec.sampling.model_copy(update={"overrides": {}})})
-    worker = ShardWorker(spec, LLM(str(model_dir), dtype="float32", device="cpu"), Faults.parse(faults(tmp_path)))
+    worker = ShardWorker(spec, Faults.parse(faults(tmp_path)).wrap(LLM(str(model_dir), dtype="float32", device="cpu")))
     [shard] = plan_shards(spec.input, 100)
     table, counts = worker.process(shard)
     rows = table.to_pylist()
@@ -321,7 +321,7 @@ def test_a_raising_row_fails_only_its_own_row_among_shards_in_flight(model_dir: 
     spec, shards = _three_shards(model_dir, tmp_path, raise_row=11)  # row 3 of the second shard
     llm = LLM(str(model_dir), dtype="float32", device="cpu", max_num_seqs=32)
     alone = [ShardWorker(spec, llm).process(s)[0].to_pylist() for s in shards]
-    worker = ShardWorker(spec, llm, Faults.parse(faults(tmp_path)))
+    worker = ShardWorker(spec, Faults.parse(faults(tmp_path)).wrap(llm))
     runs = [worker.start(s) for s in shards]
     done = worker.step()  # the hook raises after the first step: every shard is re-run apart
     assert sorted(map(id, done)) == sorted(map(id, runs)) and all(run.error is None for run in runs)
@@ -333,8 +333,17 @@ def test_a_raising_row_fails_only_its_own_row_among_shards_in_flight(model_dir: 
         assert rows == expected
 
 
-def test_fault_hook_is_inert_unless_set_and_rejects_typos() -> None:
+def test_fault_hook_is_inert_unless_set_and_rejects_typos(monkeypatch) -> None:
+    from batchgen.pipeline.faults import FAULTS_ENV
+    from batchgen.pipeline.replica import fault_hook_env, load_test_hooks
+
     assert Faults.parse(None) is None and Faults.parse("") is None
+    monkeypatch.delenv(FAULTS_ENV, raising=False)
+    assert fault_hook_env() is None and load_test_hooks(fault_hook_env(), "here") is None
+    monkeypatch.setenv(FAULTS_ENV, '{"step_delay_s": 1}')
+    assert fault_hook_env() == '{"step_delay_s": 1}'  # the seam reads the hook's own variable
+    with pytest.raises(ValueError, match="unknown key"):
+        load_test_hooks('{"raise_onn": "x"}', "here")
     with pytest.raises(ValueError, match="unknown key"):
         Faults.parse('{"raise_onn": "x"}')
     with pytest.raises(ValueError, match="exit_once_at"):
@@ -346,13 +355,13 @@ def test_queue_close_settle_and_results_for() -> None:
 
     q = ShardQueue({"a": 1, "b": 2, "c": 3}, max_attempts=1, lease_timeout_s=10)
     la, lb = q.lease("r1"), q.lease("r2")
-    assert q.nack(lb["lease_id"], "poison")  # one attempt: b is dead-lettered
+    assert q.nack(lb.lease_id, "poison")  # one attempt: b is dead-lettered
     q.settle_dead("b", {"rows": 1, "rows_error": 1})  # the driver wrote b's error row itself
     with pytest.raises(ValueError, match="not dead-lettered"):
         q.settle_dead("a", {})
     q.close()
     assert q.lease("r1") is None and q.is_finished()  # c stays pending: nothing more is leased
-    assert q.heartbeat(la["lease_id"]) and q.ack(la["lease_id"], {"rows": 1})  # in-flight work still lands
+    assert q.heartbeat(la.lease_id) and q.ack(la.lease_id, {"rows": 1})  # in-flight work still lands
     assert q.results_for(["a", "b", "c", "zz"]) == {"a": {"rows": 1}, "b": {"rows": 1, "rows_error": 1}}
 
 
@@ -360,7 +369,7 @@ def test_parts_merge_into_one_atomic_shard_file_with_counts_from_the_rows(tmp_pa
     import pyarrow.fs as pafs
 
     from batchgen.pipeline import writer
-    from batchgen.pipeline.replica import output_table
+    from batchgen.pipeline.worker import output_table
 
     spec = validate_spec(job_spec(tmp_path, tmp_path / "in", tmp_path / "out"))
     fs, out = pafs.LocalFileSystem(), str(tmp_path / "out")
@@ -375,7 +384,7 @@ def test_parts_merge_into_one_atomic_shard_file_with_counts_from_the_rows(tmp_pa
     assert writer.committed_shards(fs, out) == {"s1"} and not (tmp_path / "out" / "parts" / "s1").exists()
     assert pq.read_table(tmp_path / "out" / "shards" / "s1.parquet").column("id").to_pylist() == [1, 2, 3]
     [summary] = writer.read_shard_summaries(fs, out)
-    assert (summary["rows"], summary["rows_error"], summary["rows_ok"], summary["attempts"]) == (3, 3, 0, 5)
+    assert (summary.rows, summary.rows_error, summary.rows_ok, summary.attempts) == (3, 3, 0, 5)
     (tmp_path / "out" / "shards" / ".tmp-123-s2.parquet.partial").write_bytes(b"half")
     assert writer.remove_leftovers(fs, out) == 1 and sorted(os.listdir(tmp_path / "out")) == ["shards"]
 

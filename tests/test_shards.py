@@ -14,10 +14,9 @@ import pytest
 
 from batchgen.pipeline import shards as shards_module
 from batchgen.pipeline.listing import GlobMatcher
-from batchgen.pipeline.shards import (
-    build_prompts, input_fingerprint, list_input_files, plan_shards, read_shard, resolve_filesystem,
-    validate_input,
-)
+from batchgen.pipeline.rows import build_prompts
+from batchgen.pipeline.shards import input_fingerprint, list_input_files, plan_shards, read_shard, validate_input
+from batchgen.pipeline.storage import resolve_filesystem
 from batchgen.pipeline.spec import JobSpec, SpecError, row_seed, validate_spec
 
 

@@ -7,6 +7,8 @@ hand the replica's leases back and restart the whole replica.
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import signal
@@ -27,8 +29,9 @@ from batchgen.model import ModelArgs, Transformer
 from reference import sharp_model
 from batchgen.pipeline.driver import plan_job
 from batchgen.pipeline.queue import create_queue
-from batchgen.pipeline.replica import ShardWorker, Task, build_llm
-from batchgen.pipeline.shards import Shard
+from batchgen.pipeline.replica import Task
+from batchgen.pipeline.worker import ShardWorker, build_llm
+from batchgen.pipeline.shards import Shard, plan_shards
 from batchgen.pipeline.spec import JobSpec
 from batchgen.pipeline.tp_replica import (
     TPReplicaError, TPReplicaGroup, generate_tensor_parallel, replicas_that_fit,
@@ -177,6 +180,46 @@ def test_tp2_job_writes_the_same_completions_as_tp1(local_ray, model_dir: Path, 
     assert [r["id"] for r in got] == list(range(24))  # every row exactly once
     assert all(r["error"] is None and r["completion_tokens"] > 0 for r in got)
     assert got == _reference(spec, shards)
+
+
+def test_run_job_with_tensor_parallel_2_writes_the_same_completions_as_tp1(local_ray, model_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """The user's command: the driver supervises the TP replica (start, run, its followers' refs)
+    through the same interface as a one-process one."""
+    from batchgen.pipeline.driver import run_job
+
+    spec = _job(tmp_path, model_dir, rows=12)
+    summary = run_job(spec, progress_every_s=60)
+    assert (summary["rows"], summary["rows_error"], summary["shards_committed"]) == (12, 0, 2)
+    got = _written(spec)
+    assert [r["id"] for r in got] == list(range(12))
+    assert got == _reference(spec, plan_shards(spec.input, spec.execution.shard_rows))
+
+
+def test_run_job_replaces_a_tp_replica_whose_follower_dies(local_ray, model_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the driver: a killed follower breaks its replica; every rank is replaced, the
+    leases go back to the queue, and every row is still written once, as TP=1 writes it."""
+    from batchgen.pipeline.driver import run_job
+    from batchgen.pipeline.raynet import replica_name
+
+    monkeypatch.setenv("BATCHGEN_FAULTS", json.dumps({"step_delay_s": 0.2}))
+    spec = _job(tmp_path, model_dir, rows=12)
+    killed: list[str] = []
+
+    def kill_a_follower(stats: dict) -> None:
+        if not killed and stats["leased"]:
+            name = f"{replica_name(spec.name, 0)}-rank-1"
+            ray.kill(ray.get_actor(name), no_restart=True)
+            killed.append(name)
+
+    summary = run_job(spec, progress_every_s=60, on_stats=kill_a_follower)
+    assert killed and (summary["rows"], summary["rows_error"]) == (12, 0)
+    got = _written(spec)
+    assert [r["id"] for r in got] == list(range(12))
+    assert got == _reference(spec, plan_shards(spec.input, spec.execution.shard_rows))
+    attempts = pq.read_table(Path(spec.output.path) / "summary.parquet").column("attempts").to_pylist()
+    assert max(attempts) == 2  # the shard the broken replica held ran again
 
 
 def test_killed_ranks_mid_shard_restart_the_replica_without_loss(local_ray, model_dir: Path,

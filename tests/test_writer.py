@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as dt
 import json
 import os
@@ -142,7 +144,7 @@ def test_stale_temp_files_are_never_read_as_output(job: tuple[JobSpec, list[Shar
     assert writer.job_status(spec.output.path)["committed_shards"] == 1
     assert writer.prepare_output(spec, shards, input_fp) == {shards[0].shard_id}
     assert ds.dataset(str(shard_dir), format="parquet").to_table().num_rows == shards[0].num_rows
-    assert [r["shard_id"] for r in writer.read_shard_summaries(LOCAL, spec.output.path)] == [shards[0].shard_id]
+    assert [r.shard_id for r in writer.read_shard_summaries(LOCAL, spec.output.path)] == [shards[0].shard_id]
 
 
 # ------------------------------------------------------------------------------------------ modes
@@ -268,7 +270,7 @@ def test_summary_success_and_status_round_trip(job: tuple[JobSpec, list[Shard], 
             status["complete"], status["success"]) == (3, 2, 30, 20, False, None)
 
     rows = writer.read_shard_summaries(LOCAL, out, [s.shard_id for s in shards])
-    assert {r["shard_id"]: r["rows_ok"] for r in rows} == {shards[0].shard_id: 10, shards[2].shard_id: 9}
+    assert {r.shard_id: r.rows_ok for r in rows} == {shards[0].shard_id: 10, shards[2].shard_id: 9}
     writer.write_summary(LOCAL, out, rows)
     summary = pq.read_table(tmp_path / "out" / "summary.parquet")
     assert summary.schema == writer.SUMMARY_SCHEMA
@@ -297,7 +299,8 @@ def test_summary_success_and_status_round_trip(job: tuple[JobSpec, list[Shard], 
 def test_shard_without_stored_summary_still_counts_its_rows(job: tuple[JobSpec, list[Shard], str]) -> None:
     spec, shards, _ = job
     writer.publish_shard(LOCAL, spec.output.path, shards[0].shard_id, result_table(spec, ["a", "b"]))
-    assert writer.read_shard_summaries(LOCAL, spec.output.path) == [{"shard_id": shards[0].shard_id, "rows": 2}]
+    assert [r.to_dict() for r in writer.read_shard_summaries(LOCAL, spec.output.path)] == [{"shard_id": shards[0].shard_id,
+                                                                                     "rows": 2}]
 
 
 def test_corrupt_manifest_is_a_clear_error(job: tuple[JobSpec, list[Shard], str], tmp_path: Path) -> None:
@@ -306,3 +309,23 @@ def test_corrupt_manifest_is_a_clear_error(job: tuple[JobSpec, list[Shard], str]
     (tmp_path / "out" / "manifest.json").write_text("{not json")
     with pytest.raises(OutputError, match="manifest.json is not valid JSON"):
         writer.prepare_output(spec, shards, input_fp)
+
+
+def test_shard_summary_round_trips_and_refuses_unknown_fields(job: tuple[JobSpec, list[Shard], str]) -> None:
+    from batchgen.pipeline.records import SUMMARY_SCHEMA, ShardSummary
+
+    _, shards, _ = job
+    assert [f.name for f in dataclasses.fields(ShardSummary)] == SUMMARY_SCHEMA.names
+    s = ShardSummary.for_shard(shards[1], rows=10, rows_ok=9, rows_error=1, attempts=2, replica="r", host="h",
+                               started=5.0, finished=7.5)
+    assert (s.shard_id, s.input_file, s.row_start) == (shards[1].shard_id, shards[1].relpath, shards[1].row_start)
+    assert ShardSummary.from_dict(s.to_dict()) == s and "seconds" not in s.to_dict()  # not recorded: left out
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['rowz'\]"):
+        ShardSummary.from_dict({"shard_id": "x", "rowz": 1})
+    with pytest.raises(ValueError, match="without a shard_id"):
+        ShardSummary.from_dict({"rows": 1})
+    pieces = [ShardSummary("a@0-5", seconds=1.0, started=3.0, finished=4.0, attempts=1, replica="r1", host="h"),
+              ShardSummary("a@5-10", seconds=2.0, started=2.0, finished=9.0, attempts=2, replica="r0", host="h")]
+    merged = ShardSummary.merged(shards[0], pieces, spent_attempts=3)
+    assert (merged.shard_id, merged.seconds, merged.started, merged.finished, merged.attempts, merged.replica,
+            merged.host) == (shards[0].shard_id, 3.0, 2.0, 9.0, 6, "r0,r1", "h")

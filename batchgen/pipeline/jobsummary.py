@@ -19,9 +19,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow.fs as pafs
 
-from batchgen.pipeline import writer
-
-COUNTS = ("rows", "rows_ok", "rows_error", "prompt_tokens", "completion_tokens")
+from batchgen.pipeline import storage
+from batchgen.pipeline.records import COUNTS, ShardSummary
+from batchgen.pipeline.writer import RUNS
 
 
 def iso(ts: float) -> str:
@@ -29,12 +29,12 @@ def iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _totals(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+def _totals(rows: Iterable[ShardSummary]) -> dict[str, int]:
     rows = list(rows)
-    return {key: sum(int(r.get(key) or 0) for r in rows) for key in COUNTS}
+    return {key: sum(int(getattr(r, key) or 0) for r in rows) for key in COUNTS}
 
 
-def run_record(started: float, finished: float, status: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def run_record(started: float, finished: float, status: str, rows: Sequence[ShardSummary]) -> dict[str, Any]:
     """The record of one run: ``rows`` are the summary rows of the shards it committed."""
     seconds = max(finished - started, 0.0)
     totals = _totals(rows)
@@ -45,18 +45,18 @@ def run_record(started: float, finished: float, status: str, rows: Sequence[Mapp
 
 def read_runs(fs: pafs.FileSystem, root: str) -> list[dict[str, Any]]:
     """The run records under ``root`` (oldest first; [] when none)."""
-    doc = writer.read_json(fs, writer._join(root, writer.RUNS))
+    doc = storage.read_json(fs, storage.join(root, RUNS))
     return list((doc or {}).get("runs", []))
 
 
 def append_run(fs: pafs.FileSystem, root: str, record: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Add ``record`` to ``runs.json`` (one atomic rewrite; the driver is its only writer)."""
     runs = [*read_runs(fs, root), dict(record)]
-    writer.publish_json(fs, writer._join(root, writer.RUNS), {"runs": runs})
+    storage.publish_json(fs, storage.join(root, RUNS), {"runs": runs})
     return runs
 
 
-def success_summary(base: Mapping[str, Any], shard_rows: Sequence[Mapping[str, Any]],
+def success_summary(base: Mapping[str, Any], shard_rows: Sequence[ShardSummary],
                     runs: Sequence[Mapping[str, Any]], now: float) -> dict[str, Any]:
     """``_SUCCESS``'s content: ``base`` (name, fingerprints, output...), cumulative counts over
     ``shard_rows``, and the runs with their summed seconds and tokens/s."""

@@ -14,6 +14,7 @@ unreadable line (or thousands); a line every few seconds reads the same everywhe
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -21,6 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ray.util.metrics import Counter, Gauge, Histogram
+
+log = logging.getLogger("batchgen")
 
 # Not `job`: Prometheus sets `job` to the scrape job's name and renames a scraped `job` label
 # to `exported_job` (honor_labels: false, the default), so dashboards could not rely on it.
@@ -330,3 +333,23 @@ class ProgressLogger:
             running=stats["leased"],
             shards_dead=stats.get("dead", 0),
         )
+
+
+class RunProgress:
+    """A run's progress, reported each time the driver looks at the queue: the queue gauges
+    (:class:`JobMetrics`), the log line (:class:`ProgressLogger`) and the caller's ``on_stats``."""
+
+    def __init__(self, metrics: JobMetrics, logger: ProgressLogger,
+                 on_stats: Callable[[dict], None] | None = None) -> None:
+        self.metrics, self.logger, self.on_stats = metrics, logger, on_stats
+
+    def report(self, queue_stats: Mapping[str, int], shown: Mapping[str, int], rows: int, completion_tokens: int,
+               force: bool = False) -> None:
+        """``queue_stats``: the queue's own counts; ``shown``: the same in shards of the plan
+        (pieces of split shards not counted); ``rows``/``completion_tokens``: finished so far."""
+        self.metrics.queue(queue_stats)
+        line = self.logger.update(shown, rows, completion_tokens, force=force)
+        if line:
+            log.info(line)
+        if self.on_stats:
+            self.on_stats(dict(shown))

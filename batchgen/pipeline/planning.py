@@ -16,9 +16,10 @@ from typing import Optional
 from batchgen.pipeline import writer
 from batchgen.pipeline.provenance import model_fingerprint
 from batchgen.pipeline.shards import (
-    InputReport, Shard, list_input_files, plan_shards, resolve_filesystem, validate_input,
+    InputReport, Shard, list_input_files, plan_shards, validate_input,
 )
 from batchgen.pipeline.spec import JobSpec, SpecError, is_uri, spec_fingerprint
+from batchgen.pipeline.storage import resolve_filesystem
 
 log = logging.getLogger("batchgen")
 

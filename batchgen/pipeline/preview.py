@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from batchgen.pipeline.shards import build_prompts, list_input_files, plan_shards, read_shard, validate_input
+from batchgen.pipeline.rows import build_prompts
+from batchgen.pipeline.shards import list_input_files, plan_shards, read_shard, validate_input
 from batchgen.pipeline.spec import JobSpec, SpecError
 
 

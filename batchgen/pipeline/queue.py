@@ -39,6 +39,17 @@ ShardState = Literal["pending", "leased", "done", "dead", "replaced"]
 LeaseState = Literal["live", "expired", "nacked", "released", "revoked", "acked"]
 
 
+@dataclass(frozen=True)
+class Lease:
+    """What a replica gets from :meth:`ShardQueue.lease`: the work and the id to report on it."""
+
+    lease_id: str
+    shard_id: str
+    payload: Any  # what the shard was queued with (the pipeline's Task)
+    attempt: int  # counts from 1
+    solo: bool  # the shard failed before, or replaces one that did: run it alone
+
+
 @dataclass(eq=False)
 class _Shard:
     shard_id: str
@@ -102,16 +113,15 @@ class ShardQueue:
 
     # -- replica side ------------------------------------------------------------------------
 
-    def lease(self, replica_id: str, shared: bool = False) -> dict | None:
+    def lease(self, replica_id: str, shared: bool = False) -> Lease | None:
         """Lease the next pending shard to `replica_id`, or None if none is pending right now.
 
         `shared=True` says the replica already runs other shards: then only a shard that never
         failed (and does not replace one that did) is leased, so that a shard whose rows crash
         their process runs alone and cannot use up its neighbours' attempts.
 
-        Returns {"lease_id", "shard_id", "payload", "attempt", "solo"} (attempt counts from 1;
-        solo: run it alone). None does not mean the job is over: leased shards may still come
-        back; see `is_finished`.
+        Returns a `Lease`, or None, which does not mean the job is over: leased shards may still
+        come back; see `is_finished`.
         """
         self.reap()
         if self._closed or not self._pending:
@@ -135,13 +145,7 @@ class ShardQueue:
         shard.state, shard.lease = "leased", lease
         self._leases[lease.lease_id] = lease
         self._live[lease.lease_id] = lease
-        return {
-            "lease_id": lease.lease_id,
-            "shard_id": shard.shard_id,
-            "payload": shard.payload,
-            "attempt": lease.attempt,
-            "solo": shard.suspect,
-        }
+        return Lease(lease.lease_id, shard.shard_id, shard.payload, lease.attempt, shard.suspect)
 
     def heartbeat(self, lease_id: str, progress: Mapping[str, float] | None = None) -> bool:
         """Extend a live lease by `lease_timeout_s`, recording the holder's `progress` (numeric

@@ -1,4 +1,5 @@
-"""Input side of a job: find the Parquet files, cut them into shards, check them, build prompts.
+"""Input side of a job: find the Parquet files, cut them into shards, check them (the rows of a
+shard become prompts in :mod:`batchgen.pipeline.rows`).
 
 Everything here goes through ``pyarrow.fs``, so local paths, ``s3://`` and ``gs://`` behave the
 same. Planning reads only Parquet footers; validation reads only the id column.
@@ -11,15 +12,12 @@ any machine, at any place the input is mounted) gives the same ids: that is what
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import math
-import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
-from urllib.parse import urlparse
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,77 +25,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchgen.pipeline.listing import GlobMatcher, list_files
-from batchgen.pipeline.spec import InputSpec, JobSpec, SpecError, check_sampling_value, is_uri, row_seed
-from batchgen.prompts import PromptError, chat_turns, encode_chat, check_no_marker, render_chat_text, render_preset, single_turn
+from batchgen.pipeline.rows import INT_OVERRIDES, column_type_problem
+from batchgen.pipeline.spec import InputSpec, JobSpec, SpecError
+from batchgen.pipeline.storage import join_uri, resolve_filesystem
 
-#: Environment variables that point ``s3://`` at another endpoint (MinIO, moto...), first wins.
-S3_ENDPOINT_ENV = ("BATCHGEN_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-#: Transient object-store errors (500s, throttling, resets) are retried by the S3 client itself,
-#: with AWS's standard backoff, by default well beyond its own default of 3 tries.
-S3_MAX_ATTEMPTS_ENV = "BATCHGEN_S3_MAX_ATTEMPTS"
-S3_MAX_ATTEMPTS = 10
 _GLOB_CHARS = "*?["
-_INT_OVERRIDES = {"max_tokens", "top_k", "seed"}
-
-
-# --------------------------------------------------------------------------------------- filesystems
-
-def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The ``pyarrow.fs`` filesystem and in-filesystem path for a local path or URI.
-
-    Local relative paths are taken against the CWD (see :mod:`batchgen.pipeline.spec`). For
-    ``s3://`` an endpoint from ``BATCHGEN_S3_ENDPOINT``/``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``
-    (e.g. ``http://127.0.0.1:9000``) overrides AWS; credentials come from the usual AWS variables.
-    """
-    if not is_uri(uri) or uri.startswith("file://"):
-        local = uri.removeprefix("file://")
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        path = (parsed.netloc + parsed.path).rstrip("/")
-        endpoint = next((os.environ[k] for k in S3_ENDPOINT_ENV if os.environ.get(k)), None)
-        if endpoint:
-            return _s3_with_endpoint(endpoint, _aws_region()), path
-        return _s3_for_bucket(parsed.netloc), path
-    fs, path = pafs.FileSystem.from_uri(uri)
-    return fs, path.rstrip("/") or path
-
-
-def _aws_region() -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-
-
-def _s3_with_endpoint(endpoint: str, region: str) -> pafs.S3FileSystem:
-    # Not cached: it is cheap (no network) and must pick up credentials set after import (tests).
-    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-    # Path-style addressing (arrow's default with an endpoint override) is what MinIO/moto expect.
-    return pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme, region=region,
-                             retry_strategy=_s3_retries())
-
-
-@functools.lru_cache(maxsize=16)
-def _s3_for_bucket(bucket: str) -> pafs.FileSystem:
-    # Cached per bucket: without a region in the URI, we ask AWS where the bucket lives.
-    return pafs.S3FileSystem(region=pafs.resolve_s3_region(bucket), retry_strategy=_s3_retries())
-
-
-def _s3_retries() -> pafs.S3RetryStrategy:
-    """The S3 client's retries: ``BATCHGEN_S3_MAX_ATTEMPTS`` tries per request (default 10)."""
-    raw = os.environ.get(S3_MAX_ATTEMPTS_ENV, "").strip()
-    try:
-        attempts = int(raw) if raw else S3_MAX_ATTEMPTS
-        if attempts < 1:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"{S3_MAX_ATTEMPTS_ENV}={raw!r}: expected an integer >= 1") from None
-    return pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)
-
-
-def join_uri(base: str, *parts: str) -> str:
-    """``base`` and ``parts`` joined with ``/`` (URIs) or ``os.path.join`` (local paths)."""
-    if is_uri(base):
-        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
-    return os.path.join(base, *parts)
 
 
 # --------------------------------------------------------------------------------------- listing
@@ -360,44 +292,6 @@ class InputReport:
     fingerprint: str
 
 
-def _is_text(t: pa.DataType) -> bool:
-    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-            or pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t))
-
-
-def _type_problem(kind: str, t: pa.DataType) -> str | None:
-    """Why a column of type ``t`` cannot play role ``kind`` (None when it can)."""
-    base = t.value_type if pa.types.is_dictionary(t) else t
-    if kind == "id" and not (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
-        return f"has type {t}; an id column must be integer or string"
-    if kind == "text" and not (_is_text(base) or pa.types.is_integer(base) or pa.types.is_floating(base)
-                               or pa.types.is_decimal(base) or pa.types.is_boolean(base)):
-        return f"has type {t}; only text and number columns can go into a prompt"
-    if kind == "messages" and not _is_messages_type(t):
-        return f"has type {t}; a messages column must be list<struct<role: string, content: string>>"
-    if kind == "int" and not pa.types.is_integer(t):
-        return f"has type {t}; this override needs an integer column"
-    if kind == "number" and not (pa.types.is_integer(t) or pa.types.is_floating(t)):
-        return f"has type {t}; this override needs a numeric column"
-    return None
-
-
-def _is_messages_type(t: pa.DataType) -> bool:
-    """Whether ``t`` is a list of structs with string ``role`` and ``content`` fields (others ignored)."""
-    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
-        return False
-    item = t.value_type
-    names = [item.field(i).name for i in range(item.num_fields)]
-    for name in ("role", "content"):
-        if name not in names:
-            return False
-        ft = item.field(name).type
-        base = ft.value_type if pa.types.is_dictionary(ft) else ft
-        if not (pa.types.is_string(base) or pa.types.is_large_string(base) or pa.types.is_string_view(base)):
-            return False
-    return True
-
-
 def _column_roles(spec: JobSpec) -> list[tuple[str, str, str]]:
     """``(field_path, column, kind)`` for every column the job reads."""
     inp = spec.input
@@ -412,7 +306,7 @@ def _column_roles(spec: JobSpec) -> list[tuple[str, str, str]]:
         text_field = "input.prompt_column" if inp.prompt_column is not None else "input.template"
         roles += [(text_field, c, "text") for c in inp.text_columns()]
     roles += [("input.keep_columns", c, "keep") for c in inp.keep_columns]
-    roles += [(f"sampling.overrides.{name}", c, "int" if name in _INT_OVERRIDES else "number")
+    roles += [(f"sampling.overrides.{name}", c, "int" if name in INT_OVERRIDES else "number")
               for name, c in spec.sampling.overrides.items()]
     return roles
 
@@ -447,7 +341,7 @@ def validate_input(spec: JobSpec, files: Sequence[InputFile] | None = None) -> I
             errors.append((field_path, f"column {column!r} not in {missing[0].uri}{more} (columns: {shown}){hint}"))
             continue
         first = files[0].schema.field(column).type
-        problem = _type_problem(kind, first)
+        problem = column_type_problem(kind, first)
         if problem:
             errors.append((field_path, f"column {column!r} {problem} (in {files[0].uri})"))
             continue
@@ -493,201 +387,3 @@ def _check_ids(id_column: str, files: Sequence[InputFile]) -> None:
     more = ", ..." if dupes.num_rows > 5 else ""
     raise SpecError("input.id_column", f"duplicate ids: {', '.join(examples)}{more} "
                                        f"({dupes.num_rows} duplicate{'s' if dupes.num_rows > 1 else ''})")
-
-
-# --------------------------------------------------------------------------------------- prompts
-
-@dataclass
-class PromptRow:
-    """One row ready for the engine; poison rows carry ``error`` and no prompt, never an exception.
-
-    ``overrides`` holds the row's validated sampling overrides (only non-null cells). ``seed`` is
-    the row's own seed, :func:`~batchgen.pipeline.spec.row_seed` of (the seed override or
-    ``sampling.seed``, row id): seed the row's generator with it directly. In chat modes
-    ``messages`` is the validated conversation, which the engine side encodes with
-    :func:`batchgen.prompts.encode_chat`; ``prompt`` is then the user text (single-turn) or the
-    conversation's readable rendering (``messages_column``). Otherwise ``prompt`` is the text as is.
-    """
-
-    row_id: int | str
-    prompt: str | None
-    error: str | None
-    overrides: dict[str, int | float] = field(default_factory=dict)
-    seed: int = 0
-    messages: list[dict[str, str]] | None = None
-
-    def engine_input(self, tokenizer: Any) -> str | list[int] | None:
-        """What the engine gets for this row: chat conversations as token ids (Meta's rendering),
-        else the text. One function for replicas and ``preview``, so that what ``preview`` shows
-        is what runs. Without a tokenizer the text goes on (the engine reports that it cannot
-        encode it)."""
-        if self.messages is not None and tokenizer is not None:
-            return encode_chat(tokenizer, self.messages)
-        return self.prompt
-
-
-def _text_cells(column: pa.ChunkedArray, name: str) -> list[tuple[str | None, str | None]]:
-    """Each cell of ``column`` as ``(text, None)`` or ``(None, why not)``."""
-    t = column.type
-    if pa.types.is_dictionary(t):
-        column, t = column.cast(t.value_type), t.value_type
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        # Decode ourselves: Parquet does not guarantee valid UTF-8 in string columns either.
-        column, t = column.cast(pa.large_string()).cast(pa.large_binary()), pa.large_binary()
-    values = column.to_pylist()
-    if _is_text(t):
-        out: list[tuple[str | None, str | None]] = []
-        for v in values:
-            if v is None:
-                out.append((None, f"column {name!r} is null"))
-                continue
-            try:
-                out.append((v.decode("utf-8"), None))
-            except UnicodeDecodeError as exc:
-                out.append((None, f"column {name!r} is not valid UTF-8 ({exc.reason} at byte {exc.start})"))
-        return out
-    problem = _type_problem("text", t)
-    if problem:
-        return [(None, f"column {name!r} {problem}")] * len(values)
-    return [(None, f"column {name!r} is null") if v is None else (str(v), None) for v in values]
-
-
-def _message_cells(column: pa.ChunkedArray, name: str) -> list[tuple[list | None, str | None]]:
-    """Each cell of a messages column as ``(list of {role, content} dicts, None)`` or ``(None, why not)``.
-
-    Struct fields other than role and content are dropped; the conversation is not validated here.
-    """
-    problem = _type_problem("messages", column.type)
-    if problem:
-        return [(None, f"column {name!r} {problem}")] * len(column)
-    try:
-        values = column.to_pylist()
-    except (UnicodeDecodeError, pa.ArrowException):
-        values = None  # some cell is not valid UTF-8: find which, cell by cell
-    out: list[tuple[list | None, str | None]] = []
-    for i in range(len(column)):
-        if values is not None:
-            v = values[i]
-        else:
-            try:
-                v = column[i].as_py()
-            except (UnicodeDecodeError, pa.ArrowException) as exc:
-                out.append((None, f"column {name!r} is not valid UTF-8 ({exc})"))
-                continue
-        if v is None:
-            out.append((None, f"column {name!r} is null"))
-            continue
-        out.append(([m if m is None else {"role": m.get("role"), "content": m.get("content")} for m in v], None))
-    return out
-
-
-def _marker_error(text: str, column: str) -> str | None:
-    """Why a chat prompt may not hold ``text`` from ``column`` (a chat marker), or None."""
-    try:
-        check_no_marker(text, f"column {column!r}")
-    except PromptError as exc:
-        return str(exc)
-    return None
-
-
-def build_prompts(table: pa.Table, spec: JobSpec) -> list[PromptRow]:
-    """Render every row of ``table`` (from :func:`read_shard`) into a :class:`PromptRow`.
-
-    Text comes from ``input.prompt_column``, the template or its preset; numbers are formatted
-    with ``str()``. Conversations come from ``input.messages_column``. Null, empty or
-    whitespace-only prompts, null template cells, invalid UTF-8, malformed conversations, chat
-    markers inside cells in chat mode and out-of-range sampling overrides become per-row errors.
-    """
-    inp = spec.input
-    ids = table.column(inp.id_column).to_pylist()
-    preset = inp.preset()
-    if inp.messages_column is not None:
-        conversations = _message_cells(table.column(inp.messages_column), inp.messages_column)
-        cells = {}
-    else:
-        cells = {c: _text_cells(table.column(c), c) for c in inp.text_columns()}
-    nulls = {c: table.column(c).is_null().to_pylist() for c in cells}
-    parts = inp.template_parts()
-    override_values = {name: table.column(col).to_pylist() for name, col in spec.sampling.overrides.items()}
-    rows: list[PromptRow] = []
-    for i, row_id in enumerate(ids):
-        error: str | None = None
-        prompt: str | None = None
-        messages: list[dict[str, str]] | None = None
-        used: list[str] = []  # the text columns that went into the prompt, for the chat-marker check
-        if row_id is None:
-            error = f"id column {inp.id_column!r} is null"
-        elif inp.messages_column is not None:
-            messages, error = conversations[i]
-            if messages is not None:
-                try:
-                    chat_turns(messages)
-                    prompt = render_chat_text(messages)
-                except PromptError as exc:
-                    messages, error = None, f"column {inp.messages_column!r}: {exc}"
-        elif inp.prompt_column is not None:
-            prompt, error = cells[inp.prompt_column][i]
-            used = [inp.prompt_column]
-            if prompt is not None and not prompt.strip():
-                prompt, error = None, f"column {inp.prompt_column!r} is empty"
-        elif preset is not None:
-            values: dict[str, str | None] = {}
-            for slot, col in inp.preset_columns().items():
-                if col is None:
-                    continue
-                text, why = cells[col][i]
-                if why is not None and (slot in preset.required or not nulls[col][i]):
-                    error = f"template {why}"
-                    break
-                if slot in preset.required and not text.strip():
-                    error = f"template column {col!r} is empty"
-                    break
-                if inp.is_chat and text is not None and (why := _marker_error(text, col)) is not None:
-                    error = why
-                    break
-                values[slot] = text
-                used.append(col)
-            if error is None:
-                try:
-                    rendered = render_preset(preset.name, values, inp.system)
-                except PromptError as exc:
-                    error = f"template {preset.name}: {exc}"
-                else:
-                    if isinstance(rendered, str):
-                        prompt = rendered
-                    else:
-                        messages, prompt = rendered, rendered[-1]["content"]
-        else:
-            pieces = []
-            for literal, col in parts:
-                pieces.append(literal)
-                if col is not None:
-                    text, error = cells[col][i]
-                    if error:
-                        error = f"template {error}"
-                        break
-                    pieces.append(text)
-                    used.append(col)
-            if error is None:
-                prompt = "".join(pieces)
-                if not prompt.strip():
-                    prompt, error = None, "the rendered template is empty"
-        if error is None and inp.is_chat and inp.messages_column is None:
-            # A cell may not forge chat turns (Meta's reference refuses such prompts too).
-            error = next((e for c in dict.fromkeys(used) if (e := _marker_error(cells[c][i][0] or "", c))), None)
-            if error is not None:
-                prompt, messages = None, None
-            elif messages is None:
-                messages = single_turn(prompt, inp.system)
-        overrides: dict[str, int | float] = {}
-        for name, values_ in override_values.items():
-            if values_[i] is None or error:
-                continue
-            try:
-                overrides[name] = check_sampling_value(name, values_[i])
-            except ValueError as exc:
-                prompt, messages, error = None, None, f"override from column {spec.sampling.overrides[name]!r}: {exc}"
-        seed = row_seed(int(overrides.get("seed", spec.sampling.seed)), row_id) if row_id is not None else 0
-        rows.append(PromptRow(row_id=row_id, prompt=prompt, error=error, overrides=overrides, seed=seed,
-                              messages=messages))
-    return rows

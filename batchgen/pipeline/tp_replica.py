@@ -44,10 +44,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from batchgen.engine import CompletionOutput, SamplingParams
 from batchgen.engine.tp import TPError, TPLeaderLLM, destroy_tp_group, follower_loop, init_tp_group
-from batchgen.pipeline.faults import FAULT_EXIT_CODE
+from batchgen.pipeline.exits import EXIT_ON_PURPOSE
 from batchgen.pipeline.raynet import wait_names_free
-from batchgen.pipeline.replica import Replica, ShardWorker
+from batchgen.pipeline.replica import Replica
 from batchgen.pipeline.spec import JobSpec
+from batchgen.pipeline.worker import ShardWorker
 
 #: Collective timeout of a step: how long a dead or frozen rank can stall the others.
 TP_TIMEOUT_S = 120.0
@@ -172,7 +173,7 @@ class _ExitOnGroupFailure(TPLeaderLLM):
         except TPError as e:
             print(f"batchgen tensor-parallel rank 0 pid {os.getpid()}: exiting, the group failed: {e}",
                   file=sys.stderr, flush=True)
-            os._exit(FAULT_EXIT_CODE)
+            os._exit(EXIT_ON_PURPOSE)
 
 
 class TPLeaderReplica(_Rank, Replica):
@@ -189,7 +190,7 @@ class TPLeaderReplica(_Rank, Replica):
         try:
             device = _join_group(0, endpoint, infos, *self.timeouts)
             self._fault("load")
-            self.worker = ShardWorker(self.spec, build_tp_llm(self.spec, device), self.faults)
+            self.worker = ShardWorker(self.spec, self._engine(build_tp_llm(self.spec, device)))
         except BaseException as e:
             self.setup_error = f"{type(e).__name__}: {e}"
             raise

@@ -34,8 +34,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchgen.pipeline import writer
-from batchgen.pipeline.shards import list_input_files, resolve_filesystem
+from batchgen.pipeline.shards import list_input_files
 from batchgen.pipeline.spec import InputSpec, SpecError, load_spec
+from batchgen.pipeline.storage import resolve_filesystem, with_retries
 
 
 @dataclass
@@ -90,7 +91,7 @@ def _read_input_ids(input_path: str, id_column: str) -> pa.ChunkedArray:
         fs, path = resolve_filesystem(f.uri)
         if id_column not in f.schema.names:
             raise SpecError("input.id_column", f"column {id_column!r} not in {f.uri}")
-        table = writer.with_retries(fs, f"reading {f.uri}",
+        table = with_retries(fs, f"reading {f.uri}",
                                     lambda: pq.read_table(path, columns=[id_column], filesystem=fs))
         chunks += table.column(0).chunks
     return pa.chunked_array(chunks, type=files[0].schema.field(id_column).type)
@@ -108,7 +109,7 @@ def _read_output(output_path: str, id_column: str) -> tuple[pa.Table, int, pafs.
     if missing:
         raise SpecError("output.path", f"{output_path}: shard files lack column(s) {missing} "
                                        "(not a batchgen output, or another id column)")
-    table = writer.with_retries(fs, f"reading {output_path}", lambda: dataset.to_table(columns=columns))
+    table = with_retries(fs, f"reading {output_path}", lambda: dataset.to_table(columns=columns))
     return table, len(paths), fs, root
 
 
@@ -154,7 +155,7 @@ def verify_output(input_path: str, id_column: str, output_path: str, examples: i
     if report.success_file:
         summary_path = f"{root}/{writer.SUMMARY}"
         if fs.get_file_info(summary_path).type == pafs.FileType.File:
-            summary = writer.with_retries(fs, f"reading {summary_path}",
+            summary = with_retries(fs, f"reading {summary_path}",
                                           lambda: pq.read_table(summary_path, filesystem=fs))
             report.summary_rows = int(pc.sum(summary["rows"]).as_py() or 0)
             report.summary_errors = int(pc.sum(summary["rows_error"]).as_py() or 0)

@@ -20,7 +20,7 @@ names starting with ``.`` or ``_``) ignores. The whole output reads as one datas
 ``pyarrow.dataset.dataset(f"{out}/shards", format="parquet")``.
 
 Object stores fail transiently (500s, resets, throttling). Beyond the SDK's own retries, every
-storage call here on a non-local filesystem goes through :func:`with_retries` (exponential
+storage call here on a non-local filesystem goes through :func:`storage.with_retries` (exponential
 backoff with jitter); an error that outlasts it is raised to the caller, which for a replica
 fails the attempt (the shard goes back to the queue), not the job.
 """
@@ -30,10 +30,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import random
-import time
-import uuid
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,8 +40,12 @@ import pyarrow.parquet as pq
 
 from batchgen import __version__
 from batchgen.pipeline.provenance import fingerprint_changes, provenance
-from batchgen.pipeline.shards import Shard, resolve_filesystem
-from batchgen.pipeline.spec import JobSpec, SpecError, result_fields, spec_fingerprint
+from batchgen.pipeline.records import SUMMARY_SCHEMA, ShardSummary
+from batchgen.pipeline.shards import Shard
+from batchgen.pipeline.spec import JobSpec, result_fields, spec_fingerprint
+from batchgen.pipeline.storage import (  # noqa: F401 (OutputError: callers catch it from here)
+    TMP_PREFIX, OutputError, join as _join, publish_bytes, publish_json, read_json, resolve_filesystem, with_retries,
+)
 
 SHARDS_DIR = "shards"
 PARTS_DIR = "parts"
@@ -52,46 +54,14 @@ SUMMARY = "summary.parquet"
 SUCCESS = "_SUCCESS"
 RUNS = "runs.json"
 _OURS = {SHARDS_DIR, PARTS_DIR, MANIFEST, SUMMARY, SUCCESS, RUNS}
-_TMP_PREFIX = ".tmp-"
-
-#: Tries of one storage call on an object store (on top of the SDK's own), and the first wait.
-IO_ATTEMPTS = 5
-IO_BACKOFF_S = 0.2
-# Errors that another try cannot fix: raised at once.
-_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 log = logging.getLogger("batchgen")
-T = TypeVar("T")
 _FORMAT = "batchgen-output/1"
 _SUMMARY_KEY = b"batchgen.shard_summary"
 #: Parquet key-value metadata of every shard file: the manifest's provenance block (JSON).
 PROVENANCE_KEY = b"batchgen.provenance"
 
-#: One row per committed shard; every field but ``shard_id`` may be missing (null).
-SUMMARY_SCHEMA = pa.schema([
-    pa.field("shard_id", pa.string(), nullable=False),
-    ("input_file", pa.string()),
-    ("row_start", pa.int64()),
-    ("row_groups", pa.list_(pa.int32())),
-    ("rows", pa.int64()),
-    ("rows_ok", pa.int64()),
-    ("rows_error", pa.int64()),
-    ("prompt_tokens", pa.int64()),
-    ("completion_tokens", pa.int64()),
-    ("seconds", pa.float64()),
-    # When the shard's rows were read and when its last row finished (UTC). Shards overlap in a
-    # replica's engine, so "seconds" alone cannot tell a timeline; these can.
-    ("started", pa.timestamp("ms", tz="UTC")),
-    ("finished", pa.timestamp("ms", tz="UTC")),
-    ("attempts", pa.int32()),
-    ("replica", pa.string()),
-    ("host", pa.string()),
-])
 _SUMMARY_TIMES = [f.name for f in SUMMARY_SCHEMA if pa.types.is_timestamp(f.type)]
-
-
-class OutputError(SpecError):
-    """The output location cannot be used as asked (mode, fingerprints, foreign files)."""
 
 
 # --------------------------------------------------------------------------------------- schema
@@ -125,90 +95,12 @@ def output_schema(spec: JobSpec, id_type: pa.DataType, keep_types: Mapping[str, 
 
 # --------------------------------------------------------------------------------------- publishing
 
-def _join(root: str, *parts: str) -> str:
-    # pyarrow.fs paths are '/'-separated on every filesystem.
-    return "/".join([root.rstrip("/"), *parts])
-
-
-def _is_local(fs: pafs.FileSystem) -> bool:
-    if isinstance(fs, pafs.LocalFileSystem):
-        return True
-    return isinstance(fs, pafs.SubTreeFileSystem) and _is_local(fs.base_fs)
-
-
-def with_retries(fs: pafs.FileSystem, what: str, call: Callable[[], T], attempts: int = IO_ATTEMPTS,
-                 backoff_s: float = IO_BACKOFF_S) -> T:
-    """``call()``, tried up to ``attempts`` times while an object store fails with an ``OSError``.
-
-    Waits ``backoff_s * 2**n`` (times a random 0.5-1.5, so that replicas do not retry in step)
-    between tries. Local filesystems are called once: their errors (disk full, permissions)
-    do not go away by waiting. Errors such as a missing file are raised at once. The last
-    error is raised with a note saying how many tries were made.
-    """
-    if _is_local(fs):
-        return call()
-    for attempt in range(1, attempts + 1):
-        try:
-            return call()
-        except _PERMANENT:
-            raise
-        except OSError as exc:
-            if attempt == attempts:
-                exc.add_note(f"batchgen: {what} failed {attempts} times; giving up")
-                raise
-            delay = backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
-            log.warning("%s failed (%s); try %d of %d in %.1fs", what, str(exc).splitlines()[0][:200],
-                        attempt + 1, attempts, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")  # the loop returns or raises
-
-
-def publish_bytes(fs: pafs.FileSystem, path: str, data: bytes,
-                  before_commit: Callable[[], None] | None = None) -> None:
-    """Make ``path`` hold exactly ``data``, or leave it as it was: never a partial file.
-
-    ``before_commit`` (a crash-test hook) runs once the bytes are staged and before they become
-    visible: after the temp file is written (local) or the bytes are handed to the upload
-    (object stores).
-    """
-    if _is_local(fs):
-        parent, _, name = path.rpartition("/")
-        fs.create_dir(parent, recursive=True)
-        # Hidden and not ending in .parquet, so a leftover from a killed writer matches no listing.
-        tmp = f"{parent}/{_TMP_PREFIX}{uuid.uuid4().hex}-{name}.partial"
-        try:
-            with fs.open_output_stream(tmp) as out:
-                out.write(data)
-            if before_commit is not None:
-                before_commit()
-            fs.move(tmp, path)  # rename(2): atomic within a directory
-        except BaseException:
-            if fs.get_file_info(tmp).type == pafs.FileType.File:
-                fs.delete_file(tmp)
-            raise
-        return
-
-    # Object stores have no atomic rename (move = copy + delete); an upload of finished bytes is
-    # atomic there, since an object appears only once its PUT / multipart upload completes.
-    # Every try uploads all the bytes again, so a retry after an unclear failure is harmless.
-    def upload() -> None:
-        out = fs.open_output_stream(path)
-        try:
-            out.write(data)
-            if before_commit is not None:
-                before_commit()
-        finally:
-            out.close()
-
-    with_retries(fs, f"writing {path}", upload)
-
-
 def publish_shard(fs: pafs.FileSystem, out_root: str, shard_id: str, table: pa.Table,
-                  summary: Mapping[str, Any] | None = None,
+                  summary: ShardSummary | Mapping[str, Any] | None = None,
                   before_commit: Callable[[], None] | None = None) -> str:
     """Atomically write ``table`` as ``<out_root>/shards/<shard_id>.parquet``; returns that path.
 
-    ``summary`` (this shard's row of ``summary.parquet``, keys from :data:`SUMMARY_SCHEMA`) is
+    ``summary`` (this shard's row of ``summary.parquet``; a dict: keys from :data:`SUMMARY_SCHEMA`) is
     stored in the file's footer, so the summary of a resumed job still covers shards committed by
     earlier runs (see :func:`read_shard_summaries`). Republishing a shard (a retried attempt)
     replaces the file as a whole. ``before_commit``: see :func:`publish_bytes`.
@@ -238,15 +130,23 @@ def _provenance(fs: pafs.FileSystem, out_root: str) -> bytes | None:
     return None if block is None else json.dumps(block, sort_keys=True).encode()
 
 
-def _parquet_bytes(table: pa.Table, shard_id: str, summary: Mapping[str, Any] | None,
+def _summary(summary: ShardSummary | Mapping[str, Any] | None, shard_id: str) -> ShardSummary | None:
+    """``summary`` as the record of ``shard_id`` (a dict is checked for unknown keys)."""
+    if summary is None:
+        return None
+    if isinstance(summary, ShardSummary):
+        return summary.with_id(shard_id)
+    return ShardSummary.from_dict({**summary, "shard_id": shard_id})
+
+
+def _parquet_bytes(table: pa.Table, shard_id: str, summary: ShardSummary | Mapping[str, Any] | None,
                    prov: bytes | None = None) -> bytes:
     """``table`` as a Parquet file, with ``summary`` (checked first) and ``prov`` in its footer."""
     if prov is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), PROVENANCE_KEY: prov})
-    if summary is not None:
-        _check_summary_keys(summary)
-        metadata = {**(table.schema.metadata or {}), _SUMMARY_KEY: json.dumps({**summary, "shard_id": shard_id},
-                                                                              default=str)}
+    record = _summary(summary, shard_id)
+    if record is not None:
+        metadata = {**(table.schema.metadata or {}), _SUMMARY_KEY: json.dumps(record.to_dict(), default=str)}
         table = table.replace_schema_metadata(metadata)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
@@ -256,7 +156,7 @@ def _parquet_bytes(table: pa.Table, shard_id: str, summary: Mapping[str, Any] | 
 # --------------------------------------------------------------------------------------- parts
 
 def publish_part(fs: pafs.FileSystem, out_root: str, shard_id: str, part_id: str, table: pa.Table,
-                 summary: Mapping[str, Any] | None = None,
+                 summary: ShardSummary | Mapping[str, Any] | None = None,
                  before_commit: Callable[[], None] | None = None) -> str:
     """Atomically write one piece of a split shard as ``parts/<shard_id>/<part_id>.parquet``.
 
@@ -278,7 +178,7 @@ def row_counts(table: pa.Table) -> dict[str, int]:
 
 
 def merge_parts(fs: pafs.FileSystem, out_root: str, shard_id: str, part_ids: Sequence[str],
-                summary: Mapping[str, Any] | None = None) -> str:
+                summary: ShardSummary | Mapping[str, Any] | None = None) -> str:
     """Publish the parts ``part_ids`` (in that order) as ``shards/<shard_id>.parquet`` in one
     atomic write, then delete the shard's parts; returns the shard's path. The summary's row
     and token counts are taken from the merged rows (see :func:`row_counts`).
@@ -292,7 +192,7 @@ def merge_parts(fs: pafs.FileSystem, out_root: str, shard_id: str, part_ids: Seq
         tables.append(with_retries(fs, f"reading {path}", lambda p=path: pq.read_table(p, filesystem=fs)))
     merged = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
     # Counted from the rows themselves, so the summary always matches the file.
-    summary = {**(summary or {}), **row_counts(merged)}
+    summary = replace(_summary(summary or {}, shard_id), **row_counts(merged))
     path = publish_shard(fs, out_root, shard_id, merged, summary=summary)
     discard_parts(fs, out_root, [shard_id])
     return path
@@ -318,7 +218,7 @@ def remove_leftovers(fs: pafs.FileSystem, out_root: str) -> int:
     for d in (out_root, _join(out_root, SHARDS_DIR)):
         selector = pafs.FileSelector(d, allow_not_found=True)
         for info in with_retries(fs, f"listing {d}", lambda s=selector: fs.get_file_info(s)):
-            if info.type == pafs.FileType.File and info.base_name.startswith(_TMP_PREFIX):
+            if info.type == pafs.FileType.File and info.base_name.startswith(TMP_PREFIX):
                 try:
                     fs.delete_file(info.path)
                     removed += 1
@@ -329,11 +229,11 @@ def remove_leftovers(fs: pafs.FileSystem, out_root: str) -> int:
 
 
 def read_shard_summaries(fs: pafs.FileSystem, out_root: str, shard_ids: Iterable[str] | None = None
-                         ) -> list[dict[str, Any]]:
+                         ) -> list[ShardSummary]:
     """The summary rows stored by :func:`publish_shard` in committed shards (footers only).
 
     Only ``shard_ids`` when given (leftovers of another plan are skipped). A shard published
-    without a summary gets ``{"shard_id", "rows"}`` from its footer.
+    without a summary gets its ``shard_id`` and ``rows`` from its footer.
     """
     ids = committed_shards(fs, out_root)
     if shard_ids is not None:
@@ -343,39 +243,14 @@ def read_shard_summaries(fs: pafs.FileSystem, out_root: str, shard_ids: Iterable
         path = _join(out_root, SHARDS_DIR, f"{shard_id}.parquet")
         meta = with_retries(fs, f"reading {path}", lambda p=path: _footer(fs, p))
         stored = (meta.metadata or {}).get(_SUMMARY_KEY)
-        rows.append(json.loads(stored) if stored else {"shard_id": shard_id, "rows": meta.num_rows})
+        rows.append(ShardSummary.from_dict(json.loads(stored)) if stored
+                    else ShardSummary(shard_id=shard_id, rows=meta.num_rows))
     return rows
 
 
 def _footer(fs: pafs.FileSystem, path: str) -> pq.FileMetaData:
     with fs.open_input_file(path) as f:
         return pq.ParquetFile(f).metadata
-
-
-def publish_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON to ``path``."""
-    publish_bytes(fs, path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def read_json(fs: pafs.FileSystem, path: str) -> Any | None:
-    """The JSON document at ``path``, or None when there is none.
-
-    Raises:
-        OutputError: when it exists but is not valid JSON.
-    """
-    def read() -> bytes | None:
-        if fs.get_file_info(path).type != pafs.FileType.File:
-            return None
-        with fs.open_input_stream(path) as f:
-            return f.read()
-
-    raw = with_retries(fs, f"reading {path}", read)
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OutputError("output.path", f"{path} is not valid JSON ({exc})") from None
 
 
 def committed_shards(fs: pafs.FileSystem, out_root: str) -> set[str]:
@@ -529,27 +404,22 @@ def prepare_output(spec: JobSpec, shards: Sequence[Shard], input_fp: str,
     return set()
 
 
-def _check_summary_keys(row: Mapping[str, Any]) -> None:
-    unknown = set(row) - set(SUMMARY_SCHEMA.names)
-    if unknown:
-        raise ValueError(f"summary row {row.get('shard_id')!r}: unknown field(s) {sorted(unknown)}; "
-                         f"known: {', '.join(SUMMARY_SCHEMA.names)}")
-
-
-def write_summary(fs: pafs.FileSystem, out_root: str, rows: Iterable[Mapping[str, Any]]) -> str:
+def write_summary(fs: pafs.FileSystem, out_root: str, rows: Iterable[ShardSummary | Mapping[str, Any]]) -> str:
     """Write ``summary.parquet``, one row per shard (fields: :data:`SUMMARY_SCHEMA`); returns its path.
 
     Raises:
         ValueError: for a key that is not a summary field (a typo would otherwise vanish).
     """
-    rows = sorted((dict(r) for r in rows), key=lambda r: (r.get("input_file") or "", r.get("row_start") or 0,
-                                                          r.get("shard_id") or ""))
-    for r in rows:
-        _check_summary_keys(r)
+    records = [r if isinstance(r, ShardSummary) else ShardSummary.from_dict(r) for r in rows]
+    records.sort(key=lambda r: (r.input_file or "", r.row_start or 0, r.shard_id))
+    table_rows = []
+    for r in records:
+        row = {name: getattr(r, name) for name in SUMMARY_SCHEMA.names}
         for key in _SUMMARY_TIMES:  # footers hold epoch seconds (JSON has no time type)
-            if r.get(key) is not None:
-                r[key] = dt.datetime.fromtimestamp(float(r[key]), dt.timezone.utc)
-    table = pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+            if row[key] is not None:
+                row[key] = dt.datetime.fromtimestamp(float(row[key]), dt.timezone.utc)
+        table_rows.append(row)
+    table = pa.Table.from_pylist(table_rows, schema=SUMMARY_SCHEMA)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
     path = _join(out_root, SUMMARY)
