@@ -120,6 +120,8 @@ def output_table(spec: JobSpec, table: pa.Table, results: Sequence[RowResult]) -
             cols["logprobs"].append(out.logprobs if ok else None)
         if "token_ids" in cols:
             cols["token_ids"].append(out.token_ids if ok else None)
+        if "truncated_tokens" in cols:
+            cols["truncated_tokens"].append(out.truncated_tokens)
     cols[spec.input.id_column] = table.column(spec.input.id_column).to_pylist()
     for c in keep:
         cols[c] = table.column(c).to_pylist()
@@ -221,7 +223,7 @@ class ShardWorker:
         fs, _ = resolve_filesystem(shard.path)
         table = with_retries(fs, f"reading shard {shard.shard_id}",
                              lambda: read_shard(shard, spec.input_columns()))
-        rows = build_prompts(table, spec)
+        rows = build_prompts(table, spec, context=self.llm.max_model_len)  # oversized text: error rows
         run = ShardRun(shard, table, [None] * len(rows), {}, keep_going, started, started_at, context, solo=solo)
         tag = f"{next(self._tags)}/"
         for i, row in enumerate(rows):

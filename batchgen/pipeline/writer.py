@@ -101,7 +101,9 @@ def output_schema(spec: JobSpec, id_type: pa.DataType, keep_types: Mapping[str, 
 
     ``finish_reason`` is ``stop``, ``length`` or ``error``; ``error`` is null for good rows;
     ``logprobs`` (the sampled tokens' log-probabilities) exists only with ``sampling.logprobs``,
-    ``token_ids`` (the generated ids, a stop token included) only with ``output.token_ids``.
+    ``token_ids`` (the generated ids, a stop token included) only with ``output.token_ids``,
+    ``truncated_tokens`` (prompt tokens dropped from the front to fit the context) only with
+    ``input.truncate_prompt``.
     Non-nullable fields make the Parquet writer refuse a table with nulls there.
     """
     keep = spec.input.keep_columns
@@ -120,6 +122,9 @@ def output_schema(spec: JobSpec, id_type: pa.DataType, keep_types: Mapping[str, 
         fields.append(pa.field("logprobs", pa.list_(pa.float32())))
     if spec.output.token_ids:
         fields.append(pa.field("token_ids", pa.list_(pa.int32())))
+    if spec.input.truncate_prompt:
+        # What truncate_prompt cut from the front of the row's prompt (0: it fit): never silent.
+        fields.append(pa.field("truncated_tokens", pa.int32(), nullable=False))
     return pa.schema(fields)
 
 
