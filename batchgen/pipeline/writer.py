@@ -41,6 +41,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchgen import __version__
+from batchgen.pipeline.manifest import check_manifest
+from batchgen.pipeline.outdir import check_no_symlinks, delete_ours, foreign_entries
 from batchgen.pipeline.provenance import fingerprint_changes, provenance
 from batchgen.pipeline.shards import Shard, resolve_filesystem
 from batchgen.pipeline.spec import JobSpec, SpecError, result_fields, spec_fingerprint
@@ -51,7 +53,6 @@ MANIFEST = "manifest.json"
 SUMMARY = "summary.parquet"
 SUCCESS = "_SUCCESS"
 RUNS = "runs.json"
-_OURS = {SHARDS_DIR, PARTS_DIR, MANIFEST, SUMMARY, SUCCESS, RUNS}
 _TMP_PREFIX = ".tmp-"
 
 #: Tries of one storage call on an object store (on top of the SDK's own), and the first wait.
@@ -238,7 +239,7 @@ def _provenance(fs: pafs.FileSystem, out_root: str) -> bytes | None:
 
     Read at every publish rather than passed down: replicas get it with no change to how they
     are started, and one small GET per shard costs nothing beside a shard's generation."""
-    manifest = read_json(fs, _join(out_root, MANIFEST))
+    manifest = read_manifest(fs, out_root)
     block = (manifest or {}).get("provenance")
     return None if block is None else json.dumps(block, sort_keys=True).encode()
 
@@ -383,6 +384,17 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any | None:
         raise OutputError("output.path", f"{path} is not valid JSON ({exc})") from None
 
 
+def read_manifest(fs: pafs.FileSystem, out_root: str) -> dict[str, Any] | None:
+    """The manifest under ``out_root``, checked to have the manifest's shape (None when absent).
+
+    Raises:
+        OutputError: it is not valid JSON, or not a manifest (:func:`manifest.check_manifest`).
+    """
+    path = _join(out_root, MANIFEST)
+    obj = read_json(fs, path)
+    return None if obj is None else check_manifest(obj, path)
+
+
 def committed_shards(fs: pafs.FileSystem, out_root: str) -> set[str]:
     """Ids of the shards whose output file exists (only ``shards/*.parquet``, no hidden names)."""
     selector = pafs.FileSelector(_join(out_root, SHARDS_DIR), allow_not_found=True)
@@ -486,12 +498,15 @@ def check_output(spec: JobSpec, shards: Sequence[Shard], input_fp: str,
     if mode == "error_if_exists" and entries:
         raise OutputError("output.path", f"{uri} is not empty ({', '.join(entries[:5])}); "
                                          "mode: error_if_exists refuses it (use resume or overwrite)")
+    check_no_symlinks(fs, root, uri)  # a shards/ symlink would take the output (and deletions) elsewhere
     if mode == "overwrite" and entries:
-        foreign = [e for e in entries if e not in _OURS and not e.startswith(".tmp-")]
+        foreign = foreign_entries(fs, root)  # inside shards/ and parts/ too, not only the top level
         if foreign:
             raise OutputError("output.path", f"{uri} holds files batchgen did not write "
-                                             f"({', '.join(foreign[:5])}); refusing to delete them")
-    manifest = read_json(fs, _join(root, MANIFEST)) if mode == "resume" else None
+                                             f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); "
+                                             "mode: overwrite deletes only batchgen's own files, so it refuses: "
+                                             "move them away or use another output.path")
+    manifest = read_manifest(fs, root) if mode == "resume" else None
     if manifest is not None:
         _check_manifest(manifest, spec, input_fp, shards, uri, model_fp)
         return committed_shards(fs, root) & {s.shard_id for s in shards}
@@ -524,12 +539,7 @@ def prepare_output(spec: JobSpec, shards: Sequence[Shard], input_fp: str,
             fs.delete_file(_join(root, SUCCESS))  # a shard went missing: the job is not complete now
         return committed
     if spec.output.mode == "overwrite":
-        for name in _top_level(fs, root, spec.output.path):
-            path = _join(root, name)
-            if fs.get_file_info(path).type == pafs.FileType.Directory:
-                fs.delete_dir(path)
-            else:
-                fs.delete_file(path)
+        delete_ours(fs, root)  # file by file, by batchgen's own names (outdir.py)
     publish_json(fs, _join(root, MANIFEST), _manifest(spec, shards, input_fp, model_fp))
     return set()
 
@@ -574,10 +584,13 @@ def job_status(out_uri: str) -> dict[str, Any]:
     Keys: ``output``, ``exists``, ``name``, ``created``, ``total_shards``, ``committed_shards``,
     ``total_rows``, ``committed_rows`` (from the manifest's plan; None without a manifest),
     ``complete`` (``_SUCCESS`` exists) and ``success`` (its content or None).
+
+    Raises:
+        OutputError: the manifest (or ``_SUCCESS``) is not valid JSON or not a manifest.
     """
     fs, root = resolve_filesystem(out_uri)
     exists = bool(_top_level(fs, root, out_uri))
-    manifest = read_json(fs, _join(root, MANIFEST)) or {}
+    manifest = read_manifest(fs, root) or {}
     success = read_json(fs, _join(root, SUCCESS))
     committed = committed_shards(fs, root)
     planned = {s["shard_id"]: s["rows"] for s in manifest.get("shards", [])}
