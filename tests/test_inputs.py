@@ -311,10 +311,17 @@ def test_a_library_run_job_starts_ray_on_loopback(tmp_path: Path, model_dir: Pat
              "from batchgen.pipeline.spec import load_spec\n"
              "summary = run_job(load_spec(sys.argv[1]), dashboard=False)\n"
              "print('RESULT', summary['rows'], ray.util.get_node_ip_address(), "
-             "ray.get_runtime_context().gcs_address)\n")
+             "ray.get_runtime_context().gcs_address)\n"
+             # Every socket the Ray processes listen on (psutil comes with the test extras' peft).
+             "import psutil\n"
+             "ips = {c.laddr.ip for p in psutil.Process().children(recursive=True)\n"
+             "       for c in p.net_connections(kind='inet') if c.status == 'LISTEN'}\n"
+             "print('LISTEN', *sorted(ips))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
     res = subprocess.run([sys.executable, "-c", probe, str(job)], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows, node_ip, gcs = res.stdout.split("RESULT", 1)[1].split()
+    rows, node_ip, gcs = res.stdout.split("RESULT", 1)[1].split("\n", 1)[0].split()
     assert (rows, node_ip) == ("2", "127.0.0.1") and gcs.startswith("127.0.0.1:")
+    listening = res.stdout.split("LISTEN", 1)[1].split()
+    assert listening and set(listening) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
