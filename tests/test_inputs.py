@@ -271,7 +271,8 @@ def test_overwrite_never_deletes_foreign_files_inside_its_directories(planned, t
     (out / foreign).parent.mkdir(parents=True, exist_ok=True)
     (out / foreign).write_text("precious")
     over = spec.model_copy(update={"output": spec.output.model_copy(update={"mode": "overwrite"})})
-    with pytest.raises(OutputError, match=f"holds files batchgen did not write \\(.*{foreign}"):
+    named = "shards/sub" if "/sub/" in foreign else foreign  # a foreign directory is named, not walked
+    with pytest.raises(OutputError, match=f"holds files batchgen did not write \\(.*{named}"):
         writer.prepare_output(over, shards, "f" * 64)
     assert (out / foreign).read_text() == "precious" and (out / "shards" / f"{sid}.parquet").exists()
     (out / foreign).unlink()
@@ -325,3 +326,18 @@ def test_a_library_run_job_starts_ray_on_loopback(tmp_path: Path, model_dir: Pat
     assert (rows, node_ip) == ("2", "127.0.0.1") and gcs.startswith("127.0.0.1:")
     listening = res.stdout.split("LISTEN", 1)[1].split()
     assert listening and set(listening) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
+
+
+def test_symlinks_inside_shards_are_refused_and_foreign_ones_beside_the_output_are_not(planned, tmp_path: Path) -> None:
+    spec, shards = planned
+    writer.prepare_output(spec, shards, "f" * 64)
+    out = Path(spec.output.path)
+    (tmp_path / "notes").mkdir()
+    os.symlink(tmp_path / "notes", out / "my-notes")  # not batchgen's: a resume leaves it be
+    assert writer.prepare_output(spec, shards, "f" * 64) == set()
+    fake = tmp_path / "fake.parquet"
+    fake.write_bytes(b"x")
+    (out / "shards").mkdir(exist_ok=True)
+    os.symlink(fake, out / "shards" / f"{shards[0].shard_id}.parquet")  # would pass as committed
+    with pytest.raises(OutputError, match=f"holds a symlink, shards/{shards[0].shard_id}.parquet"):
+        writer.prepare_output(spec, shards, "f" * 64)

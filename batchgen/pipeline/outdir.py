@@ -2,9 +2,10 @@
 
 Two rules, checked by ``writer.check_output`` before a run writes or deletes anything:
 
-- **No symlinks under a local output path.** batchgen writes none; a ``shards`` (or ``parts``, or
-  any) symlink would send the results, and a later overwrite's deletions, somewhere else. The
-  output path itself may be a symlink (a big disk mounted elsewhere is a user's choice).
+- **No symlinks in batchgen's layout under a local output path.** batchgen writes none; a
+  ``shards`` (or ``parts``, or ``shards/<id>.parquet``...) symlink would send the results, and a
+  later overwrite's deletions, somewhere else, or pass a foreign file off as a committed shard.
+  The output path itself may be a symlink (a big disk mounted elsewhere is a user's choice).
 - **``mode: overwrite`` deletes only what batchgen writes**, recognised by name
   (:func:`is_ours`): the top-level files of its layout, ``shards/<shard id>.parquet``,
   ``parts/<shard id>/<shard id>@<rows>.parquet`` and the hidden temp files of killed writers.
@@ -35,23 +36,33 @@ def is_ours(relpath: str) -> bool:
 
 
 def _local_entries(root: str) -> tuple[list[tuple[str, bool]], list[str]]:
-    """Everything under a local ``root`` as (relpath, is a directory), symlinks not followed,
-    and the symlinks among them."""
+    """What lies under a local ``root`` as (relpath, is a directory), and the symlinks among it.
+
+    Symlinks are not followed, and only batchgen's own directories are entered (a foreign
+    directory is listed, not walked): an output path that holds a large unrelated tree costs one
+    listing of it."""
     entries: list[tuple[str, bool]] = []
     links: list[str] = []
     for top, dirs, files in os.walk(root, followlinks=False):
         rel = os.path.relpath(top, root)
+        enter = []
         for name in sorted(dirs) + sorted(files):
             path = name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
             full = os.path.join(top, name)
+            is_dir = name in dirs and not os.path.islink(full)
             if os.path.islink(full):
-                links.append(path)
-            entries.append((path, name in dirs and not os.path.islink(full)))
+                if rel != "." or is_ours(path):  # a foreign top-level link is no part of the output
+                    links.append(path)
+            elif is_dir and is_ours(path):
+                enter.append(name)
+            entries.append((path, is_dir))
+        dirs[:] = enter
     return entries, links
 
 
 def check_no_symlinks(fs: pafs.FileSystem, root: str, uri: str) -> None:
-    """Refuse a local output that holds a symlink anywhere under it (see the module doc).
+    """Refuse a local output with a symlink where batchgen reads or writes: one of its own names
+    at the top level (``shards``, ``manifest.json``...) or anything inside ``shards/``/``parts/``.
 
     Raises:
         OutputError: naming the symlink and where it points.
