@@ -50,28 +50,20 @@ class Manifest(_Loose):
     shards: list[ManifestShard] = []
 
 
-def check_manifest(obj: Any, path: str) -> dict[str, Any]:
-    """``obj`` (the parsed JSON of ``manifest.json`` at ``path``) if it has the manifest's shape.
-
-    Returns the document unchanged (callers read it as a dict).
-
-    Raises:
-        OutputError: on ``output.path``, naming ``path``, the first bad field and what to do.
-    """
-    from batchgen.pipeline.writer import OutputError  # the writer imports this module
-
+def manifest_problem(obj: Any, path: str) -> str | None:
+    """Why ``obj`` (the parsed JSON of ``manifest.json`` at ``path``) is not a batchgen manifest,
+    naming ``path``, the first bad field and what to do; None when it is one."""
     if not isinstance(obj, dict):
-        raise OutputError("output.path", f"{path} is not a batchgen manifest (a JSON {type(obj).__name__}, not an "
-                                         "object); move it away, or use mode: overwrite to start again")
+        return (f"{path} is not a batchgen manifest (a JSON {type(obj).__name__}, not an object); move it away, "
+                "or use mode: overwrite to start again")
     try:
         Manifest.model_validate(obj)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise OutputError("output.path", f"{path} is not a valid batchgen manifest: {where}: {err['msg']} "
-                                         f"(got {err.get('input')!r:.80}); move it away, or use mode: overwrite "
-                                         "to start again") from None
-    return obj
+        return (f"{path} is not a valid batchgen manifest: {where}: {err['msg']} (got {err.get('input')!r:.80}); "
+                "move it away, or use mode: overwrite to start again")
+    return None
 
 
-__all__ = ["Manifest", "ManifestShard", "check_manifest"]
+__all__ = ["Manifest", "ManifestShard", "manifest_problem"]

@@ -1,6 +1,6 @@
 """Trust in the output directory: what batchgen wrote there, what it did not, and symlinks.
 
-Two rules, checked by ``writer.check_output`` before a run writes or deletes anything:
+Two rules, applied by ``writer.check_output`` before a run writes or deletes anything:
 
 - **No symlinks in batchgen's layout under a local output path.** batchgen writes none; a
   ``shards`` (or ``parts``, or ``shards/<id>.parquet``...) symlink would send the results, and a
@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any, Callable
 
 import pyarrow.fs as pafs
+
+#: ``retry(what, call)``: runs one storage call with the writer's retries (``writer.with_retries``).
+Retry = Callable[[str, Callable[[], Any]], Any]
 
 # Names as writer.py and shards._make_shard / driver._pieces make them.
 _SHARD_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{10}"
@@ -60,46 +64,34 @@ def _local_entries(root: str) -> tuple[list[tuple[str, bool]], list[str]]:
     return entries, links
 
 
-def check_no_symlinks(fs: pafs.FileSystem, root: str, uri: str) -> None:
-    """Refuse a local output with a symlink where batchgen reads or writes: one of its own names
-    at the top level (``shards``, ``manifest.json``...) or anything inside ``shards/``/``parts/``.
-
-    Raises:
-        OutputError: naming the symlink and where it points.
-    """
-    from batchgen.pipeline.writer import OutputError, _is_local
-
-    if not _is_local(fs) or not os.path.isdir(root):
-        return
-    _, links = _local_entries(root)
-    if links:
-        target = os.readlink(os.path.join(root, links[0]))
-        raise OutputError("output.path", f"{uri} holds a symlink, {links[0]} -> {target}"
-                                         f"{f' (and {len(links) - 1} more)' if len(links) > 1 else ''}; batchgen "
-                                         "writes none and will not write or delete through one: remove it (or "
-                                         "use another output.path)")
+def symlink_problem(root: str) -> str | None:
+    """Why a local output directory ``root`` may not be used: a symlink where batchgen reads or
+    writes (one of its own names at the top level, ``shards``, ``manifest.json``..., or anything
+    inside ``shards/``/``parts/``), or None."""
+    if not os.path.isdir(root):
+        return None
+    links = _local_entries(root)[1]
+    if not links:
+        return None
+    more = f" (and {len(links) - 1} more)" if len(links) > 1 else ""
+    return (f"holds a symlink, {links[0]} -> {os.readlink(os.path.join(root, links[0]))}{more}; batchgen writes "
+            "none and will not write or delete through one: remove it (or use another output.path)")
 
 
-def foreign_entries(fs: pafs.FileSystem, root: str) -> list[str]:
-    """Relpaths under ``root`` that batchgen did not write (directories and files, any depth)."""
-    from batchgen.pipeline.writer import _is_local, with_retries
-
-    if _is_local(fs):
+def foreign_entries(fs: pafs.FileSystem, root: str, local: bool, retry: Retry) -> list[str]:
+    """Relpaths under ``root`` that batchgen did not write (directories and files, any depth;
+    a foreign directory is named, not walked). ``retry(what, call)`` runs a storage call."""
+    if local:
         entries = _local_entries(root)[0] if os.path.isdir(root) else []
     else:
-        selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
-        infos = with_retries(fs, f"listing {root}", lambda: fs.get_file_info(selector))
-        base = root.rstrip("/") + "/"
-        entries = [(i.path.removeprefix(base), i.type == pafs.FileType.Directory) for i in infos]
+        entries = [(path, info.type == pafs.FileType.Directory) for path, info in _remote(fs, root, retry)]
     return sorted(path for path, _ in entries if not is_ours(path))
 
 
-def delete_ours(fs: pafs.FileSystem, root: str) -> None:
+def delete_ours(fs: pafs.FileSystem, root: str, local: bool, retry: Retry) -> None:
     """Delete what batchgen wrote under ``root`` (``mode: overwrite``), file by file, then its
     directories once empty: a file that appeared since the check is left where it is."""
-    from batchgen.pipeline.writer import _is_local, with_retries
-
-    if _is_local(fs):
+    if local:
         if not os.path.isdir(root):
             return
         entries = _local_entries(root)[0]
@@ -113,12 +105,16 @@ def delete_ours(fs: pafs.FileSystem, root: str) -> None:
                 except OSError:
                     pass
         return
+    for path, info in _remote(fs, root, retry):
+        if info.type == pafs.FileType.File and is_ours(path):
+            retry(f"deleting {info.path}", lambda p=info.path: fs.delete_file(p))
+
+
+def _remote(fs: pafs.FileSystem, root: str, retry: Retry) -> list[tuple[str, pafs.FileInfo]]:
+    """Everything under ``root`` on an object store, as (relpath, info)."""
     base = root.rstrip("/")
     selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
-    infos = with_retries(fs, f"listing {base}", lambda: fs.get_file_info(selector))
-    for info in infos:
-        if info.type == pafs.FileType.File and is_ours(info.path.removeprefix(base + "/")):
-            with_retries(fs, f"deleting {info.path}", lambda p=info.path: fs.delete_file(p))
+    return [(i.path.removeprefix(base + "/"), i) for i in retry(f"listing {base}", lambda: fs.get_file_info(selector))]
 
 
-__all__ = ["check_no_symlinks", "delete_ours", "foreign_entries", "is_ours"]
+__all__ = ["delete_ours", "foreign_entries", "is_ours", "symlink_problem"]

@@ -41,8 +41,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchgen import __version__
-from batchgen.pipeline.manifest import check_manifest
-from batchgen.pipeline.outdir import check_no_symlinks, delete_ours, foreign_entries
+from batchgen.pipeline.manifest import manifest_problem
+from batchgen.pipeline.outdir import delete_ours, foreign_entries, symlink_problem
 from batchgen.pipeline.provenance import fingerprint_changes, provenance
 from batchgen.pipeline.shards import Shard, resolve_filesystem
 from batchgen.pipeline.spec import JobSpec, SpecError, result_fields, spec_fingerprint
@@ -167,6 +167,11 @@ def with_retries(fs: pafs.FileSystem, what: str, call: Callable[[], T], attempts
                         attempt + 1, attempts, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _retry(fs: pafs.FileSystem) -> Callable[[str, Callable[[], T]], T]:
+    """:func:`with_retries` on ``fs`` as a ``(what, call)`` function, for helpers without ``fs``'s retries."""
+    return lambda what, call: with_retries(fs, what, call)
 
 
 def publish_bytes(fs: pafs.FileSystem, path: str, data: bytes,
@@ -392,7 +397,9 @@ def read_manifest(fs: pafs.FileSystem, out_root: str) -> dict[str, Any] | None:
     """
     path = _join(out_root, MANIFEST)
     obj = read_json(fs, path)
-    return None if obj is None else check_manifest(obj, path)
+    if obj is not None and (problem := manifest_problem(obj, path)) is not None:
+        raise OutputError("output.path", problem)
+    return obj
 
 
 def committed_shards(fs: pafs.FileSystem, out_root: str) -> set[str]:
@@ -498,9 +505,11 @@ def check_output(spec: JobSpec, shards: Sequence[Shard], input_fp: str,
     if mode == "error_if_exists" and entries:
         raise OutputError("output.path", f"{uri} is not empty ({', '.join(entries[:5])}); "
                                          "mode: error_if_exists refuses it (use resume or overwrite)")
-    check_no_symlinks(fs, root, uri)  # a shards/ symlink would take the output (and deletions) elsewhere
+    # A shards/ symlink would take the output (and an overwrite's deletions) elsewhere.
+    if _is_local(fs) and (problem := symlink_problem(root)) is not None:
+        raise OutputError("output.path", f"{uri} {problem}")
     if mode == "overwrite" and entries:
-        foreign = foreign_entries(fs, root)  # inside shards/ and parts/ too, not only the top level
+        foreign = foreign_entries(fs, root, _is_local(fs), _retry(fs))  # in shards/ and parts/ too
         if foreign:
             raise OutputError("output.path", f"{uri} holds files batchgen did not write "
                                              f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); "
@@ -539,7 +548,7 @@ def prepare_output(spec: JobSpec, shards: Sequence[Shard], input_fp: str,
             fs.delete_file(_join(root, SUCCESS))  # a shard went missing: the job is not complete now
         return committed
     if spec.output.mode == "overwrite":
-        delete_ours(fs, root)  # file by file, by batchgen's own names (outdir.py)
+        delete_ours(fs, root, _is_local(fs), _retry(fs))  # file by file, by batchgen's own names
     publish_json(fs, _join(root, MANIFEST), _manifest(spec, shards, input_fp, model_fp))
     return set()
 
