@@ -341,3 +341,30 @@ def test_symlinks_inside_shards_are_refused_and_foreign_ones_beside_the_output_a
     os.symlink(fake, out / "shards" / f"{shards[0].shard_id}.parquet")  # would pass as committed
     with pytest.raises(OutputError, match=f"holds a symlink, shards/{shards[0].shard_id}.parquet"):
         writer.prepare_output(spec, shards, "f" * 64)
+
+
+def test_overwrite_on_an_object_store_also_keeps_foreign_objects(planned) -> None:
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
+    boto3 = pytest.importorskip("boto3")
+    from batchgen.pipeline.outdir import delete_ours, foreign_entries
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        port = server.get_host_and_port()[1]
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                     aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket="bucket")
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                               access_key="testing", secret_key="testing")
+        sid = planned[1][0].shard_id
+        names = ["manifest.json", f"shards/{sid}.parquet", f"parts/{sid}/{sid}@0-5.parquet", "shards/notes.txt"]
+        for name in names:
+            writer.publish_bytes(fs, f"bucket/out/{name}", b"x")
+        retry = lambda what, call: writer.with_retries(fs, what, call)  # noqa: E731
+        assert foreign_entries(fs, "bucket/out", False, retry) == ["shards/notes.txt"]
+        delete_ours(fs, "bucket/out", False, retry)
+        left = [i.path for i in fs.get_file_info(pafs.FileSelector("bucket/out", recursive=True))
+                if i.type == pafs.FileType.File]
+        assert left == ["bucket/out/shards/notes.txt"]
+    finally:
+        server.stop()
