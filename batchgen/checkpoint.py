@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from batchgen.limits import shape_problem
 from batchgen.model import (ModelArgs, Transformer, default_device, empty_model, ffn_hidden_dim, fuse_weights,
                             resolve_dtype, split_fused_weights)
 
@@ -137,9 +138,23 @@ def _make_args(path: Path, **kw: Any) -> ModelArgs:
         if kw.get(k) is not None and kw[k] <= 0:
             raise CheckpointError(f"{path}: {k} must be positive, got {kw[k]}")
     try:
-        return ModelArgs(**kw)
+        args = ModelArgs(**kw)
     except ValueError as e:  # ModelArgs checks head divisibility
         raise CheckpointError(f"{path}: {e}") from e
+    if (why := shape_problem(args, hf=path.name == "config.json")) is not None:  # before anything is built
+        raise CheckpointError(f"{path}: {why}")
+    return args
+
+
+def recorded_context(model_dir: str | Path) -> Optional[int]:
+    """The context length a checkpoint's config records (HF ``max_position_embeddings``, a
+    ``max_seq_len`` in ``params.json``), or None where it records none (Meta's own files).
+    Call after :func:`load_args` has checked the config."""
+    d = Path(model_dir)
+    meta = detect_layout(d) == "meta"
+    cfg = _read_json(d / ("params.json" if meta else "config.json"))
+    value = cfg.get("max_seq_len" if meta else "max_position_embeddings")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _meta_args(d: Path) -> ModelArgs:
@@ -465,7 +480,6 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
     expected = _full_shapes(args)
     if args.tie_word_embeddings:
         expected.pop("output.weight")
-    model = empty_model(args, world_size, rank)
     with ExitStack() as stack:
         entries = _meta_entries(d) if layout == "meta" else _hf_entries(d, args, stack)
         if args.tie_word_embeddings:
@@ -493,6 +507,8 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
             sd[name] = t.to(device=dev, dtype=dt).contiguous()
     if args.tie_word_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
+    # Built only once every key and shape checked: a bad checkpoint is refused before this.
+    model = empty_model(args, world_size, rank)
     model.load_state_dict(fuse_weights(sd), strict=True, assign=True)
     if args.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight  # assign=True made two Parameters
@@ -597,4 +613,5 @@ def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str |
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-__all__ = ["CheckpointError", "Layout", "detect_layout", "load_args", "load_model", "save_meta", "save_hf"]
+__all__ = ["CheckpointError", "Layout", "detect_layout", "load_args", "load_model", "recorded_context", "save_meta",
+           "save_hf"]

@@ -240,9 +240,14 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Progress of a running or finished job, read from its output location."""
+    from batchgen.pipeline.spec import SpecError
     from batchgen.pipeline.writer import job_status
 
-    status = job_status(args.output)
+    try:
+        status = job_status(args.output)
+    except SpecError as e:  # a damaged manifest.json: say which file, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(status, indent=2, default=str))
     if not status["exists"]:
         print(f"error: no job output at {args.output}", file=sys.stderr)

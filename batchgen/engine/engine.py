@@ -19,13 +19,15 @@ from batchgen.engine.kv_cache import BlockManager, allocate_kv_cache, kv_blocks_
 from batchgen.engine.request import CompletionOutput, Request, SamplingParams
 from batchgen.engine.runner import ModelRunner
 from batchgen.engine.scheduler import Scheduler
+from batchgen.limits import MAX_CONTEXT, max_prompt_bytes, prompt_too_long, text_too_long, truncate_prompt_ids
 from batchgen.model import Transformer, default_device
 from batchgen.tokenizer import IncrementalDecoder, StopStringMatcher, Tokenizer, load_tokenizer
 
 Prompt = Union[str, Sequence[int]]
 
-# LLaMA's </s>; used when a model ships no tokenizer.
+# LLaMA's </s> and <s>; used when a model ships no tokenizer.
 DEFAULT_EOS_ID = 2
+DEFAULT_BOS_ID = 1
 
 
 def default_kv_cache_bytes(device: torch.device) -> int:
@@ -79,6 +81,9 @@ class LLM:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_id if tokenizer is not None else DEFAULT_EOS_ID
+        self.bos_id = tokenizer.bos_id if tokenizer is not None else DEFAULT_BOS_ID
+        if max_model_len is not None and not 0 < max_model_len <= MAX_CONTEXT:
+            raise ValueError(f"max_model_len must be in 1..{MAX_CONTEXT}, got {max_model_len}")
         if max_model_len:
             # Meta's params.json records no context length (2048 is assumed): let the job set it.
             model.set_max_seq_len(max_model_len)
@@ -120,26 +125,31 @@ class LLM:
         """Queue a prompt (text, or token ids including any BOS). Bad prompts finish at once as errors."""
         rid = request_id if request_id is not None else str(next(self._ids))
         error = None
+        ids: list[int] = []
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 error = "this model has no tokenizer.model: give prompt token ids"
-                ids: list[int] = []
+            elif len(prompt) > max_prompt_bytes(self.max_model_len):
+                # Each character is at least a byte: never spend seconds tokenising what cannot fit.
+                error = text_too_long(len(prompt), self.max_model_len)
             else:
                 ids = self.tokenizer.encode(prompt, bos=True)
         else:
             ids = [int(t) for t in prompt]
         vocab = self.model.args.vocab_size
+        cut = 0
         if error is None and not ids:
             error = "empty prompt"
         elif error is None and any(t < 0 or t >= vocab for t in ids):
             error = f"prompt token id out of range [0, {vocab})"
         elif error is None and len(ids) >= self.max_model_len:
             if params.truncate_prompt:
-                keep = max(1, self.max_model_len - params.max_tokens)
-                ids = ids[-keep:]
+                kept = truncate_prompt_ids(ids, self.max_model_len, params.max_tokens, self.bos_id)
+                ids, cut = kept, len(ids) - len(kept)
             else:
-                error = f"prompt_too_long: {len(ids)} tokens, the context holds {self.max_model_len}"
+                error = prompt_too_long(len(ids), self.max_model_len)
         req = Request(rid, ids, params, self.max_model_len, self.device)
+        req.truncated_tokens = cut
         if error is None and self.blocks.blocks_needed(req.max_total_len) > self.blocks.num_blocks:
             error = f"prompt_too_long: {req.max_total_len} tokens do not fit the KV cache ({self.kv_cache_tokens} tokens)"
         if error is not None:

@@ -58,6 +58,8 @@ class CompletionOutput:
     finish_reason: str
     error: Optional[str] = None
     logprobs: Optional[list[float]] = None
+    #: Prompt tokens that ``truncate_prompt`` dropped from the front (0: the prompt fit).
+    truncated_tokens: int = 0
 
     @property
     def ok(self) -> bool:
@@ -90,6 +92,7 @@ class Request:
         self.finish_reason: Optional[str] = None
         self.error: Optional[str] = None
         self.text: Optional[str] = None  # set at the end when the model has a tokenizer
+        self.truncated_tokens = 0  # prompt tokens truncate_prompt dropped (set by the engine)
         self.generator: Optional[torch.Generator] = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
@@ -122,4 +125,5 @@ class Request:
             finish_reason=self.finish_reason or "error",
             error=self.error,
             logprobs=list(self.logprobs) if self.params.logprobs else None,
+            truncated_tokens=self.truncated_tokens,
         )

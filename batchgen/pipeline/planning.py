@@ -46,7 +46,8 @@ def check_model(spec: JobSpec) -> None:
     Raises:
         SpecError: ``model.path: ...`` or ``model.tokenizer: ...``.
     """
-    from batchgen.checkpoint import CheckpointError, detect_layout, load_args
+    from batchgen.checkpoint import CheckpointError, detect_layout, load_args, recorded_context
+    from batchgen.pipeline.limits import check_context
     from batchgen.pipeline.modelcheck import check_weights
     from batchgen.tokenizer import TOKENIZER_FILE
 
@@ -57,8 +58,10 @@ def check_model(spec: JobSpec) -> None:
     try:
         args = load_args(path)
         layout = detect_layout(path)
+        recorded = recorded_context(path)
     except CheckpointError as exc:
         raise SpecError("model.path", str(exc)) from None
+    check_context(spec.model, recorded)  # before any replica allocates RoPE tables that long
     check_weights(path, args, layout)  # headers only: a checkpoint that would fail to load is refused now
     if spec.model.tokenizer is not None:
         if not Path(spec.model.tokenizer).is_file():

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from batchgen.limits import prompt_too_long, truncate_prompt_ids
 from batchgen.pipeline.rows import build_prompts
 from batchgen.pipeline.shards import list_input_files, plan_shards, read_shard, validate_input
 from batchgen.pipeline.spec import JobSpec, SpecError
@@ -67,7 +68,7 @@ def preview(spec: JobSpec, rows: int = 5) -> list[dict[str, Any]]:
         if len(out) >= rows:
             break
         table = read_shard(shard, spec.input_columns()).slice(0, rows - len(out))
-        for row in build_prompts(table, spec):
+        for row in build_prompts(table, spec, context=context):
             if row.prompt is None:
                 out.append({"id": row.row_id, "prompt": None, "prompt_tokens": 0, "note": f"error: {row.error}"})
                 continue
@@ -77,9 +78,10 @@ def preview(spec: JobSpec, rows: int = 5) -> list[dict[str, Any]]:
             note = None
             if context is not None and len(ids) >= context:
                 if spec.input.truncate_prompt:
-                    note = f"longer than the context ({context}): its last tokens are kept"
+                    kept = truncate_prompt_ids(ids, context, spec.sampling.max_tokens, tokenizer.bos_id)
+                    note = (f"longer than the context ({context}): {len(ids) - len(kept)} of its {len(ids)} "
+                            f"tokens are cut from the front (truncated_tokens), {len(kept)} kept")
                 else:
-                    note = (f"error: prompt_too_long ({len(ids)} tokens, the context holds {context}); "
-                            "input.truncate_prompt: true keeps its last tokens instead")
+                    note = f"error: {prompt_too_long(len(ids), context)}"
             out.append({"id": row.row_id, "prompt": render(tokenizer, ids), "prompt_tokens": len(ids), "note": note})
     return out

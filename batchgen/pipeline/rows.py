@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from batchgen.pipeline.limits import cap_binary_cells, conversation_too_long, prompt_text_too_long
 from batchgen.pipeline.spec import JobSpec, check_sampling_value, row_seed
 from batchgen.prompts import PromptError, chat_turns, check_no_marker, encode_chat, render_chat_text, render_preset, single_turn
 
@@ -93,18 +94,27 @@ class PromptRow:
         return self.prompt
 
 
-def _text_cells(column: pa.ChunkedArray, name: str) -> list[tuple[str | None, str | None]]:
-    """Each cell of ``column`` as ``(text, None)`` or ``(None, why not)``."""
+def _text_cells(column: pa.ChunkedArray, name: str, context: int | None = None) -> list[tuple[str | None, str | None]]:
+    """Each cell of ``column`` as ``(text, None)`` or ``(None, why not)``; with ``context``, a
+    cell bigger than that context can hold is an error before it is decoded (limits.py)."""
     t = column.type
     if pa.types.is_dictionary(t):
         column, t = column.cast(t.value_type), t.value_type
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
         # Decode ourselves: Parquet does not guarantee valid UTF-8 in string columns either.
         column, t = column.cast(pa.large_string()).cast(pa.large_binary()), pa.large_binary()
+    if pa.types.is_binary_view(t):
+        column, t = column.cast(pa.large_binary()), pa.large_binary()
+    oversized: dict[int, str] = {}
+    if is_text_type(t):
+        column, oversized = cap_binary_cells(column, name, context)
     values = column.to_pylist()
     if is_text_type(t):
         out: list[tuple[str | None, str | None]] = []
-        for v in values:
+        for i, v in enumerate(values):
+            if i in oversized:
+                out.append((None, oversized[i]))
+                continue
             if v is None:
                 out.append((None, f"column {name!r} is null"))
                 continue
@@ -157,13 +167,20 @@ def _marker_error(text: str, column: str) -> str | None:
     return None
 
 
-def build_prompts(table: pa.Table, spec: JobSpec) -> list[PromptRow]:
+def _template_error(why: str) -> str:
+    """A template cell's problem as the row's error (``prompt_too_long`` keeps its prefix)."""
+    return why if why.startswith("prompt_too_long") else f"template {why}"
+
+
+def build_prompts(table: pa.Table, spec: JobSpec, context: int | None = None) -> list[PromptRow]:
     """Render every row of ``table`` (from :func:`read_shard`) into a :class:`PromptRow`.
 
     Text comes from ``input.prompt_column``, the template or its preset; numbers are formatted
     with ``str()``. Conversations come from ``input.messages_column``. Null, empty or
     whitespace-only prompts, null template cells, invalid UTF-8, malformed conversations, chat
     markers inside cells in chat mode and out-of-range sampling overrides become per-row errors.
+    With ``context`` (the engine's context length), text more than that context can ever hold
+    is a ``prompt_too_long`` error row before it is decoded or tokenised (:mod:`limits`).
     """
     inp = spec.input
     ids = table.column(inp.id_column).to_pylist()
@@ -172,7 +189,7 @@ def build_prompts(table: pa.Table, spec: JobSpec) -> list[PromptRow]:
         conversations = _message_cells(table.column(inp.messages_column), inp.messages_column)
         cells = {}
     else:
-        cells = {c: _text_cells(table.column(c), c) for c in inp.text_columns()}
+        cells = {c: _text_cells(table.column(c), c, context) for c in inp.text_columns()}
     nulls = {c: table.column(c).is_null().to_pylist() for c in cells}
     parts = inp.template_parts()
     override_values = {name: table.column(col).to_pylist() for name, col in spec.sampling.overrides.items()}
@@ -186,6 +203,8 @@ def build_prompts(table: pa.Table, spec: JobSpec) -> list[PromptRow]:
             error = f"id column {inp.id_column!r} is null"
         elif inp.messages_column is not None:
             messages, error = conversations[i]
+            if messages is not None and (error := conversation_too_long(messages, inp.messages_column, context)):
+                messages = None
             if messages is not None:
                 try:
                     chat_turns(messages)
@@ -204,7 +223,7 @@ def build_prompts(table: pa.Table, spec: JobSpec) -> list[PromptRow]:
                     continue
                 text, why = cells[col][i]
                 if why is not None and (slot in preset.required or not nulls[col][i]):
-                    error = f"template {why}"
+                    error = _template_error(why)
                     break
                 if slot in preset.required and not text.strip():
                     error = f"template column {col!r} is empty"
@@ -231,7 +250,7 @@ def build_prompts(table: pa.Table, spec: JobSpec) -> list[PromptRow]:
                 if col is not None:
                     text, error = cells[col][i]
                     if error:
-                        error = f"template {error}"
+                        error = _template_error(error)
                         break
                     pieces.append(text)
                     used.append(col)
@@ -239,6 +258,8 @@ def build_prompts(table: pa.Table, spec: JobSpec) -> list[PromptRow]:
                 prompt = "".join(pieces)
                 if not prompt.strip():
                     prompt, error = None, "the rendered template is empty"
+        if error is None and (error := prompt_text_too_long(prompt, context)) is not None:
+            prompt, messages = None, None
         if error is None and inp.is_chat and inp.messages_column is None:
             # A cell may not forge chat turns (Meta's reference refuses such prompts too).
             error = next((e for c in dict.fromkeys(used) if (e := _marker_error(cells[c][i][0] or "", c))), None)

@@ -34,11 +34,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from batchgen.limits import MAX_CONTEXT
 from batchgen.prompts import PRESETS, Preset, PromptError, check_no_marker, get_preset
 
 #: Output columns written next to the id and keep columns; input columns may not use these names.
 RESULT_COLUMNS: tuple[str, ...] = (
     "completion", "finish_reason", "prompt_tokens", "completion_tokens", "error", "logprobs", "token_ids",
+    "truncated_tokens",
 )
 #: Sampling fields that a row may override from one of its (numeric) columns.
 OVERRIDABLE = ("max_tokens", "temperature", "top_p", "top_k", "seed")
@@ -125,7 +127,12 @@ class ModelSpec(_Section):
     tokenizer: str | None = Field(None, description="tokenizer.model; default: found next to the checkpoint")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     tensor_parallel: int = Field(1, ge=1)
-    max_seq_len: int | None = Field(None, ge=1, description="context length; default: from the checkpoint")
+    max_seq_len: int | None = Field(None, ge=1, le=MAX_CONTEXT,
+                                    description="context length; default: from the checkpoint. At most the "
+                                                "checkpoint's own context (max_position_embeddings; 4096 for a "
+                                                "Meta params.json, which records none) unless allow_longer_context")
+    allow_longer_context: bool = Field(False, description="let max_seq_len exceed the checkpoint's own context "
+                                                          "(positions it was never trained on), up to 2**20")
     kv_cache_memory_gb: float | None = Field(None, gt=0, allow_inf_nan=False,
                                              description="KV cache budget per GPU (per replica on a CPU) in GiB (2**30 "
                                                          "bytes); default: 90% of free GPU memory, 2 GiB on a CPU")

@@ -45,7 +45,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from batchgen.engine import CompletionOutput, SamplingParams
 from batchgen.engine.tp import TPError, TPLeaderLLM, destroy_tp_group, follower_loop, init_tp_group
 from batchgen.pipeline.exits import EXIT_ON_PURPOSE
-from batchgen.pipeline.raynet import wait_names_free
+from batchgen.pipeline.raynet import keep_ray_on_loopback, wait_names_free
 from batchgen.pipeline.replica import Replica
 from batchgen.pipeline.spec import JobSpec
 from batchgen.pipeline.worker import ShardWorker
@@ -54,6 +54,8 @@ from batchgen.pipeline.worker import ShardWorker
 TP_TIMEOUT_S = 120.0
 #: Longest wait for the ranks' process start and model loading (big checkpoints take minutes).
 SETUP_TIMEOUT_S = 1800.0
+#: Where rank 0 hosts a replica's rendezvous (see :meth:`_Rank.endpoint`).
+RENDEZVOUS_HOST = "127.0.0.1"
 #: Ray's default worker ports (--min/max-worker-port): a rendezvous port must stay clear of them.
 RAY_WORKER_PORTS = range(10002, 20000)
 
@@ -90,11 +92,14 @@ def _join_group(rank: int, endpoint: tuple[str, int], infos: Sequence[dict], tim
                 setup_timeout_s: float) -> torch.device:
     """Join this rank to its replica's group (``infos``: every rank's :meth:`_Rank.info`)."""
     host, port = endpoint
+    if len({info["ip"] for info in infos}) != 1:  # the rendezvous is on loopback: one node only
+        raise TPError(f"the ranks of a tensor-parallel replica must share one node; got "
+                      f"{[info['ip'] for info in infos]}")
     gpus = [g for info in infos for g in info["gpus"]]
     if not gpus:
         return init_tp_group(rank, len(infos), host, port, device="cpu", timeout_s=timeout_s,
                              setup_timeout_s=setup_timeout_s)
-    if len(gpus) != len(infos) or len({info["ip"] for info in infos}) != 1:
+    if len(gpus) != len(infos):
         raise TPError(f"a tensor-parallel replica needs one GPU per rank, all on one node; got "
                       f"{[(info['ip'], info['gpus']) for info in infos]}")
     if torch.cuda.is_initialized():
@@ -116,9 +121,13 @@ class _Rank:
 
     def endpoint(self) -> tuple[str, int]:
         """(address, port) for the group's rendezvous; called on rank 0 only. The port may be
-        taken by someone else before rank 0 binds it: set-up then fails and the replica restarts."""
-        host = ray.util.get_node_ip_address()
-        return host, _free_port(host)
+        taken by someone else before rank 0 binds it: set-up then fails and the replica restarts.
+
+        Always loopback: the ranks of a replica share one node (one ``STRICT_PACK`` placement
+        group; :func:`_join_group` checks it), and the rendezvous store has no authentication, so
+        it must not listen where other machines can reach it. The gloo/NCCL data connections
+        then stay on the loopback interface too (``init_tp_group``)."""
+        return RENDEZVOUS_HOST, _free_port(RENDEZVOUS_HOST)
 
 
 class TPFollower(_Rank):
@@ -395,9 +404,8 @@ def generate_tensor_parallel(model_dir: str, prompts: Sequence[Union[str, Sequen
                              **engine: Any) -> list[CompletionOutput]:
     """Generate with one ``n``-rank tensor-parallel replica on Ray; outputs in prompt order.
 
-    Uses the Ray this process is connected to, else starts a local one on 127.0.0.1, whatever
-    ``RAY_ADDRESS`` says (and stops it afterwards; set ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
-    before importing ray, or a local Ray also listens on other interfaces). ``device``: ``"cuda"`` (one GPU per rank), ``"cpu"`` (gloo), or None for
+    Uses the Ray this process is connected to, else starts a local one on 127.0.0.1 only, whatever
+    ``RAY_ADDRESS`` says (and stops it afterwards). ``device``: ``"cuda"`` (one GPU per rank), ``"cpu"`` (gloo), or None for
     CUDA when Ray has GPUs. ``engine``: further :class:`~batchgen.engine.LLM` keyword arguments
     (``max_num_seqs``, ``kv_cache_bytes`` per rank, ...).
 
@@ -412,6 +420,7 @@ def generate_tensor_parallel(model_dir: str, prompts: Sequence[Union[str, Sequen
         raise ValueError(f"device must be 'cpu' or 'cuda' (Ray gives each rank its own GPU), got {device!r}")
     own_ray = not ray.is_initialized()
     if own_ray:
+        keep_ray_on_loopback()  # else Ray rewrites 127.0.0.1 to the host's routable address
         # Logical CPUs only count slots: let n CPU ranks fit on a machine with fewer cores.
         ray.init(address="local", num_cpus=max(n, os.cpu_count() or 1), include_dashboard=False,
                  _node_ip_address="127.0.0.1", log_to_driver=False)

@@ -135,6 +135,7 @@ def result_columns(result: RowResult) -> dict[str, Any]:
         "error": None if ok else (result.error or "error without a message"),
         "logprobs": result.logprobs if ok else None,
         "token_ids": result.token_ids if ok else None,
+        "truncated_tokens": result.truncated_tokens,
     }
 
 
@@ -237,7 +238,7 @@ class ShardWorker:
         fs, _ = resolve_filesystem(shard.path)
         table = with_retries(fs, f"reading shard {shard.shard_id}",
                              lambda: read_shard(shard, spec.input_columns()))
-        rows = build_prompts(table, spec)
+        rows = build_prompts(table, spec, context=self.llm.max_model_len)  # oversized text: error rows
         run = ShardRun(shard, table, [None] * len(rows), {}, keep_going, started, started_at, context, solo=solo)
         tag = f"{next(self._tags)}/"
         for i, row in enumerate(rows):

@@ -39,12 +39,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchgen import __version__
+from batchgen.pipeline.manifest import manifest_problem
+from batchgen.pipeline.outdir import delete_ours, foreign_entries, symlink_problem
 from batchgen.pipeline.provenance import fingerprint_changes, provenance
 from batchgen.pipeline.records import SUMMARY_SCHEMA, ShardSummary
 from batchgen.pipeline.shards import Shard
 from batchgen.pipeline.spec import JobSpec, result_fields, spec_fingerprint
 from batchgen.pipeline.storage import (  # noqa: F401 (OutputError: callers catch it from here)
-    TMP_PREFIX, OutputError, join as _join, publish_bytes, publish_json, read_json, resolve_filesystem, with_retries,
+    TMP_PREFIX, OutputError, is_local, join as _join, publish_bytes, publish_json, read_json, resolve_filesystem, with_retries,
 )
 
 SHARDS_DIR = "shards"
@@ -53,7 +55,6 @@ MANIFEST = "manifest.json"
 SUMMARY = "summary.parquet"
 SUCCESS = "_SUCCESS"
 RUNS = "runs.json"
-_OURS = {SHARDS_DIR, PARTS_DIR, MANIFEST, SUMMARY, SUCCESS, RUNS}
 
 log = logging.getLogger("batchgen")
 _FORMAT = "batchgen-output/1"
@@ -71,7 +72,9 @@ def output_schema(spec: JobSpec, id_type: pa.DataType, keep_types: Mapping[str, 
 
     ``finish_reason`` is ``stop``, ``length`` or ``error``; ``error`` is null for good rows;
     ``logprobs`` (the sampled tokens' log-probabilities) exists only with ``sampling.logprobs``,
-    ``token_ids`` (the generated ids, a stop token included) only with ``output.token_ids``.
+    ``token_ids`` (the generated ids, a stop token included) only with ``output.token_ids``,
+    ``truncated_tokens`` (prompt tokens dropped from the front to fit the context) only with
+    ``input.truncate_prompt``.
     Non-nullable fields make the Parquet writer refuse a table with nulls there.
     """
     keep = spec.input.keep_columns
@@ -90,6 +93,9 @@ def output_schema(spec: JobSpec, id_type: pa.DataType, keep_types: Mapping[str, 
         fields.append(pa.field("logprobs", pa.list_(pa.float32())))
     if spec.output.token_ids:
         fields.append(pa.field("token_ids", pa.list_(pa.int32())))
+    if spec.input.truncate_prompt:
+        # What truncate_prompt cut from the front of the row's prompt (0: it fit): never silent.
+        fields.append(pa.field("truncated_tokens", pa.int32(), nullable=False))
     return pa.schema(fields)
 
 
@@ -125,7 +131,7 @@ def _provenance(fs: pafs.FileSystem, out_root: str) -> bytes | None:
 
     Read at every publish rather than passed down: replicas get it with no change to how they
     are started, and one small GET per shard costs nothing beside a shard's generation."""
-    manifest = read_json(fs, _join(out_root, MANIFEST))
+    manifest = read_manifest(fs, out_root)
     block = (manifest or {}).get("provenance")
     return None if block is None else json.dumps(block, sort_keys=True).encode()
 
@@ -253,6 +259,19 @@ def _footer(fs: pafs.FileSystem, path: str) -> pq.FileMetaData:
         return pq.ParquetFile(f).metadata
 
 
+def read_manifest(fs: pafs.FileSystem, out_root: str) -> dict[str, Any] | None:
+    """The manifest under ``out_root``, checked to have the manifest's shape (None when absent).
+
+    Raises:
+        OutputError: it is not valid JSON, or not a manifest (:func:`manifest.check_manifest`).
+    """
+    path = _join(out_root, MANIFEST)
+    obj = read_json(fs, path)
+    if obj is not None and (problem := manifest_problem(obj, path)) is not None:
+        raise OutputError("output.path", problem)
+    return obj
+
+
 def committed_shards(fs: pafs.FileSystem, out_root: str) -> set[str]:
     """Ids of the shards whose output file exists (only ``shards/*.parquet``, no hidden names)."""
     selector = pafs.FileSelector(_join(out_root, SHARDS_DIR), allow_not_found=True)
@@ -356,12 +375,17 @@ def check_output(spec: JobSpec, shards: Sequence[Shard], input_fp: str,
     if mode == "error_if_exists" and entries:
         raise OutputError("output.path", f"{uri} is not empty ({', '.join(entries[:5])}); "
                                          "mode: error_if_exists refuses it (use resume or overwrite)")
+    # A shards/ symlink would take the output (and an overwrite's deletions) elsewhere.
+    if is_local(fs) and (problem := symlink_problem(root)) is not None:
+        raise OutputError("output.path", f"{uri} {problem}")
     if mode == "overwrite" and entries:
-        foreign = [e for e in entries if e not in _OURS and not e.startswith(".tmp-")]
+        foreign = foreign_entries(fs, root, is_local(fs), _retry(fs))  # in shards/ and parts/ too
         if foreign:
             raise OutputError("output.path", f"{uri} holds files batchgen did not write "
-                                             f"({', '.join(foreign[:5])}); refusing to delete them")
-    manifest = read_json(fs, _join(root, MANIFEST)) if mode == "resume" else None
+                                             f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); "
+                                             "mode: overwrite deletes only batchgen's own files, so it refuses: "
+                                             "move them away or use another output.path")
+    manifest = read_manifest(fs, root) if mode == "resume" else None
     if manifest is not None:
         _check_manifest(manifest, spec, input_fp, shards, uri, model_fp)
         return committed_shards(fs, root) & {s.shard_id for s in shards}
@@ -369,6 +393,11 @@ def check_output(spec: JobSpec, shards: Sequence[Shard], input_fp: str,
         raise OutputError("output.path", f"{uri} holds batchgen results but no {MANIFEST}, so they cannot "
                                          "be matched to this spec; use mode: overwrite")
     return None
+
+
+def _retry(fs: pafs.FileSystem) -> Callable[[str, Callable[[], Any]], Any]:
+    """:func:`storage.with_retries` on ``fs`` as a ``(what, call)`` function, for outdir's helpers."""
+    return lambda what, call: with_retries(fs, what, call)
 
 
 def prepare_output(spec: JobSpec, shards: Sequence[Shard], input_fp: str,
@@ -394,12 +423,7 @@ def prepare_output(spec: JobSpec, shards: Sequence[Shard], input_fp: str,
             fs.delete_file(_join(root, SUCCESS))  # a shard went missing: the job is not complete now
         return committed
     if spec.output.mode == "overwrite":
-        for name in _top_level(fs, root, spec.output.path):
-            path = _join(root, name)
-            if fs.get_file_info(path).type == pafs.FileType.Directory:
-                fs.delete_dir(path)
-            else:
-                fs.delete_file(path)
+        delete_ours(fs, root, is_local(fs), _retry(fs))  # file by file, by batchgen's own names
     publish_json(fs, _join(root, MANIFEST), _manifest(spec, shards, input_fp, model_fp))
     return set()
 
@@ -439,10 +463,13 @@ def job_status(out_uri: str) -> dict[str, Any]:
     Keys: ``output``, ``exists``, ``name``, ``created``, ``total_shards``, ``committed_shards``,
     ``total_rows``, ``committed_rows`` (from the manifest's plan; None without a manifest),
     ``complete`` (``_SUCCESS`` exists) and ``success`` (its content or None).
+
+    Raises:
+        OutputError: the manifest (or ``_SUCCESS``) is not valid JSON or not a manifest.
     """
     fs, root = resolve_filesystem(out_uri)
     exists = bool(_top_level(fs, root, out_uri))
-    manifest = read_json(fs, _join(root, MANIFEST)) or {}
+    manifest = read_manifest(fs, root) or {}
     success = read_json(fs, _join(root, SUCCESS))
     committed = committed_shards(fs, root)
     planned = {s["shard_id"]: s["rows"] for s in manifest.get("shards", [])}
