@@ -26,8 +26,9 @@ from batchgen.limits import MAX_BYTES_PER_TOKEN, MAX_CONTEXT, max_prompt_bytes, 
 from batchgen.pipeline import writer
 from batchgen.pipeline.outdir import is_ours
 from batchgen.pipeline.planning import check_model
-from batchgen.pipeline.replica import output_table
-from batchgen.pipeline.shards import build_prompts, list_input_files, plan_shards
+from batchgen.pipeline.worker import output_table
+from batchgen.pipeline.rows import build_prompts
+from batchgen.pipeline.shards import list_input_files, plan_shards
 from batchgen.pipeline.spec import SpecError, validate_spec
 from batchgen.pipeline.writer import OutputError
 from reference import sharp_model

@@ -211,7 +211,8 @@ def test_stop_stop_token_ids_ignore_eos_and_kv_cache_memory(local_ray, llm: LLM,
         assert rows[i]["error"] is None and same(rows[i], ref[i]), (i, rows[i], ref[i])
     assert rows[6]["error"] == (f"prompt_too_long: {lengths[6] + max_tokens} tokens do not fit the KV cache "
                                 f"({cache_tokens} tokens)")
-    assert rows[7]["error"] == f"prompt_too_long: {lengths[7]} tokens, the context holds 64"
+    assert rows[7]["error"] == (f"prompt_too_long: {lengths[7]} tokens, the context holds 64 "
+                                "(set input.truncate_prompt: true to keep the last tokens)")
 
     # Each field had its effect on some row.
     by_string = [i for i in range(6) if stop in (eos_free[i].text or "")]
@@ -262,7 +263,8 @@ def test_max_seq_len_truncate_prompt_and_max_num_batched_tokens(local_ray, tmp_p
                {"max_tokens": max_tokens, "ignore_eos": True})
     for i, out in enumerate(ref):
         if i in cut:
-            assert rows[i]["error"] == f"prompt_too_long: {lengths[i]} tokens, the context holds {max_seq_len}"
+            assert rows[i]["error"] == (f"prompt_too_long: {lengths[i]} tokens, the context holds {max_seq_len} "
+                                        "(set input.truncate_prompt: true to keep the last tokens)")
         else:
             assert same(rows[i], out)
     assert not shards_one_after_another(tmp_path / "no-truncate" / "out")
