@@ -81,6 +81,10 @@ def row_sampling(spec: JobSpec, row: PromptRow) -> SamplingParams:
     )
     fields.update(row.overrides)
     fields["seed"] = row.seed  # already derived from (seed or its override, row id)
+    fields["constraint"] = s.constraint()  # (kind, value): compiled, and cached, by the engine
+    if spec.classify is not None:
+        fields["choices"] = row.choices or spec.classify.choices
+        fields["normalize"] = spec.classify.normalize
     return SamplingParams(**fields)
 
 
@@ -114,12 +118,17 @@ def output_table(spec: JobSpec, table: pa.Table, results: Sequence[RowResult]) -
         cols["finish_reason"].append(out.finish_reason)
         cols["prompt_tokens"].append(len(out.prompt_token_ids))
         cols["completion_tokens"].append(len(out.token_ids))
-        # Every error row says why; an engine error without text would break that promise.
-        cols["error"].append(None if ok else (out.error or "error without a message"))
+        # Every error row says why; an engine error without text would break that promise. A
+        # constrained row cut by max_tokens is a length row whose error says it is incomplete.
+        cols["error"].append(out.error if ok else (out.error or "error without a message"))
         if "logprobs" in cols:
             cols["logprobs"].append(out.logprobs if ok else None)
         if "token_ids" in cols:
             cols["token_ids"].append(out.token_ids if ok else None)
+        if "label" in cols:
+            cols["label"].append(out.label if ok else None)
+            cols["label_logprobs"].append(out.label_logprobs if ok else None)
+            cols["label_probs"].append(out.label_probs if ok else None)
     cols[spec.input.id_column] = table.column(spec.input.id_column).to_pylist()
     for c in keep:
         cols[c] = table.column(c).to_pylist()

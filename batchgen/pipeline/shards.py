@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from batchgen.pipeline.listing import GlobMatcher, list_files
 from batchgen.pipeline.spec import InputSpec, JobSpec, SpecError, check_sampling_value, is_uri, row_seed
+from batchgen.pipeline.spec_tasks import row_choices
 from batchgen.prompts import PromptError, chat_turns, encode_chat, check_no_marker, render_chat_text, render_preset, single_turn
 
 #: Environment variables that point ``s3://`` at another endpoint (MinIO, moto...), first wins.
@@ -379,6 +380,8 @@ def _type_problem(kind: str, t: pa.DataType) -> str | None:
         return f"has type {t}; this override needs an integer column"
     if kind == "number" and not (pa.types.is_integer(t) or pa.types.is_floating(t)):
         return f"has type {t}; this override needs a numeric column"
+    if kind == "choices" and not ((pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_text(t.value_type)):
+        return f"has type {t}; a choices column must be list<string>"
     return None
 
 
@@ -414,6 +417,8 @@ def _column_roles(spec: JobSpec) -> list[tuple[str, str, str]]:
     roles += [("input.keep_columns", c, "keep") for c in inp.keep_columns]
     roles += [(f"sampling.overrides.{name}", c, "int" if name in _INT_OVERRIDES else "number")
               for name, c in spec.sampling.overrides.items()]
+    if spec.classify is not None and spec.classify.choices_column is not None:
+        roles.append(("classify.choices_column", spec.classify.choices_column, "choices"))
     return roles
 
 
@@ -515,6 +520,7 @@ class PromptRow:
     overrides: dict[str, int | float] = field(default_factory=dict)
     seed: int = 0
     messages: list[dict[str, str]] | None = None
+    choices: list[str] | None = None  # classify.choices_column: this row's choices
 
     def engine_input(self, tokenizer: Any) -> str | list[int] | None:
         """What the engine gets for this row: chat conversations as token ids (Meta's rendering),
@@ -609,6 +615,8 @@ def build_prompts(table: pa.Table, spec: JobSpec) -> list[PromptRow]:
     nulls = {c: table.column(c).is_null().to_pylist() for c in cells}
     parts = inp.template_parts()
     override_values = {name: table.column(col).to_pylist() for name, col in spec.sampling.overrides.items()}
+    choices_col = spec.classify.choices_column if spec.classify is not None else None
+    choice_cells = table.column(choices_col).to_pylist() if choices_col is not None else None
     rows: list[PromptRow] = []
     for i, row_id in enumerate(ids):
         error: str | None = None
@@ -687,7 +695,12 @@ def build_prompts(table: pa.Table, spec: JobSpec) -> list[PromptRow]:
                 overrides[name] = check_sampling_value(name, values_[i])
             except ValueError as exc:
                 prompt, messages, error = None, None, f"override from column {spec.sampling.overrides[name]!r}: {exc}"
+        choices = None
+        if choice_cells is not None and error is None:
+            choices, error = row_choices(choice_cells[i], choices_col)
+            if error is not None:
+                prompt, messages = None, None
         seed = row_seed(int(overrides.get("seed", spec.sampling.seed)), row_id) if row_id is not None else 0
         rows.append(PromptRow(row_id=row_id, prompt=prompt, error=error, overrides=overrides, seed=seed,
-                              messages=messages))
+                              messages=messages, choices=choices))
     return rows

@@ -120,6 +120,10 @@ def output_schema(spec: JobSpec, id_type: pa.DataType, keep_types: Mapping[str, 
         fields.append(pa.field("logprobs", pa.list_(pa.float32())))
     if spec.output.token_ids:
         fields.append(pa.field("token_ids", pa.list_(pa.int32())))
+    if spec.classify is not None:
+        # The best choice, each choice's score (in the order given) and the softmax over them.
+        fields += [pa.field("label", pa.string()), pa.field("label_logprobs", pa.list_(pa.float64())),
+                   pa.field("label_probs", pa.list_(pa.float64()))]
     return pa.schema(fields)
 
 
