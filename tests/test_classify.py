@@ -154,9 +154,63 @@ def test_bad_classification_rows_are_error_rows(llm: LLM) -> None:
 
 def test_abort_drops_a_forked_row_and_its_children(llm: LLM) -> None:
     e = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4, num_kv_blocks=64)
-    rid = e.add_request("12+45=", SamplingParams(choices=["57 1 2 3", "58 9 9"]))
+    rid = e.add_request("12+4=", SamplingParams(choices=["57 1 2 3", "58 9 9"]))
+    assert len(e.tokenizer.encode("12+4=", bos=True)) % 4  # a partial last block: copied per child
     e.step()  # the prefill: the row forks into its children
-    assert len(e.scheduler.running) == 2
+    assert len(e.scheduler.running) == 2 and len(e.blocks.pending_copies) == 2
     e.abort([rid])
     assert not e.has_unfinished()
     assert e.blocks.num_free == e.blocks.num_blocks and not e.blocks.refs
+
+
+def test_bench_classify_quick_agrees_with_transformers() -> None:
+    import argparse
+
+    from batchgen.bench.run import add_bench_args
+    from batchgen.bench.tasks import run_tasks
+
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    report = run_tasks(p.parse_args(["--classify", "--quick", "--prompts", "4", "--hf-batch", "2"]))["classify"]
+    for name in ("classify_multi_token", "classify_single_token"):
+        assert report[name]["max_abs_diff_vs_hf"] < 1e-4
+        assert report[name]["engine_rows_per_s"] > 0 and report[name]["hf_rows_per_s"] > 0
+    assert report["generate_4_tokens_rows_per_s"] > 0
+
+
+def test_block_manager_shares_copies_and_compacts_shared_blocks() -> None:
+    from batchgen.engine.kv_cache import BlockManager
+    from batchgen.engine.request import Request
+
+    bm = BlockManager(num_blocks=40, block_size=4)
+
+    def req(n: int) -> Request:
+        r = Request(str(n), list(range(3, 3 + n)), SamplingParams(max_tokens=4), 128, torch.device("cpu"))
+        bm.allocate(r)
+        return r
+
+    filler = [req(8) for _ in range(10)]  # blocks 1..20
+    parent = req(10)  # blocks 21, 22 full; 23 partial
+    t1, t2 = bm.share(parent, 10), bm.share(parent, 10)
+    assert t1[:2] == t2[:2] == parent.block_table[:2] and t1[2] != t2[2]
+    assert bm.pending_copies == [(parent.block_table[2], t1[2]), (parent.block_table[2], t2[2])]
+    assert bm.compact([*filler, parent]) == []  # nothing moves while copies are pending
+    copies = bm.take_copies()
+    bm.release(parent)
+    assert 23 not in bm.free  # held for the copies
+    bm.copies_done(copies)
+    assert 23 in bm.free and bm.refs[21] == 2
+    c1, c2 = (Request(f"c{k}", list(range(3, 14)), SamplingParams(max_tokens=2), 128, torch.device("cpu"))
+              for k in (1, 2))
+    c1.block_table, c2.block_table = t1, t2
+    for r in filler:
+        bm.release(r)
+    moves = bm.compact([c1, c2])
+    # A shared block moves once, and every table that holds it follows.
+    assert len(moves) == len({s for s, _ in moves}) == 4
+    assert c1.block_table[:2] == c2.block_table[:2] and max(c1.block_table + c2.block_table) <= 4
+    assert sorted(bm.refs.items()) == sorted({**{b: 2 for b in c1.block_table[:2]}, c1.block_table[2]: 1,
+                                              c2.block_table[2]: 1}.items())
+    bm.release(c1)
+    bm.release(c2)
+    assert bm.num_free == 40 and not bm.refs

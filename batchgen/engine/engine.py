@@ -195,6 +195,8 @@ class LLM:
         drop |= {r.request_id for r in self.scheduler.running + list(self.scheduler.waiting)
                  if isinstance(r.scoring, ChoiceChild) and r.scoring.parent.request_id in drop}
         self.scheduler.abort(drop)
+        if not self.scheduler.has_unfinished():
+            self._drop_copies()
         for rid in drop:
             self._streams.pop(rid, None)
         self._finished = [o for o in self._finished if o.request_id not in drop]
@@ -202,8 +204,14 @@ class LLM:
     def abort_all(self) -> None:
         """Drop every queued and running request and free their blocks (an abandoned shard)."""
         self.scheduler.abort_all()
+        self._drop_copies()
         self._streams.clear()
         self._finished = []
+
+    def _drop_copies(self) -> None:
+        # No request is left to run the step that would make the queued block copies: their
+        # destinations are free again, and their sources must not stay held.
+        self.blocks.copies_done(self.blocks.take_copies())
 
     @property
     def num_waiting(self) -> int:
