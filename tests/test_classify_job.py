@@ -108,3 +108,26 @@ def test_classify_and_extraction_jobs(tmp_path: Path) -> None:
             jsonschema.validate(json.loads(r["completion"]), SCHEMA)
     finally:
         ray.shutdown()
+
+
+def test_generate_choices_and_structured_output_flags(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "batchgen", "generate", "--model", str(DEMO_MODEL),
+                               "--dtype", "float32", "--device", "cpu", *args], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    res = cli("--prompt", "12+45=", "--choices", "58,57,dog cat", "--json")
+    assert res.returncode == 0, res.stderr
+    rec = json.loads(res.stdout)
+    assert rec["label"] == "57" and len(rec["label_probs"]) == 3 and rec["text"] is None
+    (tmp_path / "s.json").write_text(json.dumps(SCHEMA))
+    res = cli("--prompt", "12+45=", "--json-schema", str(tmp_path / "s.json"), "--max-tokens", "30", "--json")
+    rec = json.loads(res.stdout)
+    assert res.returncode == 0 and rec["finish_reason"] == "stop", res.stderr
+    jsonschema.validate(json.loads(rec["text"]), SCHEMA)
+    res = cli("--prompt", "x", "--regex", "(")
+    assert res.returncode == 2 and "regex" in res.stderr
+    res = cli("--prompt", "x", "--regex", "a", "--choices", "a,b")
+    assert res.returncode == 2 and "exclude" in res.stderr
