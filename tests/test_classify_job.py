@@ -131,3 +131,14 @@ def test_generate_choices_and_structured_output_flags(tmp_path: Path) -> None:
     assert res.returncode == 2 and "regex" in res.stderr
     res = cli("--prompt", "x", "--regex", "a", "--choices", "a,b")
     assert res.returncode == 2 and "exclude" in res.stderr
+
+
+def test_choices_column_must_be_a_list_of_strings(tmp_path: Path) -> None:
+    from batchgen.pipeline.shards import validate_input
+
+    write_input(tmp_path)
+    validate_input(validate_spec(base(tmp_path, classify={"choices_column": "opts"})))
+    for column, message in (("answer", "list<string>"), ("nope", "not in")):
+        with pytest.raises(SpecError) as e:
+            validate_input(validate_spec(base(tmp_path, classify={"choices_column": column})))
+        assert e.value.errors[0][0] == "classify.choices_column" and message in e.value.errors[0][1]
