@@ -64,7 +64,7 @@ def first_token_logprobs(run: ChoiceRun, logits: torch.Tensor) -> None:
     run.sums = [float(x) for x in first]
 
 
-def make_children(parent: Request, run: ChoiceRun, max_model_len: int) -> list[Request]:
+def make_children(parent: Request, run: ChoiceRun, max_model_len: int, device: torch.device) -> list[Request]:
     """The child requests of ``parent``'s multi-token choices: each continues the prompt with the
     choice's first token, and will be fed the rest (see :func:`child_step`)."""
     kids = []
@@ -72,15 +72,10 @@ def make_children(parent: Request, run: ChoiceRun, max_model_len: int) -> list[R
         if len(ids) < 2:
             continue
         child = Request(f"{parent.request_id}\x00choice{j}", parent.prompt_token_ids + [ids[0]],
-                        SamplingParams(max_tokens=len(ids) - 1), max_model_len, parent_device(parent))
+                        SamplingParams(max_tokens=len(ids) - 1), max_model_len, device)
         child.scoring = ChoiceChild(parent, run, j)
         kids.append(child)
     return kids
-
-
-def parent_device(req: Request) -> torch.device:
-    # Children are greedy (no generator), so the device only matters for the Request signature.
-    return req.generator.device if req.generator is not None else torch.device("cpu")
 
 
 def child_step(child: Request, logits: torch.Tensor) -> bool:

@@ -255,7 +255,7 @@ class LLM:
             return
         run: ChoiceRun = req.scoring
         classify.first_token_logprobs(run, logits)
-        kids = classify.make_children(req, run, self.max_model_len)
+        kids = classify.make_children(req, run, self.max_model_len, self.device)
         run.pending = len(kids)
         for child in kids:
             table = self.blocks.share(req, req.num_cached)
