@@ -11,7 +11,7 @@ import importlib
 import json
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 
 def _int_list(text: str) -> list[int]:
@@ -54,10 +54,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("error: give at least one --prompt, --prompt-ids or --messages", file=sys.stderr)
         return 2
     try:
+        constraint, choices = _task_args(args)
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos,
-            logprobs=args.logprobs,
+            logprobs=args.logprobs, constraint=constraint, choices=choices, normalize=args.normalize,
         )
         if args.tensor_parallel > 1:
             if args.device not in (None, "cpu", "cuda"):
@@ -106,12 +107,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    "prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(out.token_ids)}
             if args.logprobs:
                 rec["logprobs"] = out.logprobs
+            if choices is not None:
+                rec.update(label=out.label, label_logprobs=out.label_logprobs, label_probs=out.label_probs)
             print(json.dumps(rec, ensure_ascii=False))
+        elif out.ok and choices is not None:
+            print(f"{out.label}\t" + " ".join(f"{c}={p:.4f}" for c, p in zip(choices, out.label_probs)))
         elif out.ok:
             print(out.text if out.text is not None and tokenizer is not None else " ".join(map(str, out.token_ids)))
         else:
             print(f"error: {out.error}", file=sys.stderr)
     return 0 if all(o.ok for o in outs) else 1
+
+
+def _task_args(args: argparse.Namespace) -> tuple[Optional[tuple[str, Any]], Optional[list[str]]]:
+    """(constraint, choices) from --json-schema/--regex/--choice and --choices; ValueError if unusable."""
+    from batchgen.engine.constraints import check_constraint
+    from batchgen.pipeline.spec_tasks import load_json_schema
+
+    given = [(k, v) for k, v in (("json_schema", args.json_schema), ("regex", args.regex),
+                                 ("choice", args.choice or None)) if v is not None]
+    if len(given) + (args.choices is not None) > 1:
+        raise ValueError("--json-schema, --regex, --choice and --choices exclude each other")
+    choices = [c.strip() for c in args.choices.split(",")] if args.choices is not None else None
+    if not given:
+        return None, choices
+    kind, value = given[0]
+    if kind == "json_schema":
+        value = load_json_schema(value)
+    check_constraint(kind, value)  # ConstraintError is a ValueError
+    return (kind, value), None
 
 
 def _read_messages(path: str) -> list[list]:
@@ -282,6 +306,13 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--messages", default=None, metavar="FILE.json",
                    help="Llama-2-chat conversations: a JSON list of {role, content} messages, or a list of such "
                         "lists (each rendered as Meta's chat_completion does)")
+    g.add_argument("--choices", default=None, metavar="A,B,C",
+                   help="classify: score these comma-separated choices as each prompt's continuation")
+    g.add_argument("--normalize", default="none", choices=["none", "tokens"],
+                   help="with --choices: tokens = mean log-prob per token")
+    g.add_argument("--json-schema", default=None, metavar="FILE.json", help="structured output: a JSON schema")
+    g.add_argument("--regex", default=None, help="structured output: the completion matches this regex")
+    g.add_argument("--choice", action="append", default=[], help="structured output: one of these (repeatable)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt per line")

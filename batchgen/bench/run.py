@@ -70,6 +70,13 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-matmul", choices=("onednn", "blas"), default=None,
                    help="CPU fp32: batchgen's matmuls through oneDNN (the default where available) or "
                         "PyTorch's BLAS (MKL), as transformers'")
+    p.add_argument("--classify", action="store_true",
+                   help="instead: classification rows/s vs 4-token generation vs transformers' batched scores "
+                        "(batchgen.bench.tasks)")
+    p.add_argument("--masks", action="store_true",
+                   help="instead: the per-step cost of constrained-decoding masks (batchgen.bench.masks)")
+    p.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="tokenizer.model for --classify/--masks (default: ../shared's LLaMA one)")
     p.add_argument("--compile-decode", action="store_true",
                    help="CUDA: batchgen compiles its replayed decode steps with torch.compile "
                         "(with --gpu-extras, also single-stream)")
@@ -124,6 +131,18 @@ def run_bench(args: argparse.Namespace) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.classify or args.masks:
+        import json
+
+        from batchgen.bench.tasks import run_tasks
+
+        try:
+            report = run_tasks(args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(report, indent=None if args.json else 2))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     # Back to what it was once the bench ends; without --cpu-matmul the current choice stays.

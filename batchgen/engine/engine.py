@@ -14,12 +14,16 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
+from batchgen.engine import classify
+from batchgen.engine.classify import ChoiceChild, ChoiceRun
+from batchgen.engine.constraints import ConstraintError, compile_constraint, tokenizer_info
 from batchgen.engine.graphs import DecodeGraphs
 from batchgen.engine.kv_cache import BlockManager, allocate_kv_cache, kv_blocks_for_budget
-from batchgen.engine.request import CompletionOutput, Request, SamplingParams
+from batchgen.engine.request import CompletionOutput, Request, SamplingParams, Status
 from batchgen.engine.runner import ModelRunner
 from batchgen.engine.scheduler import Scheduler
 from batchgen.limits import MAX_CONTEXT, max_prompt_bytes, prompt_too_long, text_too_long, truncate_prompt_ids
+from batchgen.engine.scoring import encode_choices
 from batchgen.model import Transformer, default_device
 from batchgen.tokenizer import IncrementalDecoder, StopStringMatcher, Tokenizer, load_tokenizer
 
@@ -136,37 +140,76 @@ class LLM:
                 ids = self.tokenizer.encode(prompt, bos=True)
         else:
             ids = [int(t) for t in prompt]
+        run: Optional[ChoiceRun] = None
+        state = None
+        if error is None and (params.choices is not None or params.constraint is not None):
+            run, state, error = self._task_state(params)
+        # A classification row needs room for its longest choice but the last token, not max_tokens.
+        extra = classify.longest_choice(run) - 1 if run is not None else params.max_tokens
         vocab = self.model.args.vocab_size
         cut = 0
         if error is None and not ids:
             error = "empty prompt"
         elif error is None and any(t < 0 or t >= vocab for t in ids):
             error = f"prompt token id out of range [0, {vocab})"
-        elif error is None and len(ids) >= self.max_model_len:
+        elif error is None and (len(ids) + extra > self.max_model_len if run is not None
+                                else len(ids) >= self.max_model_len):
             if params.truncate_prompt:
-                kept = truncate_prompt_ids(ids, self.max_model_len, params.max_tokens, self.bos_id)
+                kept = truncate_prompt_ids(ids, self.max_model_len, extra, self.bos_id)
                 ids, cut = kept, len(ids) - len(kept)
+            elif run is not None and extra:
+                error = (f"prompt_too_long: {len(ids)} tokens plus its longest choice's {extra} tokens but one, "
+                         f"the context holds {self.max_model_len} (set input.truncate_prompt: true to keep "
+                         "the last tokens)")
             else:
                 error = prompt_too_long(len(ids), self.max_model_len)
         req = Request(rid, ids, params, self.max_model_len, self.device)
         req.truncated_tokens = cut
+        req.scoring, req.constraint_state = run, state
+        if run is not None:
+            # What the KV cache must hold for it: the prompt, then each choice's tokens but the last.
+            req.max_total_len = len(ids) + max(1, extra)
         if error is None and self.blocks.blocks_needed(req.max_total_len) > self.blocks.num_blocks:
             error = f"prompt_too_long: {req.max_total_len} tokens do not fit the KV cache ({self.kv_cache_tokens} tokens)"
         if error is not None:
             req.finish_reason, req.error = "error", error
             self._finished.append(req.to_output())
             return rid
-        if self.tokenizer is not None:
-            matcher = StopStringMatcher(params.stop) if params.stop else None
+        if self.tokenizer is not None and run is None:
+            # Stop strings would cut a constrained document: the grammar decides where it ends.
+            matcher = StopStringMatcher(params.stop) if params.stop and state is None else None
             self._streams[rid] = (IncrementalDecoder(self.tokenizer), matcher)
         self.scheduler.add(req)
         return rid
+
+    def _task_state(self, params: SamplingParams) -> tuple[Optional[ChoiceRun], object, Optional[str]]:
+        """(classification state, constraint state, error) of a request with choices or a constraint."""
+        if self.tokenizer is None:
+            what = "classification (choices)" if params.choices is not None else "constrained decoding"
+            return None, None, f"{what} needs the model's tokenizer.model"
+        if params.choices is not None:
+            try:
+                choice_ids = encode_choices(self.tokenizer, params.choices)
+            except ValueError as e:
+                return None, None, f"choices: {e}"
+            return ChoiceRun(list(params.choices), choice_ids, params.normalize), None, None
+        kind, value = params.constraint  # type: ignore[misc]
+        try:
+            compiled = compile_constraint(kind, value, tokenizer_info(self.tokenizer))  # type: ignore[arg-type]
+            return None, compiled.new_state(), None
+        except ConstraintError as e:
+            return None, None, f"{kind}: {e}"
 
     def abort(self, request_ids: Iterable[str]) -> None:
         """Drop these requests, queued, running or finished but not yet returned, and free their
         blocks (a shard given up while others keep running)."""
         drop = set(request_ids)
+        # A classification row's children (its multi-token choices) go with it.
+        drop |= {r.request_id for r in self.scheduler.running + list(self.scheduler.waiting)
+                 if isinstance(r.scoring, ChoiceChild) and r.scoring.parent.request_id in drop}
         self.scheduler.abort(drop)
+        if not self.scheduler.has_unfinished():
+            self._drop_copies()
         for rid in drop:
             self._streams.pop(rid, None)
         self._finished = [o for o in self._finished if o.request_id not in drop]
@@ -174,8 +217,14 @@ class LLM:
     def abort_all(self) -> None:
         """Drop every queued and running request and free their blocks (an abandoned shard)."""
         self.scheduler.abort_all()
+        self._drop_copies()
         self._streams.clear()
         self._finished = []
+
+    def _drop_copies(self) -> None:
+        # No request is left to run the step that would make the queued block copies: their
+        # destinations are free again, and their sources must not stay held.
+        self.blocks.copies_done(self.blocks.take_copies())
 
     @property
     def num_waiting(self) -> int:
@@ -190,10 +239,16 @@ class LLM:
         decode, prefill = self.scheduler.schedule()
         reqs = decode + prefill
         if reqs:
-            # Keep the blocks in use packed at the low ids (decode attention reads up to the top one).
-            moves = self.blocks.compact(self.scheduler.running)
+            # Block copies of forked classification rows first; else keep the blocks in use
+            # packed at the low ids (decode attention reads up to the top one).
+            copies = self.blocks.take_copies()
+            moves = copies or self.blocks.compact(self.scheduler.running)
             tokens, logprobs = self.runner.run(decode, prefill, moves)
+            self.blocks.copies_done(copies)
             for i, (req, tok) in enumerate(zip(reqs, tokens)):
+                if req.scoring is not None:
+                    self._score(req, self.runner.last_logits[i])
+                    continue
                 req.token_ids.append(tok)
                 if req.params.logprobs and logprobs is not None:
                     req.logprobs.append(logprobs[i])
@@ -201,14 +256,62 @@ class LLM:
         done, self._finished = self._finished, []
         return done
 
+    def _score(self, req: Request, logits: torch.Tensor) -> None:
+        """A classification row's step: its prefill (score first tokens, fork) or a child's forced token."""
+        if isinstance(req.scoring, ChoiceChild):
+            if classify.child_step(req, logits):
+                self.scheduler.finish(req)
+                run = req.scoring.run
+                run.pending -= 1
+                if run.pending == 0:
+                    self._finish_parent(req.scoring.parent)
+            return
+        run: ChoiceRun = req.scoring
+        classify.first_token_logprobs(run, logits)
+        kids = classify.make_children(req, run, self.max_model_len, self.device)
+        run.pending = len(kids)
+        for child in kids:
+            table = self.blocks.share(req, req.num_cached)
+            if table is None:  # no block for the copy: the child prefills from scratch later
+                self.scheduler.add(child)
+                continue
+            child.block_table, child.num_cached = table, req.num_cached
+            child.status = Status.RUNNING
+            self.scheduler.running.append(child)
+        self.scheduler.finish(req)  # the parent's own hold on its blocks; children keep theirs
+        if not kids:
+            self._finish_parent(req)
+
+    def _finish_parent(self, req: Request) -> None:
+        req.finish_reason = "stop"
+        req.status = Status.FINISHED
+        self._finished.append(req.to_output())
+
+    def _constraint_reason(self, req: Request, tok: int) -> Optional[str]:
+        """A constrained row's finish reason after ``tok`` (None: it goes on)."""
+        state = req.constraint_state
+        if not state.accept(tok) or state.error is not None:
+            req.error = f"constraint: {state.error or f'token {tok} is not allowed here'}"
+            return "error"
+        if state.is_terminated():  # the document ended (or EOS was taken), also with ignore_eos
+            return "stop"
+        if len(req) >= req.max_total_len:
+            req.error = state.length_error()  # None when what it wrote is already complete
+            return "length"
+        return None
+
     def _check_finished(self, req: Request, tok: int) -> None:
         p = req.params
         reason = None
-        if (tok == self.eos_id and not p.ignore_eos) or tok in p.stop_token_ids:
+        stream = self._streams.get(req.request_id)
+        if req.constraint_state is not None:
+            reason = self._constraint_reason(req, tok)
+            if stream is not None and tok != self.eos_id:
+                stream[0].add(tok)
+        elif (tok == self.eos_id and not p.ignore_eos) or tok in p.stop_token_ids:
             # The stop token is generated but, like EOS in every reference, not part of the text.
             reason = "stop"
-        stream = self._streams.get(req.request_id)
-        if stream is not None and reason is None:
+        if stream is not None and reason is None and req.constraint_state is None:
             decoder, matcher = stream
             chunk = decoder.add(tok)
             if matcher is not None and matcher.feed(chunk) is not None:

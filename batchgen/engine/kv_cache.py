@@ -134,15 +134,34 @@ def allocate_kv_cache(model: Transformer, num_blocks: int, block_size: int,
 
 
 class BlockManager:
-    """Tracks free blocks (ids 1..num_blocks; 0 is the null block) and each request's block table."""
+    """Tracks free blocks (ids 1..num_blocks; 0 is the null block) and each request's block table.
+
+    A block may be held by several tables (classification forks a prompt's blocks into one child
+    per choice, see :meth:`share`): ``refs`` counts the tables holding each block in use, and a
+    block returns to the free heap when its count reaches 0.
+    """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.free: list[int] = list(range(1, num_blocks + 1))  # a heap: lowest id first
+        self.refs: dict[int, int] = {}  # block in use -> how many tables (or pending copies) hold it
+        # Block copies (src, dst) that :meth:`share` asked for and the next step must make
+        # (``AttentionMetadata.block_moves``); their sources stay held until :meth:`copies_done`.
+        self.pending_copies: list[tuple[int, int]] = []
 
     def _take(self) -> int:
-        return heapq.heappop(self.free)
+        b = heapq.heappop(self.free)
+        self.refs[b] = 1
+        return b
+
+    def _drop(self, b: int) -> None:
+        n = self.refs[b] - 1
+        if n:
+            self.refs[b] = n
+        else:
+            del self.refs[b]
+            heapq.heappush(self.free, b)
 
     @property
     def num_free(self) -> int:
@@ -171,31 +190,67 @@ class BlockManager:
 
     def release(self, req: Request) -> None:
         for b in req.block_table:
-            heapq.heappush(self.free, b)
+            self._drop(b)
         req.block_table = []
         req.num_cached = 0
+
+    def share(self, source: Request, num_tokens: int) -> Optional[list[int]]:
+        """A block table for a new sequence that continues ``source``'s first ``num_tokens`` cached
+        tokens: ``source``'s full blocks are shared (read-only: the new sequence writes only past
+        them), its partial last block is copied into a new block (queued in ``pending_copies``,
+        made by the next step before it writes anything). None when no block is free for the copy.
+        """
+        full, rem = divmod(num_tokens, self.block_size)
+        if rem and not self.free:
+            return None
+        table = list(source.block_table[:full])
+        for b in table:
+            self.refs[b] += 1
+        if rem:
+            src, dst = source.block_table[full], self._take()
+            self.refs[src] += 1  # held until copied, even if ``source`` is released first
+            self.pending_copies.append((src, dst))
+            table.append(dst)
+        return table
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The queued copies for this step; call :meth:`copies_done` with them once it ran."""
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    def copies_done(self, copies: list[tuple[int, int]]) -> None:
+        """The step made these copies: their sources are no longer held for them."""
+        for src, _ in copies:
+            self._drop(src)
 
     def compact(self, reqs: list[Request]) -> list[tuple[int, int]]:
         """Renumber blocks so that the ``n`` blocks in use are ids 1..n again.
 
         Finished requests leave holes below the highest block in use, and decode attention reads
         every block up to that one. Once the holes make up more than a quarter of that range,
-        each block above ``n`` takes a free id at or below ``n``. ``reqs`` must be every request
-        holding blocks. Returns the ``(src, dst)`` copies the cache must make (the attention backend makes
-        them, see ``AttentionMetadata.block_moves``).
+        each block above ``n`` takes a free id at or below ``n`` (in every table that holds it).
+        ``reqs`` must be every request holding blocks. Returns the ``(src, dst)`` copies the cache
+        must make (the attention backend makes them, see ``AttentionMetadata.block_moves``).
+        Nothing moves while block copies are pending (their blocks are in no table yet).
         """
+        if self.pending_copies:
+            return []
         n = self.num_blocks - len(self.free)
         top = max((b for r in reqs for b in r.block_table), default=0)
         if top - n <= max(n // 4, 4):
             return []
         holes = iter(sorted(b for b in self.free if b <= n))  # as many as blocks in use above n
-        moves = []
+        remap: dict[int, int] = {}
         for r in reqs:
             for i, b in enumerate(r.block_table):
                 if b > n:
-                    r.block_table[i] = next(holes)
-                    moves.append((b, r.block_table[i]))
-        taken = {dst for _, dst in moves}
-        self.free = [b for b in self.free if b not in taken] + [src for src, _ in moves]
+                    if b not in remap:
+                        remap[b] = next(holes)
+                    r.block_table[i] = remap[b]
+        moves = list(remap.items())
+        for src, dst in moves:
+            self.refs[dst] = self.refs.pop(src)
+        taken = set(remap.values())
+        self.free = [b for b in self.free if b not in taken] + list(remap)
         heapq.heapify(self.free)
         return moves

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -27,6 +27,13 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     truncate_prompt: bool = False  # too-long prompt: keep its last tokens instead of erroring
+    # Structured output: (kind, value) with kind json_schema | regex | choice (engine/constraints.py).
+    # Compiled by the engine with its tokenizer; a (kind, value) pair pickles, a compiled one does not.
+    constraint: Optional[tuple[str, Any]] = None
+    # Classification: score each of these strings as the prompt's continuation instead of
+    # generating (engine/scoring.py has the definition); ``normalize`` is none | tokens.
+    choices: Optional[list[str]] = None
+    normalize: str = "none"
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -41,6 +48,18 @@ class SamplingParams:
             self.stop = [self.stop]
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.constraint is not None:
+            if not (isinstance(self.constraint, (tuple, list)) and len(self.constraint) == 2):
+                raise ValueError(f"constraint must be a (kind, value) pair, got {self.constraint!r}")
+            self.constraint = (str(self.constraint[0]), self.constraint[1])
+        if self.choices is not None:
+            if isinstance(self.choices, str) or not self.choices or not all(isinstance(c, str) and c for c in self.choices):
+                raise ValueError(f"choices must be a non-empty list of non-empty strings, got {self.choices!r}")
+            if self.constraint is not None:
+                raise ValueError("choices (classification) and constraint (structured output) exclude each other")
+            self.choices = list(self.choices)
+        if self.normalize not in ("none", "tokens"):
+            raise ValueError(f"normalize must be none or tokens, got {self.normalize!r}")
 
     @property
     def greedy(self) -> bool:
@@ -60,6 +79,11 @@ class CompletionOutput:
     logprobs: Optional[list[float]] = None
     #: Prompt tokens that ``truncate_prompt`` dropped from the front (0: the prompt fit).
     truncated_tokens: int = 0
+    # Classification rows (``SamplingParams.choices``): the best choice, each choice's score
+    # (summed or, with normalize: tokens, mean token log-prob) and the softmax over the scores.
+    label: Optional[str] = None
+    label_logprobs: Optional[list[float]] = None
+    label_probs: Optional[list[float]] = None
 
     @property
     def ok(self) -> bool:
@@ -94,6 +118,8 @@ class Request:
         self.text: Optional[str] = None  # set at the end when the model has a tokenizer
         self.truncated_tokens = 0  # prompt tokens truncate_prompt dropped (set by the engine)
         self.generator: Optional[torch.Generator] = None
+        self.constraint_state: Any = None  # a ConstraintState for a constrained row
+        self.scoring: Any = None  # classification: a ChoiceRun (parent) or ChoiceChild (engine/classify.py)
         if not params.greedy:
             self.generator = torch.Generator(device=device)
             if params.seed is None:
@@ -117,7 +143,7 @@ class Request:
         return self.status == Status.FINISHED
 
     def to_output(self) -> CompletionOutput:
-        return CompletionOutput(
+        out = CompletionOutput(
             request_id=self.request_id,
             prompt_token_ids=self.prompt_token_ids,
             token_ids=self.output_token_ids,
@@ -127,3 +153,6 @@ class Request:
             logprobs=list(self.logprobs) if self.params.logprobs else None,
             truncated_tokens=self.truncated_tokens,
         )
+        if self.scoring is not None and self.finish_reason != "error":
+            self.scoring.fill(out)
+        return out

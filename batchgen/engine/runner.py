@@ -29,6 +29,7 @@ class ModelRunner:
         self.block_size = blocks.block_size
         self.device = device
         self.graphs = graphs  # small decode-only steps replay from these (see engine/graphs.py)
+        self.last_logits: Optional[torch.Tensor] = None  # [B, vocab] of the last step (classification reads them)
 
     def _to(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         # Built on the host, copied once: cheaper than many small device writes.
@@ -69,13 +70,18 @@ class ModelRunner:
             width = max(len(req.block_table) for req in decode)
             # Padding points at the null block 0, masked out past each context length.
             tables = [req.block_table + [0] * (width - len(req.block_table)) for req in decode]
-            owner = [0] * (1 + max(max(req.block_table) for req in decode))
+            owner = [-1] * (1 + max(max(req.block_table) for req in decode))
+            shared = False
             for row, req in enumerate(decode):
                 for b in req.block_table:
+                    shared |= owner[b] >= 0
                     owner[b] = row
             metadata.block_tables = self._to(tables)
             metadata.context_lens = self._to([len(req) for req in decode])
-            metadata.block_owner = self._to(owner)
+            if not shared:
+                # In place needs one owner per block; rows that share blocks (a classification
+                # row's choices on its prompt) gather their blocks instead.
+                metadata.block_owner = self._to([max(o, 0) for o in owner])
         return self._to(ids), self._to(positions), metadata, last
 
     @torch.inference_mode()
@@ -94,4 +100,5 @@ class ModelRunner:
         reqs = decode + prefill
         for req in reqs:
             req.num_cached = len(req)
+        self.last_logits = logits
         return sample(logits, reqs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from batchgen.engine.constraints import apply_masks
 from batchgen.engine.request import Request
 
 
@@ -30,8 +31,15 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[f
     """Next token of each request from its logits row [B, V] (fp32).
 
     Returns the tokens and, when any request asked for them, the chosen tokens' logprobs under
-    the model's own distribution (before temperature and filtering).
+    the model's own distribution (before temperature and filtering; for a constrained row, the
+    distribution under its constraint's mask).
+
+    Constrained rows' logits are masked in place first (tokens their grammar forbids next become
+    -inf); the other rows are not touched, so their tokens are exactly what they would be alone.
     """
+    states = [req.constraint_state for req in reqs]
+    if any(s is not None for s in states):
+        apply_masks(logits, states)
     tokens = torch.argmax(logits, dim=-1)  # [B]
     for i, req in enumerate(reqs):
         p = req.params

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from batchgen.pipeline.limits import cap_binary_cells, conversation_too_long, prompt_text_too_long
 from batchgen.pipeline.spec import JobSpec, check_sampling_value, row_seed
+from batchgen.pipeline.spec_tasks import row_choices
 from batchgen.prompts import PromptError, chat_turns, check_no_marker, encode_chat, render_chat_text, render_preset, single_turn
 
 #: Sampling overrides that need an integer column (the others take any number).
@@ -44,6 +45,8 @@ def column_type_problem(kind: str, t: pa.DataType) -> str | None:
         return f"has type {t}; this override needs an integer column"
     if kind == "number" and not (pa.types.is_integer(t) or pa.types.is_floating(t)):
         return f"has type {t}; this override needs a numeric column"
+    if kind == "choices" and not ((pa.types.is_list(t) or pa.types.is_large_list(t)) and is_text_type(t.value_type)):
+        return f"has type {t}; a choices column must be list<string>"
     return None
 
 
@@ -83,6 +86,7 @@ class PromptRow:
     overrides: dict[str, int | float] = field(default_factory=dict)
     seed: int = 0
     messages: list[dict[str, str]] | None = None
+    choices: list[str] | None = None  # classify.choices_column: this row's choices
 
     def engine_input(self, tokenizer: Any) -> str | list[int] | None:
         """What the engine gets for this row: chat conversations as token ids (Meta's rendering),
@@ -193,6 +197,8 @@ def build_prompts(table: pa.Table, spec: JobSpec, context: int | None = None) ->
     nulls = {c: table.column(c).is_null().to_pylist() for c in cells}
     parts = inp.template_parts()
     override_values = {name: table.column(col).to_pylist() for name, col in spec.sampling.overrides.items()}
+    choices_col = spec.classify.choices_column if spec.classify is not None else None
+    choice_cells = table.column(choices_col).to_pylist() if choices_col is not None else None
     rows: list[PromptRow] = []
     for i, row_id in enumerate(ids):
         error: str | None = None
@@ -275,7 +281,12 @@ def build_prompts(table: pa.Table, spec: JobSpec, context: int | None = None) ->
                 overrides[name] = check_sampling_value(name, values_[i])
             except ValueError as exc:
                 prompt, messages, error = None, None, f"override from column {spec.sampling.overrides[name]!r}: {exc}"
+        choices = None
+        if choice_cells is not None and error is None:
+            choices, error = row_choices(choice_cells[i], choices_col)
+            if error is not None:
+                prompt, messages = None, None
         seed = row_seed(int(overrides.get("seed", spec.sampling.seed)), row_id) if row_id is not None else 0
         rows.append(PromptRow(row_id=row_id, prompt=prompt, error=error, overrides=overrides, seed=seed,
-                              messages=messages))
+                              messages=messages, choices=choices))
     return rows

@@ -308,6 +308,8 @@ def _column_roles(spec: JobSpec) -> list[tuple[str, str, str]]:
     roles += [("input.keep_columns", c, "keep") for c in inp.keep_columns]
     roles += [(f"sampling.overrides.{name}", c, "int" if name in INT_OVERRIDES else "number")
               for name, c in spec.sampling.overrides.items()]
+    if spec.classify is not None and spec.classify.choices_column is not None:
+        roles.append(("classify.choices_column", spec.classify.choices_column, "choices"))
     return roles
 
 

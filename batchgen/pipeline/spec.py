@@ -35,12 +35,14 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from pydantic_core import PydanticCustomError
 
 from batchgen.limits import MAX_CONTEXT
+from batchgen.pipeline.spec_tasks import LABEL_COLUMNS, ClassifySpec, check_constraint_fields, load_json_schema
 from batchgen.prompts import PRESETS, Preset, PromptError, check_no_marker, get_preset
 
 #: Output columns written next to the id and keep columns; input columns may not use these names.
 RESULT_COLUMNS: tuple[str, ...] = (
     "completion", "finish_reason", "prompt_tokens", "completion_tokens", "error", "logprobs", "token_ids",
     "truncated_tokens",
+    *LABEL_COLUMNS,
 )
 #: Sampling fields that a row may override from one of its (numeric) columns.
 OVERRIDABLE = ("max_tokens", "temperature", "top_p", "top_k", "seed")
@@ -284,6 +286,26 @@ class SamplingSpec(_Section):
     logprobs: bool = False
     overrides: dict[OverrideName, Annotated[str, Field(min_length=1)]] = Field(
         default_factory=dict, description="sampling field -> numeric input column with per-row values")
+    # Structured output (one at most): see batchgen.pipeline.spec_tasks and the README.
+    json_schema: dict[str, Any] | None = Field(None, description="a JSON schema (inline, or a path to a .json file)")
+    regex: str | None = Field(None, min_length=1, description="a regex every completion matches as a whole")
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1,
+                                                                      description="the completion is one of these")
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _load_schema(cls, value: Any) -> Any:
+        return load_json_schema(value)
+
+    @model_validator(mode="after")
+    def _check_constraint(self) -> "SamplingSpec":
+        check_constraint_fields(self)
+        return self
+
+    def constraint(self) -> tuple[str, Any] | None:
+        """The (kind, value) of the structured-output constraint, if any."""
+        return next(((f, getattr(self, f)) for f in ("json_schema", "regex", "choice")
+                     if getattr(self, f) is not None), None)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -334,6 +356,7 @@ class JobSpec(_Section):
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     output: OutputSpec
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    classify: ClassifySpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -347,12 +370,17 @@ class JobSpec(_Section):
         for name, column in self.sampling.overrides.items():
             if column == self.input.id_column:
                 raise _field_error(f"sampling.overrides.{name}", f"{column!r} is the id column")
+        if self.classify is not None and self.sampling.constraint() is not None:
+            raise _field_error("classify", f"a classify job scores its choices; sampling.{self.sampling.constraint()[0]} "
+                                           "(structured output) does not apply")
         return self
 
     def input_columns(self) -> list[str]:
         """Every input column a shard needs: id, prompt text, keep and override columns (no repeats)."""
         cols = [self.input.id_column, *self.input.text_columns(), *self.input.keep_columns,
                 *self.sampling.overrides.values()]
+        if self.classify is not None and self.classify.choices_column is not None:
+            cols.append(self.classify.choices_column)
         return list(dict.fromkeys(cols))
 
     def with_resolved_paths(self, base: str | os.PathLike[str] | None = None) -> "JobSpec":
@@ -434,6 +462,7 @@ def result_fields(spec: JobSpec) -> dict[str, Any]:
         # Output columns change what a shard file holds; added only when set, so that specs
         # written before the field existed keep their fingerprint.
         **({"output": {"token_ids": True}} if spec.output.token_ids else {}),
+        **({"classify": spec.classify.model_dump(exclude_defaults=True)} if spec.classify is not None else {}),
     }
 
 

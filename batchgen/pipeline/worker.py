@@ -71,6 +71,10 @@ def row_sampling(spec: JobSpec, row: PromptRow) -> SamplingParams:
     )
     fields.update(row.overrides)
     fields["seed"] = row.seed  # already derived from (seed or its override, row id)
+    fields["constraint"] = s.constraint()  # (kind, value): compiled, and cached, by the engine
+    if spec.classify is not None:
+        fields["choices"] = row.choices or spec.classify.choices
+        fields["normalize"] = spec.classify.normalize
     return SamplingParams(**fields)
 
 
@@ -131,11 +135,15 @@ def result_columns(result: RowResult) -> dict[str, Any]:
         "finish_reason": result.finish_reason,
         "prompt_tokens": len(result.prompt_token_ids),
         "completion_tokens": len(result.token_ids),
-        # Every error row says why; an engine error without text would break that promise.
-        "error": None if ok else (result.error or "error without a message"),
+        # Every error row says why; an engine error without text would break that promise. A
+        # constrained row cut by max_tokens is a length row whose error says it is incomplete.
+        "error": result.error if ok else (result.error or "error without a message"),
         "logprobs": result.logprobs if ok else None,
         "token_ids": result.token_ids if ok else None,
         "truncated_tokens": result.truncated_tokens,
+        "label": result.label if ok else None,
+        "label_logprobs": result.label_logprobs if ok else None,
+        "label_probs": result.label_probs if ok else None,
     }
 
 

@@ -96,6 +96,10 @@ def output_schema(spec: JobSpec, id_type: pa.DataType, keep_types: Mapping[str, 
     if spec.input.truncate_prompt:
         # What truncate_prompt cut from the front of the row's prompt (0: it fit): never silent.
         fields.append(pa.field("truncated_tokens", pa.int32(), nullable=False))
+    if spec.classify is not None:
+        # The best choice, each choice's score (in the order given) and the softmax over them.
+        fields += [pa.field("label", pa.string()), pa.field("label_logprobs", pa.list_(pa.float64())),
+                   pa.field("label_probs", pa.list_(pa.float64()))]
     return pa.schema(fields)
 
 

@@ -1,6 +1,6 @@
 """Per-step cost of constrained-decoding masks (batchgen.engine.constraints) on the CPU.
 
-    .venv/bin/python bench/mask_cost.py [--tokenizer PATH] [--batch 64] [--steps 40] [--threads N]
+``batchgen bench --masks [--tokenizer PATH] [--prompts 64]`` (see ``batchgen.bench.tasks``).
 
 B rows (all constrained by a JSON schema, or half of them) walk through the schema, each step
 picking the argmax of fresh random logits [B, V] under the mask (a uniform draw among the allowed
@@ -13,13 +13,11 @@ tokens, so rows sit at varied points of their documents). Per step it times, in 
 * ``unpack_and_fill``: ``apply`` minus ``fill``: unpacking the bits and masking the logits;
 * ``accept``: consuming the B sampled tokens.
 
-The random logits and the argmax are not timed. Prints one JSON object.
+The random logits and the argmax are not timed.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import time
@@ -87,24 +85,11 @@ def run(tokenizer: Path, batch: int, steps: int, constrained_every: int, seed: i
     return {k: round(statistics.median(v), 3) for k, v in times.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    here = Path(__file__).resolve().parents[1]
-    ap.add_argument("--tokenizer", type=Path, default=here.parent / "shared" / "tokenizers" / "llama" / "tokenizer.model")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    out = {"batch": a.batch, "vocab": 32000, "steps": a.steps, "torch_threads": torch.get_num_threads(),
-           "load_avg_before": os.getloadavg()[0], "llguidance": llguidance.__version__}
-    out["all_rows_constrained_ms"] = run(a.tokenizer, a.batch, a.steps, 1, a.seed)
-    out["half_rows_constrained_ms"] = run(a.tokenizer, a.batch, a.steps, 2, a.seed)
+def mask_cost(tokenizer: Path, batch: int = 64, steps: int = 40, seed: int = 0) -> dict[str, object]:
+    """The mask timings with every row constrained and with every other row, as one dict."""
+    out: dict[str, object] = {"batch": batch, "steps": steps, "torch_threads": torch.get_num_threads(),
+                              "load_avg_before": os.getloadavg()[0], "llguidance": llguidance.__version__}
+    out["all_rows_constrained_ms"] = run(tokenizer, batch, steps, 1, seed)
+    out["half_rows_constrained_ms"] = run(tokenizer, batch, steps, 2, seed)
     out["load_avg_after"] = os.getloadavg()[0]
-    print(json.dumps(out, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    return out

@@ -1,0 +1,216 @@
+"""Classification through the engine: choice log-probabilities against transformers by the definition.
+
+Definition (README "Classification"): a choice's ids are the tokenizer's encoding of the choice
+without BOS, appended to the prompt's ids; its log-probability is the sum of its tokens'
+log-probabilities. The reference here runs transformers on the whole prompt + choice sequence
+for every choice (what the engine must not do) in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchgen.demo import task
+from batchgen.engine import LLM, SamplingParams
+
+transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir: Path):
+    return transformers.LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir: Path) -> LLM:
+    return LLM(model_dir, dtype="float32", device="cpu")
+
+
+def reference_scores(hf, tok, prompt: str, choices: list[str], normalize: str = "none") -> list[float]:
+    """Each choice's score by the definition, one full transformers forward per choice."""
+    p = tok.encode(prompt, bos=True)
+    out = []
+    for c in choices:
+        ids = tok.encode(c, bos=False)
+        with torch.no_grad():
+            logits = hf(torch.tensor([p + ids])).logits[0].float()
+        lp = torch.log_softmax(logits, dim=-1)
+        total = sum(float(lp[len(p) - 1 + k, t]) for k, t in enumerate(ids))
+        out.append(total / len(ids) if normalize == "tokens" else total)
+    return out
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [task.random_prompt(rng) for _ in range(n)]
+
+
+def check(out, ref: list[float], choices: list[str]) -> None:
+    assert out.finish_reason == "stop" and out.error is None and out.text is None
+    assert out.label_logprobs == pytest.approx(ref, abs=1e-4)
+    expect = torch.softmax(torch.tensor(ref, dtype=torch.float64), 0).tolist()
+    assert out.label_probs == pytest.approx(expect, abs=1e-4)
+    assert math.isclose(sum(out.label_probs), 1.0, abs_tol=1e-9)
+    assert out.label == choices[max(range(len(ref)), key=lambda j: ref[j])]
+
+
+def count_tokens(llm: LLM) -> list[int]:
+    """Tokens the model runs per forward call, recorded by a forward pre-hook."""
+    seen: list[int] = []
+    llm.model.register_forward_pre_hook(lambda m, args: seen.append(int(args[0].numel())))
+    return seen
+
+
+def test_single_token_choices_need_only_the_prefill(llm: LLM, hf) -> None:
+    choices = ["cat", "dog", "sun"]
+    assert all(len(llm.tokenizer.encode(c, bos=False)) == 1 for c in choices)
+    ps = prompts(5, seed=1)
+    llm2 = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu")
+    seen = count_tokens(llm2)
+    outs = llm2.generate(ps, SamplingParams(choices=choices))
+    # One prefill step, of the prompts alone: the prompt's last logits are the whole answer.
+    assert seen == [sum(len(llm.tokenizer.encode(p, bos=True)) for p in ps)]
+    for p, o in zip(ps, outs):
+        check(o, reference_scores(hf, llm.tokenizer, p, choices), choices)
+        assert o.token_ids == []
+
+
+@pytest.mark.parametrize("normalize", ["none", "tokens"])
+def test_multi_token_choices_score_against_the_prompt_kv(llm: LLM, hf, normalize: str) -> None:
+    choices = ["87", "7 8 9", "sun cat frog dog", "cat"]
+    lens = [len(llm.tokenizer.encode(c, bos=False)) for c in choices]
+    assert max(lens) > 3 and min(lens) == 1
+    ps = prompts(4, seed=2)
+    small = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4, num_kv_blocks=200)
+    seen = count_tokens(small)
+    outs = small.generate(ps, SamplingParams(choices=choices, normalize=normalize))
+    # The prompts run once; each multi-token choice adds its tokens but the last, never the prompt again.
+    prompt_tokens = sum(len(llm.tokenizer.encode(p, bos=True)) for p in ps)
+    assert sum(seen) == prompt_tokens + len(ps) * sum(n - 1 for n in lens)
+    for p, o in zip(ps, outs):
+        check(o, reference_scores(hf, llm.tokenizer, p, choices, normalize), choices)
+    # Every block (shared ones included) went back to the pool.
+    assert small.blocks.num_free == small.blocks.num_blocks and not small.blocks.refs
+
+
+def test_per_row_choices_mixed_with_generation_under_preemption(llm: LLM, hf) -> None:
+    ps = prompts(10, seed=3)
+    rows = []
+    for i, p in enumerate(ps):
+        if i % 3 == 2:
+            rows.append(SamplingParams(max_tokens=10))  # a generation row in the same batches
+        else:
+            ans = task.answer(p)
+            rows.append(SamplingParams(choices=[ans, ans[::-1] + " 1", "sun cat frog dog"][: 2 + i % 2],
+                                       normalize="tokens" if i % 2 else "none"))
+    # A KV cache this small preempts: children lose their blocks and are prefilled again.
+    small = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4, num_kv_blocks=14, max_num_seqs=8)
+    outs = small.generate(ps, rows)
+    assert small.scheduler.num_preemptions > 0
+    alone = llm.generate([p for p, r in zip(ps, rows) if r.choices is None], SamplingParams(max_tokens=10))
+    gen = iter(alone)
+    for p, r, o in zip(ps, rows, outs):
+        if r.choices is None:
+            assert o.token_ids == next(gen).token_ids and o.label is None
+        else:
+            check(o, reference_scores(hf, llm.tokenizer, p, r.choices, r.normalize), r.choices)
+    assert small.blocks.num_free == small.blocks.num_blocks and not small.blocks.refs
+
+
+def test_labels_on_the_demo_task(llm: LLM) -> None:
+    ps = prompts(30, seed=4)
+    rows = []
+    for p in ps:
+        ans = task.answer(p)
+        kind = task.kind_of(p)
+        wrong = (str(int(ans) + 1) if kind == "add" else " ".join(reversed(ans.split())) if kind == "reverse"
+                 else " ".join(sorted(ans.split(), reverse=True)))
+        if wrong == ans:
+            wrong = ans + " 0"
+        rows.append([wrong, ans])
+    outs = llm.generate(ps, [SamplingParams(choices=c) for c in rows])
+    right = sum(o.label == task.answer(p) for p, o in zip(ps, outs))
+    assert right >= 28, [(p, o.label) for p, o in zip(ps, outs)]
+    assert all(o.label_probs[o.label_logprobs.index(max(o.label_logprobs))] >= 0.5 for o in outs)
+
+
+def test_bad_classification_rows_are_error_rows(llm: LLM) -> None:
+    no_tok = LLM(model=llm.model, device="cpu")
+    [o] = no_tok.generate([[1, 5, 6]], SamplingParams(choices=["a"]))
+    assert o.finish_reason == "error" and "tokenizer" in o.error
+    long_prompt = "sort: " + " ".join("1" * 40) + " ="
+    [o] = llm.generate([long_prompt], SamplingParams(choices=["1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1"]))
+    assert o.finish_reason == "error" and "prompt_too_long" in o.error and "choice" in o.error
+    with pytest.raises(ValueError, match="exclude"):
+        SamplingParams(choices=["a"], constraint=("regex", "a"))
+    with pytest.raises(ValueError, match="normalize"):
+        SamplingParams(choices=["a"], normalize="mean")
+
+
+def test_abort_drops_a_forked_row_and_its_children(llm: LLM) -> None:
+    e = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4, num_kv_blocks=64)
+    rid = e.add_request("12+4=", SamplingParams(choices=["57 1 2 3", "58 9 9"]))
+    assert len(e.tokenizer.encode("12+4=", bos=True)) % 4  # a partial last block: copied per child
+    e.step()  # the prefill: the row forks into its children
+    assert len(e.scheduler.running) == 2 and len(e.blocks.pending_copies) == 2
+    e.abort([rid])
+    assert not e.has_unfinished()
+    assert e.blocks.num_free == e.blocks.num_blocks and not e.blocks.refs
+
+
+def test_bench_classify_quick_agrees_with_transformers() -> None:
+    import argparse
+
+    from batchgen.bench.run import add_bench_args
+    from batchgen.bench.tasks import run_tasks
+
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    report = run_tasks(p.parse_args(["--classify", "--quick", "--prompts", "4", "--hf-batch", "2"]))["classify"]
+    for name in ("classify_multi_token", "classify_single_token"):
+        assert report[name]["max_abs_diff_vs_hf"] < 1e-4
+        assert report[name]["engine_rows_per_s"] > 0 and report[name]["hf_rows_per_s"] > 0
+    assert report["generate_4_tokens_rows_per_s"] > 0
+
+
+def test_block_manager_shares_copies_and_compacts_shared_blocks() -> None:
+    from batchgen.engine.kv_cache import BlockManager
+    from batchgen.engine.request import Request
+
+    bm = BlockManager(num_blocks=40, block_size=4)
+
+    def req(n: int) -> Request:
+        r = Request(str(n), list(range(3, 3 + n)), SamplingParams(max_tokens=4), 128, torch.device("cpu"))
+        bm.allocate(r)
+        return r
+
+    filler = [req(8) for _ in range(10)]  # blocks 1..20
+    parent = req(10)  # blocks 21, 22 full; 23 partial
+    t1, t2 = bm.share(parent, 10), bm.share(parent, 10)
+    assert t1[:2] == t2[:2] == parent.block_table[:2] and t1[2] != t2[2]
+    assert bm.pending_copies == [(parent.block_table[2], t1[2]), (parent.block_table[2], t2[2])]
+    assert bm.compact([*filler, parent]) == []  # nothing moves while copies are pending
+    copies = bm.take_copies()
+    bm.release(parent)
+    assert 23 not in bm.free  # held for the copies
+    bm.copies_done(copies)
+    assert 23 in bm.free and bm.refs[21] == 2
+    c1, c2 = (Request(f"c{k}", list(range(3, 14)), SamplingParams(max_tokens=2), 128, torch.device("cpu"))
+              for k in (1, 2))
+    c1.block_table, c2.block_table = t1, t2
+    for r in filler:
+        bm.release(r)
+    moves = bm.compact([c1, c2])
+    # A shared block moves once, and every table that holds it follows.
+    assert len(moves) == len({s for s, _ in moves}) == 4
+    assert c1.block_table[:2] == c2.block_table[:2] and max(c1.block_table + c2.block_table) <= 4
+    assert sorted(bm.refs.items()) == sorted({**{b: 2 for b in c1.block_table[:2]}, c1.block_table[2]: 1,
+                                              c2.block_table[2]: 1}.items())
+    bm.release(c1)
+    bm.release(c2)
+    assert bm.num_free == 40 and not bm.refs
