@@ -70,6 +70,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-matmul", choices=("onednn", "blas"), default=None,
                    help="CPU fp32: batchgen's matmuls through oneDNN (the default where available) or "
                         "PyTorch's BLAS (MKL), as transformers'")
+    p.add_argument("--attention-backend", choices=("default", "flex"), default="default",
+                   help="batchgen's attention over the paged KV cache (LLM(attention_backend=...); with "
+                        "--gpu-extras, also single-stream)")
     p.add_argument("--compile-decode", action="store_true",
                    help="CUDA: batchgen compiles its replayed decode steps with torch.compile "
                         "(with --gpu-extras, also single-stream)")
@@ -186,7 +189,7 @@ def _measure(args: argparse.Namespace, s: Setup) -> dict[str, Any]:
     bandwidth = measure_bandwidth_gbps(device, (16 if args.quick else 1024) << 20)
 
     engine = EngineSystem(s.model, wl, device, cuda_graphs=False if args.eager else None,
-                          compile_decode=args.compile_decode)
+                          compile_decode=args.compile_decode, attention_backend=args.attention_backend)
     hf_system = HFSystem(s.hf, wl, args.hf_batch, device) if s.hf is not None else None
     ours = RunResult(tokens=[])
     theirs = RunResult(tokens=[]) if hf_system is not None else None

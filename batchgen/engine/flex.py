@@ -24,12 +24,18 @@ block holds the same positions for every sequence sharing it), so one ``block_po
 whole step. Each step writes these buffers in place, so the compiled kernel and a CUDA graph
 that recorded it see new contents at fixed addresses.
 
-Shapes. Decode: queries ``[bucket * Hkv, G, 1, D]``, block-mask indices ``[bucket * Hkv, 1, 1,
-width]``: a function of the batch bucket alone (``width`` is fixed per engine). Prefill: the
-new tokens padded to ``[S, L]`` as in ``attention.prefill_padded``. The kernel is compiled once
-(``dynamic=True``), shared by all engines of the process; a new shape class (decode vs prefill,
-MHA vs GQA, dtype) compiles again. On the CPU each compile takes ~10-50 s (2 busy cores), which
-is why the CPU default stays ``"default"``.
+Full and partial blocks. Blocks wholly visible to a block of queries (in decode, all of a
+row's blocks but its last) are listed as FlexAttention's "full" blocks, read without the
+``mask_mod``; only the rest go through it.
+
+Shapes. The kernel is compiled with static shapes (:func:`compiled_flex`), one per shape, so
+steps are padded to few: decode rows to a batch bucket (``graphs.batch_buckets``; queries
+``[bucket * Hkv, G, 1, D]``, block-mask indices ``[bucket * Hkv, 1, 1, width]``, ``width``
+fixed per engine: a function of the bucket alone, as a CUDA graph needs); prefilled sequences
+to a bucket and their new tokens to a multiple of ``Q_BLOCK``. Compiled kernels are shared by
+all engines of a process with the same pool, heads and dtype. On the CPU one compile takes
+8-50 s (inductor's disk cache makes a repeat ~1 s), which is why the CPU default stays
+``"default"``.
 """
 
 from __future__ import annotations
@@ -55,7 +61,11 @@ def compiled_flex() -> Callable[..., torch.Tensor]:
     """``flex_attention`` through ``torch.compile`` (uncompiled it materialises every score of
     the whole pool). One compiled function for the process: dynamo keeps one kernel per shape
     class and reuses it across engines, layers and steps."""
-    return torch.compile(flex_attention, dynamic=True, fullgraph=True)
+    # Static shapes: with dynamic ones inductor's CPU FlexAttention kernel fails to compile for
+    # some size combinations (torch 2.13); steps are padded to batch buckets instead, so there
+    # are few shapes. Each shape is one entry of dynamo's cache for this function: allow many.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    return torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
 
 class FlexBackend:
@@ -77,10 +87,8 @@ class FlexBackend:
         self.width = self.max_blocks if dev.type == "cuda" else max(self.max_blocks, self.num_pool_blocks * self.kv_heads)
         # The last entry takes the writes of padding table entries (block 0 keeps position 0).
         self.block_pos = torch.zeros(self.num_pool_blocks + 1, dtype=torch.long, device=dev)
-        # One spare entry: a buffer whose size equals a batch dimension by chance would tie the two
-        # in the compiled kernel's dynamic shapes (duck sizing), see attend().
-        self.decode_start = torch.zeros(max_rows * self.kv_heads + 1, dtype=torch.long, device=dev)
-        self.prefill_start = torch.zeros(max_rows * self.kv_heads + 1, dtype=torch.long, device=dev)
+        self.decode_start = torch.zeros(max_rows * self.kv_heads, dtype=torch.long, device=dev)
+        self.prefill_start = torch.zeros(max_rows * self.kv_heads, dtype=torch.long, device=dev)
         self.decode_mask = self._mask_mod(self.decode_start)
         self.prefill_mask = self._mask_mod(self.prefill_start)
         self.kernel = compiled_flex()
@@ -102,6 +110,12 @@ class FlexBackend:
         """The per-step backend (``attn(layer_id, q, k, v) -> out``) for ``metadata``."""
         return FlexPagedAttention(self, cache, metadata, prefill_tables, prefill_lens)
 
+    def bucket(self, rows: int) -> int:
+        """The batch bucket ``rows`` query rows are padded to (``graphs.batch_buckets``)."""
+        from batchgen.engine.graphs import batch_buckets  # (graphs imports this module)
+
+        return next(b for b in batch_buckets(self.max_rows) if b >= rows)
+
     def record_positions(self, tables: torch.Tensor, nblocks: torch.Tensor) -> None:
         """``block_pos[tables[r, j]] = j`` for every block in use (``j < nblocks[r]``)."""
         j = torch.arange(tables.shape[1], device=tables.device)
@@ -109,19 +123,31 @@ class FlexBackend:
         dump = torch.full_like(tables, self.num_pool_blocks)
         self.block_pos.index_put_((torch.where(real, tables, dump).flatten(),), j.expand_as(tables).flatten())
 
-    def block_mask(self, tables: torch.Tensor, kv_num: torch.Tensor, q_len: int, mask_mod: Callable) -> BlockMask:
-        """The block mask of query rows ``tables`` [R, W] (W <= width): entry ``r * Hkv + h``
-        lists ``tables[r] * Hkv + h``, of which the first ``kv_num[r, i]`` [R, q_rows] are read
-        by its i-th block of queries."""
+    def block_mask(self, tables: torch.Tensor, full: torch.Tensor, kv_num: torch.Tensor, q_len: int,
+                   mask_mod: Callable) -> BlockMask:
+        """The block mask of query rows ``tables`` [R, W] (W <= width). Entry ``r * Hkv + h``,
+        i-th block of queries, reads ``tables[r, :kv_num[r, i]] * Hkv + h`` ([R, q_rows] counts):
+        the first ``full[r, i]`` of them whole (every query of the block sees every key: no
+        ``mask_mod``), the rest through ``mask_mod``."""
         R, W = tables.shape
-        Hkv = self.kv_heads
-        heads = torch.arange(Hkv, device=tables.device, dtype=torch.int32)
+        Hkv, dev = self.kv_heads, tables.device
+        q_rows = kv_num.shape[1]
+        heads = torch.arange(Hkv, device=dev, dtype=torch.int32)
         ids = tables.to(torch.int32)[:, None, :] * Hkv + heads[None, :, None]  # [R, Hkv, W]
-        indices = torch.zeros(R * Hkv, 1, kv_num.shape[1], self.width, dtype=torch.int32, device=tables.device)
-        indices[..., :W] = ids.reshape(R * Hkv, 1, 1, W)
-        num = kv_num.to(torch.int32).repeat_interleave(Hkv, dim=0).view(R * Hkv, 1, -1)
-        return BlockMask.from_kv_blocks(num, indices, BLOCK_SIZE=(Q_BLOCK, self.block_size),
-                                        mask_mod=mask_mod, seq_lengths=(q_len, self.keys), compute_q_blocks=False)
+        ids = ids[:, :, None, :].expand(R, Hkv, q_rows, W)
+        # The partial blocks of query block i start at its full count: shift each row left by it.
+        shift = (full[:, None, :, None] + torch.arange(W, device=dev)).clamp_(max=W - 1).expand(R, Hkv, q_rows, W)
+        full_ids = torch.zeros(R * Hkv, 1, q_rows, self.width, dtype=torch.int32, device=dev)
+        full_ids[..., :W] = ids.reshape(R * Hkv, 1, q_rows, W)
+        part_ids = torch.zeros_like(full_ids)
+        part_ids[..., :W] = torch.gather(ids, 3, shift).reshape(R * Hkv, 1, q_rows, W)
+
+        def per_entry(n: torch.Tensor) -> torch.Tensor:
+            return n.to(torch.int32).repeat_interleave(Hkv, dim=0).view(R * Hkv, 1, q_rows)
+
+        return BlockMask.from_kv_blocks(per_entry(kv_num - full), part_ids, per_entry(full), full_ids,
+                                        BLOCK_SIZE=(Q_BLOCK, self.block_size), mask_mod=mask_mod,
+                                        seq_lengths=(q_len, self.keys), compute_q_blocks=False)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: BlockMask) -> torch.Tensor:
         """FlexAttention of queries ``q`` [R * Hkv, G, L, D] over one layer's whole pool."""
@@ -132,7 +158,12 @@ class FlexBackend:
         # code path that compiles (a symbolic key length hits an inductor codegen bug in torch 2.13).
         torch._dynamo.mark_static(k)
         torch._dynamo.mark_static(v)
-        return self.kernel(q, k, v, block_mask=mask, enable_gqa=q.shape[1] > 1)
+        options = None
+        if q.device.type == "cuda" and q.shape[2] > 1:
+            # The prefill kernel's key tile must divide the block mask's KV block (the cache's
+            # block_size, >= 16); its default tiles (64, 128) do not. Decoding clamps its own.
+            options = {"BLOCK_N": self.block_size}
+        return self.kernel(q, k, v, block_mask=mask, enable_gqa=q.shape[1] > 1, kernel_options=options)
 
 
 class FlexPagedAttention:
@@ -162,11 +193,18 @@ class FlexPagedAttention:
             B = tables.shape[0]
             if B > backend.max_rows:
                 raise ValueError(f"{B} decode rows, the flex backend was built for {backend.max_rows}")
+            # Padded up to a batch bucket: the compiled kernels are per shape (see compiled_flex).
+            R = backend.bucket(B)
             ctx = metadata.context_lens
+            if R > B:  # padding rows: position 0 in the null block
+                tables = torch.cat([tables, tables.new_zeros(R - B, tables.shape[1])])
+                ctx = torch.cat([ctx, ctx.new_ones(R - B)])
             nblocks = (ctx + bs - 1) // bs
             backend.record_positions(tables, nblocks)
-            backend.decode_start[:B * Hkv].copy_((ctx - 1).repeat_interleave(Hkv))
-            self.decode_mask = backend.block_mask(tables, nblocks[:, None], 1, backend.decode_mask)
+            backend.decode_start[:R * Hkv].copy_((ctx - 1).repeat_interleave(Hkv))
+            self.decode_rows = R
+            # Every block but the last is wholly inside the context.
+            self.decode_mask = backend.block_mask(tables, nblocks[:, None] - 1, nblocks[:, None], 1, backend.decode_mask)
         self.num_seqs = len(metadata.cu_seqlens) - 1 if metadata.is_prefill else 0
         self.prefill_mask: Optional[BlockMask] = None
         if self.num_seqs:
@@ -177,19 +215,28 @@ class FlexPagedAttention:
             cu = metadata.cu_seqlens
             new = [e - s for s, e in zip(cu[:-1], cu[1:])]
             starts = [n - m for n, m in zip(prefill_lens, new)]  # the new tokens are each sequence's last
-            S, L = self.num_seqs, max(new)
-            self.max_len = L
+            # Padded to [bucket, a multiple of Q_BLOCK]: few shapes, each compiled once. Padding
+            # sequences hold one query at position 0 over the null block.
+            S, L = backend.bucket(self.num_seqs), -(-max(new) // Q_BLOCK) * Q_BLOCK
+            self.rows, self.max_len = S, L
+            pad = S - self.num_seqs
+            prefill_tables, starts, new = list(prefill_tables) + [[0]] * pad, starts + [0] * pad, new + [1] * pad
             W = max(len(t) for t in prefill_tables)
             ptables = torch.tensor([t + [0] * (W - len(t)) for t in prefill_tables], device=dev)
-            backend.record_positions(ptables, torch.tensor([len(t) for t in prefill_tables], device=dev))
+            backend.record_positions(ptables, torch.tensor([len(t) for t in prefill_tables[:self.num_seqs]] + [0] * pad,
+                                                           device=dev))
             backend.prefill_start[:S * Hkv].copy_(torch.tensor(starts, device=dev).repeat_interleave(Hkv))
             # Block-mask row i of sequence s: queries i*Q_BLOCK.. read its blocks up to the last one
             # holding a key the block's last real query sees (padding queries: the same).
             q_rows = -(-L // Q_BLOCK)
             kv_num = [[-(-(p0 + min((i + 1) * Q_BLOCK, m)) // bs) for i in range(q_rows)]
                       for p0, m in zip(starts, new)]
-            self.prefill_mask = backend.block_mask(ptables, torch.tensor(kv_num, device=dev), L, backend.prefill_mask)
-            seq = torch.repeat_interleave(torch.arange(S, device=dev), torch.tensor(new, device=dev), output_size=cu[-1])
+            # Blocks whose last key is at or before the block of queries' first: seen whole.
+            full = [[min(n, (p0 + i * Q_BLOCK + 1) // bs) for i, n in enumerate(row)] for p0, row in zip(starts, kv_num)]
+            self.prefill_mask = backend.block_mask(ptables, torch.tensor(full, device=dev), torch.tensor(kv_num, device=dev),
+                                                   L, backend.prefill_mask)
+            seq = torch.repeat_interleave(torch.arange(self.num_seqs, device=dev), torch.tensor(new[:self.num_seqs], device=dev),
+                                          output_size=cu[-1])
             # Row of each prefill token in the [S * L] layout.
             self.pad_index = seq * L + torch.arange(cu[-1], device=dev) - torch.tensor(cu[:-1], device=dev)[seq]
 
@@ -210,17 +257,19 @@ class FlexPagedAttention:
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """One query per row, q [B, Hq, D] -> [B, Hq, D]; B * Hkv block-mask rows, viewed, not copied."""
         B, Hq, D = q.shape
-        Hkv = self.backend.kv_heads
+        Hkv, R = self.backend.kv_heads, self.decode_rows
+        if R > B:
+            q = torch.cat([q, q.new_zeros(R - B, Hq, D)])
         # A copy (B * Hq * D values): a view would carry its base's sizes into the compiled
         # kernel's guards, and sizes equal by chance on one step would compile again on the next.
-        qs = q.reshape(B * Hkv, Hq // Hkv, 1, D).clone()
+        qs = q.reshape(R * Hkv, Hq // Hkv, 1, D).clone()
         o = self.backend.attend(qs, k_cache, v_cache, self.decode_mask)
-        return o.reshape(B, Hq, D)
+        return o.reshape(R, Hq, D)[:B]
 
     def prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """The prefilled sequences' new queries q [T, Hq, D] -> [T, Hq, D], padded to [S, L]."""
         T, Hq, D = q.shape
-        S, L, Hkv = self.num_seqs, self.max_len, self.backend.kv_heads
+        S, L, Hkv = self.rows, self.max_len, self.backend.kv_heads
         G = Hq // Hkv
         padded = q.new_zeros(S * L, Hq, D).index_copy_(0, self.pad_index, q)
         qs = padded.view(S, L, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(S * Hkv, G, L, D)
