@@ -36,7 +36,7 @@ def device_llm(graphs: bool, *args, compile_decode: bool = False, **kwargs) -> L
         return LLM(*args, device=DEVICE, cuda_graphs=graphs, compile_decode=compile_decode, **kwargs)
     llm = LLM(*args, device=DEVICE, **kwargs)
     if graphs:
-        stand_in_graphs(llm, compile_decode=compile_decode)
+        stand_in_graphs(llm, compile_decode=compile_decode, flex=llm.runner.flex)
     return llm
 
 
@@ -90,3 +90,33 @@ def test_bf16_bench_against_transformers_on_the_device(capsys: pytest.CaptureFix
         assert report["peak_gpu_mib"] > report["kv_cache_bytes"] / 2**20
     else:
         assert "gpu_extras" not in report and report["peak_gpu_mib"] is None
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_flex_backend_on_the_device_gives_the_cpu_engines_tokens(shared_dir: Path, graphs: bool) -> None:
+    """``attention_backend="flex"`` (engine/flex.py), fp32, eager and replayed (reading the pool
+    in place inside the graphs): the CPU default engine's tokens, up to near-ties."""
+    path = shared_dir / "models" / "stories260K-hf"
+    wl = Workload(PROMPTS, [40, 25, 60, 33, 48])
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in wl.max_tokens]
+    cpu = LLM(path, dtype="float32", device="cpu", max_num_seqs=4)
+    dev = device_llm(graphs, path, dtype="float32", max_num_seqs=4, attention_backend="flex")
+    want = [o.token_ids for o in cpu.generate(PROMPTS, params)]
+    got = [o.token_ids for o in dev.generate(PROMPTS, params)]
+    check = compare_tokens(cpu.model, None, wl, got, want, 1e-3)
+    assert check["ok"], check["divergences"]
+    assert bool(graphs) == bool(dev.runner.graphs and dev.runner.graphs.graphs)
+
+
+def test_bf16_flex_backend_replayed_picks_the_top_token_at_every_step() -> None:
+    """bf16, flex, replayed: at every step the fp32 reference's top token, up to bf16 rounding."""
+    prompts = [[1], [1, 5, 7, 9], [1] + list(range(100, 140)), [1, 17, 42, 9, 200, 33], [1, 250, 251]]
+    llm = device_llm(True, model=sharp_model().to(device=DEVICE, dtype=torch.bfloat16), max_num_seqs=3,
+                     attention_backend="flex")
+    outs = llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
+    reference = sharp_model()
+    for prompt, out in zip(prompts, outs):
+        for t, token in enumerate(out.token_ids):
+            with torch.inference_mode():
+                logits = reference_logits(reference, prompt + out.token_ids[:t])[-1]
+            assert float(logits.max() - logits[token]) <= 0.25, (prompt, t, token)

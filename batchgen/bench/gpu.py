@@ -20,7 +20,7 @@ from batchgen.model import ModelArgs, count_parameters, empty_model
 
 def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
                          args: Optional[ModelArgs] = None, steps: int = 256,
-                         compile_decode: bool = False) -> dict[str, Any]:
+                         compile_decode: bool = False, attention_backend: str = "default") -> dict[str, Any]:
     """Single-stream decode of a random model (default: Llama 2 7B's shape) against memory
     bandwidth / weight bytes (``--gpu-extras``, where the bandwidth is the GPU's HBM)."""
     from batchgen.engine import LLM, SamplingParams
@@ -40,7 +40,7 @@ def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
 
     def decode_rate(cuda_graphs: bool, compiled: bool = False) -> float:
         llm = LLM(model=model, device=str(device), max_model_len=1024, max_num_seqs=1, kv_cache_bytes=1 << 30,
-                  cuda_graphs=cuda_graphs, compile_decode=compiled)
+                  cuda_graphs=cuda_graphs, compile_decode=compiled, attention_backend=attention_backend)
 
         def timed(n: int) -> float:
             sync(device)
@@ -58,7 +58,8 @@ def single_stream_decode(device: torch.device, dtype: torch.dtype, seed: int,
     bound = bw * 1e9 / weight_bytes
     return {"model": f"random, dim {args.dim}, {args.n_layers} layers, "
                      + (f"{n_params / 1e9:.1f}B params" if n_params >= 1e9 else f"{n_params / 1e6:.1f}M params"),
-            "dtype": str(dtype).removeprefix("torch."), "weight_bytes": weight_bytes, "decode_tokens_per_s": tok_s,
+            "dtype": str(dtype).removeprefix("torch."), "attention_backend": attention_backend,
+            "weight_bytes": weight_bytes, "decode_tokens_per_s": tok_s,
             "copy_gbps": bw, "bandwidth_bound_tokens_per_s": bound, "fraction_of_bound": tok_s / bound,
             "cuda_graphs_decode_tokens_per_s": graphs_tok_s,
             "cuda_graphs_fraction_of_bound": graphs_tok_s / bound if graphs_tok_s else None,
@@ -90,4 +91,5 @@ def gpu_extras(device: torch.device, dtype: torch.dtype, args: argparse.Namespac
         return {"skipped": f"the single-stream run needs {need / 2**30:.1f} GiB of GPU memory, "
                            f"{free / 2**30:.1f} GiB is free (--gpu-extras runs it anyway)"}
     return single_stream_decode(device, dtype, args.seed, shape, steps=64 if args.quick else 256,
-                                compile_decode=args.compile_decode)
+                                compile_decode=args.compile_decode,
+                                attention_backend=args.attention_backend)

@@ -77,6 +77,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="instead: the per-step cost of constrained-decoding masks (batchgen.bench.masks)")
     p.add_argument("--tokenizer", default=None, metavar="FILE",
                    help="tokenizer.model for --classify/--masks (default: ../shared's LLaMA one)")
+    p.add_argument("--attention-backend", choices=("default", "flex"), default="default",
+                   help="batchgen's attention over the paged KV cache (LLM(attention_backend=...); with "
+                        "--gpu-extras, also single-stream)")
     p.add_argument("--compile-decode", action="store_true",
                    help="CUDA: batchgen compiles its replayed decode steps with torch.compile "
                         "(with --gpu-extras, also single-stream)")
@@ -205,7 +208,7 @@ def _measure(args: argparse.Namespace, s: Setup) -> dict[str, Any]:
     bandwidth = measure_bandwidth_gbps(device, (16 if args.quick else 1024) << 20)
 
     engine = EngineSystem(s.model, wl, device, cuda_graphs=False if args.eager else None,
-                          compile_decode=args.compile_decode)
+                          compile_decode=args.compile_decode, attention_backend=args.attention_backend)
     hf_system = HFSystem(s.hf, wl, args.hf_batch, device) if s.hf is not None else None
     ours = RunResult(tokens=[])
     theirs = RunResult(tokens=[]) if hf_system is not None else None

@@ -41,13 +41,15 @@ class EngineSystem:
 
     def __init__(self, model: Transformer, wl: Workload, device: torch.device,
                  max_num_seqs: int = MAX_NUM_SEQS, cuda_graphs: Optional[bool] = None,
-                 compile_decode: bool = False) -> None:
+                 compile_decode: bool = False, attention_backend: str = "default") -> None:
         from batchgen.engine import LLM, SamplingParams
 
         self.model, self.wl, self.compile_decode = model, wl, compile_decode
         # KV is sized for max_num_seqs of the workload's longest request (the jobs' default).
         self.llm = LLM(model=model, device=str(device), max_model_len=wl.max_total_len,
-                       max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs, compile_decode=compile_decode)
+                       max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs, compile_decode=compile_decode,
+                       attention_backend=attention_backend)
+        self.attention_backend = attention_backend
         self.params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in wl.max_tokens]
         # Warm-up: first calls pay for allocator growth and kernel selection. With graphs, the
         # whole workload once, so that every graph it needs is recorded before the timing.
@@ -63,7 +65,8 @@ class EngineSystem:
     def info(self) -> dict[str, Any]:
         return {"kv_cache_bytes": self.llm.kv_cache.nbytes, "kv_cache_tokens": self.llm.kv_cache_tokens,
                 "preemptions": self.llm.scheduler.num_preemptions, "cuda_graphs": self.llm.runner.graphs is not None,
-                "compile_decode": self.llm.runner.graphs is not None and self.compile_decode}
+                "compile_decode": self.llm.runner.graphs is not None and self.compile_decode,
+                "attention_backend": self.attention_backend}
 
 
 class HFSystem:

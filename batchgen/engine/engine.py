@@ -17,6 +17,7 @@ import torch
 from batchgen.engine import classify
 from batchgen.engine.classify import ChoiceChild, ChoiceRun
 from batchgen.engine.constraints import ConstraintError, compile_constraint, tokenizer_info
+from batchgen.engine.flex import ATTENTION_BACKENDS, FlexBackend
 from batchgen.engine.graphs import DecodeGraphs
 from batchgen.engine.kv_cache import BlockManager, allocate_kv_cache, kv_blocks_for_budget
 from batchgen.engine.request import CompletionOutput, Request, SamplingParams, Status
@@ -54,7 +55,8 @@ class LLM:
                  kv_cache_bytes: Optional[int] = None, num_kv_blocks: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
                  max_model_len: Optional[int] = None, world_size: int = 1, rank: int = 0,
-                 cuda_graphs: Optional[bool] = None, compile_decode: bool = False) -> None:
+                 cuda_graphs: Optional[bool] = None, compile_decode: bool = False,
+                 attention_backend: str = "default") -> None:
         """Load ``model_dir`` (Meta or HF layout) or wrap an already built ``model``.
 
         The KV cache holds ``num_kv_blocks`` blocks of ``block_size`` tokens when given (a
@@ -68,7 +70,14 @@ class LLM:
         ``compile_decode`` compiles those replayed steps with ``torch.compile`` (a prototype made
         them 20-40 % faster on an H100 for about a minute of compiling; see bench/NOTES.md). Where
         no step replays it does nothing.
+
+        ``attention_backend``: ``"default"`` (``engine/attention.py``: reads the pool in place in
+        eager steps, gathers it in replayed ones) or ``"flex"`` (``engine/flex.py``: FlexAttention
+        reads the pool in place everywhere, replayed steps included, with no gather cap; compiled
+        with ``torch.compile`` once per shape class, seconds to a minute each).
         """
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention_backend!r}")
         self.device = torch.device(device) if device else default_device()
         if model is None:
             if model_dir is None:
@@ -102,6 +111,8 @@ class LLM:
         self.kv_cache = allocate_kv_cache(model, num_kv_blocks, block_size, cache_dtype, self.device)
         self.blocks = BlockManager(num_kv_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens or max(self.max_model_len, 2048))
+        flex = (FlexBackend(self.kv_cache, self.max_model_len, max_num_seqs)
+                if attention_backend == "flex" else None)
         graphs = None
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and world_size == 1
@@ -109,8 +120,8 @@ class LLM:
             if self.device.type != "cuda" or world_size > 1:
                 raise ValueError(f"cuda_graphs needs one CUDA device, not {self.device} with world_size={world_size}")
             graphs = DecodeGraphs(model, self.kv_cache, self.max_model_len, max_num_seqs, self.device,
-                                  compile_decode=compile_decode)
-        self.runner = ModelRunner(model, self.kv_cache, self.blocks, self.device, graphs)
+                                  compile_decode=compile_decode, flex=flex)
+        self.runner = ModelRunner(model, self.kv_cache, self.blocks, self.device, graphs, flex)
         self._ids = itertools.count()
         self._streams: dict[str, tuple[IncrementalDecoder, Optional[StopStringMatcher]]] = {}
         self._finished: list[CompletionOutput] = []

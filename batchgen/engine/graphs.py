@@ -21,12 +21,14 @@ the launches) run eagerly.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
 
 from batchgen.engine.attention import AttentionMetadata, PagedAttention
 from batchgen.engine.kv_cache import KVCache
+from batchgen.engine.flex import FlexBackend, flex_decode_logits
 from batchgen.model import Transformer
 
 #: Largest gathered K (as much again for V) of one layer in a replayed step. Measured with a 7B
@@ -96,18 +98,25 @@ class DecodeGraphs:
 
     def __init__(self, model: Transformer, cache: KVCache, max_model_len: int, max_rows: int,
                  device: torch.device, capture: Optional[Capture] = None,
-                 max_gather_bytes: int = MAX_GATHER_BYTES, compile_decode: bool = False) -> None:
+                 max_gather_bytes: int = MAX_GATHER_BYTES, compile_decode: bool = False,
+                 flex: Optional[FlexBackend] = None) -> None:
         self.model = model
         self.cache = cache
         block_size = cache.block_size
         # Compiling fuses the step's small kernels (norms, RoPE, casts); see bench/NOTES.md, "GPU".
         self.forward = decode_logits
+        self.flex = flex
+        if flex is not None:
+            # Attention reads the pool in place (engine/flex.py): no gather, hence no cap, and
+            # one table width (the block mask's) so that a graph per batch bucket serves all.
+            self.forward = functools.partial(flex_decode_logits, backend=flex)
+            max_gather_bytes = 1 << 62
         if compile_decode:
             # The pools never change shape; left dynamic, their head count would reach SDPA's
             # enable_gqa as a symbolic bool, which breaks the graph at every layer.
             for pool in (*cache.k, *cache.v):
                 torch._dynamo.mark_static(pool)
-            self.forward = torch.compile(decode_logits, dynamic=True)
+            self.forward = torch.compile(self.forward, dynamic=True)
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
         self.buckets = batch_buckets(max_rows)
@@ -129,6 +138,8 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= rows)
 
     def _width(self, blocks: int) -> int:
+        if self.flex is not None:
+            return self.max_blocks
         w = 1
         while w < blocks:
             w *= 2

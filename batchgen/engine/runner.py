@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from batchgen.engine.attention import AttentionMetadata, PagedAttention
+from batchgen.engine.flex import FlexBackend
 from batchgen.engine.graphs import DecodeGraphs
 from batchgen.engine.kv_cache import BlockManager, KVCache
 from batchgen.engine.request import Request
@@ -22,7 +23,7 @@ class ModelRunner:
     """Runs the engine's steps: ``model`` reads and writes ``cache`` through a :class:`PagedAttention`."""
 
     def __init__(self, model: Transformer, cache: KVCache, blocks: BlockManager, device: torch.device,
-                 graphs: Optional[DecodeGraphs] = None) -> None:
+                 graphs: Optional[DecodeGraphs] = None, flex: Optional[FlexBackend] = None) -> None:
         self.model = model
         self.cache = cache
         self.blocks = blocks
@@ -30,6 +31,7 @@ class ModelRunner:
         self.device = device
         self.graphs = graphs  # small decode-only steps replay from these (see engine/graphs.py)
         self.last_logits: Optional[torch.Tensor] = None  # [B, vocab] of the last step (classification reads them)
+        self.flex = flex  # attention on FlexAttention instead of PagedAttention (engine/flex.py)
 
     def _to(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         # Built on the host, copied once: cheaper than many small device writes.
@@ -93,7 +95,9 @@ class ModelRunner:
             logits = self.graphs.run(*self._decode_inputs(decode), [req.block_table for req in decode])
         else:
             ids, positions_t, metadata, last = self.prepare(decode, prefill, moves)
-            hidden = self.model(ids, positions_t, PagedAttention(self.cache, metadata))  # [T, dim]
+            attn = (PagedAttention(self.cache, metadata) if self.flex is None else
+                    self.flex.step(self.cache, metadata, [r.block_table for r in prefill], [len(r) for r in prefill]))
+            hidden = self.model(ids, positions_t, attn)  # [T, dim]
             if len(last) != hidden.shape[0]:
                 hidden = hidden[self._to(last)]  # [B, dim]: only the last token of each sequence
             logits = self.model.compute_logits(hidden)  # [B, vocab] fp32

@@ -145,6 +145,10 @@ class ModelSpec(_Section):
     compile_decode: bool = Field(False, description="compile the replayed decode steps with torch.compile: "
                                                     "faster steps on a GPU for a minute or more of compiling "
                                                     "per replica; no effect where nothing replays")
+    attention_backend: Literal["default", "flex"] = Field(
+        "default", description="attention over the paged KV cache: default (SDPA; replayed GPU decode steps gather "
+                               "each row's blocks, up to 128 MiB a layer) or flex (FlexAttention reads the blocks in "
+                               "place, replayed steps included; compiled per batch bucket with torch.compile)")
 
 
 class InputSpec(_Section):
