@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from batchgen.engine.adapters import AdapterSource, build_stack, load_adapters
 from batchgen.engine.graphs import DecodeGraphs
 from batchgen.engine.kv_cache import BlockManager, allocate_kv_cache, kv_blocks_for_budget
 from batchgen.engine.request import CompletionOutput, Request, SamplingParams
@@ -48,7 +49,8 @@ class LLM:
                  kv_cache_bytes: Optional[int] = None, num_kv_blocks: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
                  max_model_len: Optional[int] = None, world_size: int = 1, rank: int = 0,
-                 cuda_graphs: Optional[bool] = None, compile_decode: bool = False) -> None:
+                 cuda_graphs: Optional[bool] = None, compile_decode: bool = False,
+                 adapters: Optional[Mapping[str, AdapterSource]] = None, merge_adapter: bool = False) -> None:
         """Load ``model_dir`` (Meta or HF layout) or wrap an already built ``model``.
 
         The KV cache holds ``num_kv_blocks`` blocks of ``block_size`` tokens when given (a
@@ -62,14 +64,28 @@ class LLM:
         ``compile_decode`` compiles those replayed steps with ``torch.compile`` (a prototype made
         them 20-40 % faster on an H100 for about a minute of compiling; see bench/NOTES.md). Where
         no step replays it does nothing.
+
+        ``adapters`` (name -> PEFT directory or :class:`batchgen.lora.LoraAdapter`) stay resident,
+        unmerged: a request picks one by name (``SamplingParams.adapter`` or ``add_request(adapter=)``)
+        and rows of different adapters share each step (``batchgen.engine.adapters``). With
+        ``merge_adapter`` there must be exactly one, loaded from ``model_dir`` merged into the
+        weights: every request then runs with it, at the base model's speed.
         """
         self.device = torch.device(device) if device else default_device()
+        self.merged_adapter: Optional[str] = None
+        if merge_adapter:
+            if model is not None or model_dir is None or not adapters or len(adapters) != 1:
+                raise ValueError("merge_adapter needs a model directory and exactly one adapter")
         if model is None:
             if model_dir is None:
                 raise ValueError("give a model directory or a model")
-            from batchgen.checkpoint import load_model
+            from batchgen.checkpoint import load_args, load_model
 
-            model = load_model(model_dir, dtype=dtype, device=self.device, world_size=world_size, rank=rank)
+            merged = load_adapters(adapters, load_args(model_dir)) if merge_adapter and adapters else []
+            model = load_model(model_dir, dtype=dtype, device=self.device, world_size=world_size, rank=rank,
+                               adapters=merged)
+            if merged:
+                self.merged_adapter, adapters = merged[0].name, None
             if tokenizer is None:
                 tokenizer = load_tokenizer(model_dir)
         on = next(model.parameters()).device
@@ -101,7 +117,9 @@ class LLM:
                 raise ValueError(f"cuda_graphs needs one CUDA device, not {self.device} with world_size={world_size}")
             graphs = DecodeGraphs(model, self.kv_cache, self.max_model_len, max_num_seqs, self.device,
                                   compile_decode=compile_decode)
-        self.runner = ModelRunner(model, self.kv_cache, self.blocks, self.device, graphs)
+        self.lora = (build_stack(adapters, model.args, model.world_size, model.rank, cache_dtype, self.device)
+                     if adapters else None)
+        self.runner = ModelRunner(model, self.kv_cache, self.blocks, self.device, graphs, self.lora)
         self._ids = itertools.count()
         self._streams: dict[str, tuple[IncrementalDecoder, Optional[StopStringMatcher]]] = {}
         self._finished: list[CompletionOutput] = []
@@ -116,10 +134,32 @@ class LLM:
         """How many tokens the KV cache holds in all."""
         return self.blocks.num_blocks * self.blocks.block_size
 
-    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: Optional[str] = None) -> str:
-        """Queue a prompt (text, or token ids including any BOS). Bad prompts finish at once as errors."""
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters requests may name (the merged one, or the resident unmerged ones)."""
+        return [self.merged_adapter] if self.merged_adapter else (list(self.lora.names) if self.lora else [])
+
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: Optional[str] = None,
+                    adapter: Optional[str] = None) -> str:
+        """Queue a prompt (text, or token ids including any BOS). Bad prompts finish at once as errors.
+
+        ``adapter`` (default ``params.adapter``) names the LoRA adapter to run it with; None or
+        "" is the base model (or the merged adapter, with ``merge_adapter``). An unknown name
+        makes the request an error.
+        """
         rid = request_id if request_id is not None else str(next(self._ids))
         error = None
+        name = (adapter if adapter is not None else params.adapter) or None
+        slot = -1
+        if self.merged_adapter is not None:
+            if name not in (None, self.merged_adapter):
+                error = f"unknown adapter {name!r}; this engine runs {self.merged_adapter!r} merged"
+            name = self.merged_adapter
+        elif name is not None:
+            if self.lora is None or name not in self.lora.names:
+                error = f"unknown adapter {name!r}; known: {self.adapter_names}"
+            else:
+                slot = self.lora.slot(name)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 error = "this model has no tokenizer.model: give prompt token ids"
@@ -129,17 +169,19 @@ class LLM:
         else:
             ids = [int(t) for t in prompt]
         vocab = self.model.args.vocab_size
-        if error is None and not ids:
+        if error is not None:
+            pass
+        elif not ids:
             error = "empty prompt"
-        elif error is None and any(t < 0 or t >= vocab for t in ids):
+        elif any(t < 0 or t >= vocab for t in ids):
             error = f"prompt token id out of range [0, {vocab})"
-        elif error is None and len(ids) >= self.max_model_len:
+        elif len(ids) >= self.max_model_len:
             if params.truncate_prompt:
                 keep = max(1, self.max_model_len - params.max_tokens)
                 ids = ids[-keep:]
             else:
                 error = f"prompt_too_long: {len(ids)} tokens, the context holds {self.max_model_len}"
-        req = Request(rid, ids, params, self.max_model_len, self.device)
+        req = Request(rid, ids, params, self.max_model_len, self.device, adapter_id=name, lora_slot=slot)
         if error is None and self.blocks.blocks_needed(req.max_total_len) > self.blocks.num_blocks:
             error = f"prompt_too_long: {req.max_total_len} tokens do not fit the KV cache ({self.kv_cache_tokens} tokens)"
         if error is not None:
