@@ -37,6 +37,7 @@ import pyarrow as pa
 
 from batchgen.engine import LLM, CompletionOutput, SamplingParams
 from batchgen.pipeline.faults import Faults, exit_replica
+from batchgen.pipeline.adapters import row_adapters
 from batchgen.pipeline.shards import PromptRow, Shard, build_prompts, read_shard, resolve_filesystem
 from batchgen.pipeline.spec import JobSpec
 from batchgen.pipeline.writer import output_schema, publish_part, publish_shard, with_retries
@@ -62,17 +63,20 @@ def build_llm(spec: JobSpec, device: Optional[str] = None) -> LLM:
     """The engine for this job's model, with the spec's engine knobs."""
     from batchgen.tokenizer import Tokenizer
 
+    from batchgen.pipeline.adapters import local_adapters, merged
+
     m = spec.model
     tokenizer = Tokenizer(m.tokenizer) if m.tokenizer else None
     kv = int(m.kv_cache_memory_gb * (1 << 30)) if m.kv_cache_memory_gb else None
     return LLM(m.path, tokenizer=tokenizer, dtype=m.dtype, device=device, kv_cache_bytes=kv,
                max_num_seqs=m.max_num_seqs, max_num_batched_tokens=m.max_num_batched_tokens,
                max_model_len=m.max_seq_len, cuda_graphs=None if m.cuda_graphs else False,
-               compile_decode=m.compile_decode)
+               compile_decode=m.compile_decode, adapters=local_adapters(spec) or None, merge_adapter=merged(spec))
 
 
-def row_sampling(spec: JobSpec, row: PromptRow) -> SamplingParams:
-    """A row's sampling: the spec's, its per-row overrides, and a seed derived from its id."""
+def row_sampling(spec: JobSpec, row: PromptRow, adapter: Optional[str] = None) -> SamplingParams:
+    """A row's sampling: the spec's, its per-row overrides, a seed derived from its id, and the
+    LoRA adapter it runs with (its ``input.adapter_column`` cell; None = base or the merged one)."""
     s = spec.sampling
     fields: dict[str, Any] = dict(
         max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
@@ -81,6 +85,7 @@ def row_sampling(spec: JobSpec, row: PromptRow) -> SamplingParams:
     )
     fields.update(row.overrides)
     fields["seed"] = row.seed  # already derived from (seed or its override, row id)
+    fields["adapter"] = adapter
     return SamplingParams(**fields)
 
 
@@ -222,6 +227,7 @@ class ShardWorker:
         table = with_retries(fs, f"reading shard {shard.shard_id}",
                              lambda: read_shard(shard, spec.input_columns()))
         rows = build_prompts(table, spec)
+        adapters = row_adapters(spec, table)
         run = ShardRun(shard, table, [None] * len(rows), {}, keep_going, started, started_at, context, solo=solo)
         tag = f"{next(self._tags)}/"
         for i, row in enumerate(rows):
@@ -234,7 +240,7 @@ class ShardWorker:
                 run.results[i] = str(e)
                 continue
             try:
-                item = _Item(i, prompt, row_sampling(spec, row), row.prompt or "")
+                item = _Item(i, prompt, row_sampling(spec, row, adapters[i]), row.prompt or "")
             except ValueError as e:
                 run.results[i] = f"bad sampling override: {e}"
                 continue

@@ -414,6 +414,8 @@ def _column_roles(spec: JobSpec) -> list[tuple[str, str, str]]:
     roles += [("input.keep_columns", c, "keep") for c in inp.keep_columns]
     roles += [(f"sampling.overrides.{name}", c, "int" if name in _INT_OVERRIDES else "number")
               for name, c in spec.sampling.overrides.items()]
+    if inp.adapter_column is not None:
+        roles.append(("input.adapter_column", inp.adapter_column, "text"))
     return roles
 
 

@@ -136,6 +136,21 @@ class ModelSpec(_Section):
     compile_decode: bool = Field(False, description="compile the replayed decode steps with torch.compile: "
                                                     "faster steps on a GPU for a minute or more of compiling "
                                                     "per replica; no effect where nothing replays")
+    adapters: dict[str, str] = Field(default_factory=dict,
+                                     description="LoRA adapters: name -> PEFT adapter directory (local, s3:// or "
+                                                 "gs://); rows pick one by input.adapter_column, or with one "
+                                                 "adapter and no column every row runs it, merged at load")
+
+    @field_validator("adapters")
+    @classmethod
+    def _check_adapters(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            if not _NAME_RE.match(name):
+                raise ValueError(f"adapter name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                                 "starting with a letter or digit")
+            if not path:
+                raise ValueError(f"adapter {name!r}: the path is empty")
+        return value
 
 
 class InputSpec(_Section):
@@ -161,6 +176,8 @@ class InputSpec(_Section):
     system: str | None = None
     keep_columns: list[str] = Field(default_factory=list)
     truncate_prompt: bool = False
+    adapter_column: str | None = Field(None, min_length=1, description="each row's LoRA adapter name (one of "
+                                                                       "model.adapters); null or '' = the base model")
 
     @field_validator("template")
     @classmethod
@@ -336,6 +353,15 @@ class JobSpec(_Section):
         return value
 
     @model_validator(mode="after")
+    def _check_adapter_column(self) -> "JobSpec":
+        col = self.input.adapter_column
+        if col is not None and not self.model.adapters:
+            raise _field_error("input.adapter_column", "names adapters, but model.adapters lists none")
+        if col is not None and col == self.input.id_column:
+            raise _field_error("input.adapter_column", f"{col!r} is the id column")
+        return self
+
+    @model_validator(mode="after")
     def _check_overrides(self) -> "JobSpec":
         for name, column in self.sampling.overrides.items():
             if column == self.input.id_column:
@@ -345,7 +371,7 @@ class JobSpec(_Section):
     def input_columns(self) -> list[str]:
         """Every input column a shard needs: id, prompt text, keep and override columns (no repeats)."""
         cols = [self.input.id_column, *self.input.text_columns(), *self.input.keep_columns,
-                *self.sampling.overrides.values()]
+                *self.sampling.overrides.values(), *([self.input.adapter_column] if self.input.adapter_column else [])]
         return list(dict.fromkeys(cols))
 
     def with_resolved_paths(self, base: str | os.PathLike[str] | None = None) -> "JobSpec":
@@ -353,6 +379,7 @@ class JobSpec(_Section):
         model = self.model.model_copy(update={
             "path": resolve_path(self.model.path, base),
             "tokenizer": None if self.model.tokenizer is None else resolve_path(self.model.tokenizer, base),
+            "adapters": {name: resolve_path(p, base) for name, p in self.model.adapters.items()},
         })
         return self.model_copy(update={
             "model": model,
