@@ -7,8 +7,10 @@ KV cache: the same block ids on every rank, each rank storing only its own KV he
 
 Rank 0 runs :class:`TPLeaderLLM`, an :class:`~batchgen.engine.LLM` that owns the scheduler, the
 block manager, sampling and the tokenizer. Ranks 1..N-1 run :func:`follower_loop`. Whenever rank
-0 calls its model, a forward pre-hook first broadcasts the step plan (tokens, positions and every
-field of the attention backend's :class:`~batchgen.engine.attention.AttentionMetadata`) so that
+0 calls its model, a forward pre-hook first broadcasts the step plan (tokens, positions, every
+field of the attention backend's :class:`~batchgen.engine.attention.AttentionMetadata` and, when
+rows use unmerged LoRA adapters, each token row's adapter slot; every rank holds its own slice of
+the same adapters, ``batchgen.engine.adapters``) so that
 every follower runs the same forward (over its own KV cache)
 at the same time; the all-reduces inside the model need all ranks. Only rank 0 computes logits
 and samples. Hooking the model call, rather than copying the runner, keeps TP correct whatever
