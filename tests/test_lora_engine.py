@@ -118,3 +118,18 @@ def test_tp2_mixed_adapters_equal_peft(setup: dict[str, Any], references: dict) 
             assert reason == "length" and toks == want_t
             torch.testing.assert_close(torch.tensor(lps), torch.tensor(want_lp), atol=1e-4, rtol=0)
     assert [t for t, _, _ in got["merged"]["outs"]] == [t for t, _ in references["a"]]
+
+
+def test_meta_layout_base_with_unmerged_adapters_matches_peft(setup: dict[str, Any], references: dict,
+                                                              tmp_path: Path) -> None:
+    """The same HF-trained adapters on the base saved in Meta's layout (q/k rows in Meta's order)."""
+    from batchgen.checkpoint import load_args, load_model, save_meta
+
+    base = setup["dir"] / "base"
+    save_meta(load_model(base, dtype="float32", device="cpu").state_dict(), load_args(base), tmp_path / "meta")
+    llm = LLM(tmp_path / "meta", dtype="float32", device="cpu", kv_cache_bytes=1 << 22, max_num_seqs=8,
+              adapters={"a": setup["a"], "b": setup["b"]})
+    names = ["b", None, "a"]
+    outs = llm.generate([p for p in PROMPTS for _ in names], [params(n) for _ in PROMPTS for n in names])
+    for j, n in enumerate(names):
+        check(outs[j::3], references[n])
