@@ -110,10 +110,13 @@ def run_demo(out_dir: Path = Path("demo-out"), rows: int = 500, replicas: int = 
     print("summary:", json.dumps({k: summary[k] for k in (
         "shards", "rows", "rows_ok", "rows_error", "prompt_tokens", "completion_tokens", "seconds")}, default=str))
     print(f"per-shard summary: {out_dir / 'results' / 'summary.parquet'}")
-    for r in table[:show]:
+    # The first rows, and the first of each group they leave out (an adapter row among them).
+    shown = table[:show] + [next(r for r in table if group_of(r) == g) for g in GROUPS
+                            if all(group_of(r) != g for r in table[:show]) and any(group_of(r) == g for r in table)]
+    for r in shown:
         mark = "ok " if r["correct"] else "BAD"
         print(f"  {mark} id={r['id']:<4} {r['prompt']!r:34} -> {r['completion']!r} "
-              f"(expected {r['answer']!r}, {r['finish_reason']})")
+              f"(expected {r['answer']!r}, {r['finish_reason']}{', adapter ' + r['adapter'] if r['adapter'] else ''})")
     acc = correct / total if total else 0.0
     # rows_ok counts rows the model completed without an error; accuracy counts completions that
     # equal the expected answer. A row can be ok and still wrong.
