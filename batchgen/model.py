@@ -223,8 +223,9 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs, world_size: int = 1) -> None:
+    def __init__(self, args: ModelArgs, world_size: int = 1, layer_id: int = 0) -> None:
         super().__init__()
+        self.layer_id = layer_id
         assert args.hidden_dim % world_size == 0, f"FFN width {args.hidden_dim} not divisible by tensor_parallel={world_size}"
         self.world_size = world_size
         self.hidden = args.hidden_dim // world_size
@@ -240,31 +241,30 @@ class FeedForward(nn.Module):
         """Rows ``(start, stop)`` of ``w1`` and ``w3`` inside ``w13`` (this rank's slices)."""
         return _row_ranges({"w1": self.hidden, "w3": self.hidden})
 
-    def forward(self, x: torch.Tensor, layer_id: int = 0, lora: Optional[LoraHook] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: Optional[LoraHook] = None) -> torch.Tensor:
         """x [T, dim] → [T, dim]."""
         h = linear(x, self.w13.weight)  # [T, 2 * hidden]
         if lora is not None:
-            lora(layer_id, "w13", x, h)
+            lora(self.layer_id, "w13", x, h)
         gate = F.silu(h[:, :self.hidden]).mul_(h[:, self.hidden:])  # [T, hidden], contiguous: oneDNN would copy a view
         o = linear(gate, self.w2.weight)
         if lora is not None:
-            lora(layer_id, "w2", gate, o)
+            lora(self.layer_id, "w2", gate, o)
         return _all_reduce(o, self.world_size)
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs, world_size: int = 1) -> None:
         super().__init__()
-        self.layer_id = layer_id
         self.attention = Attention(layer_id, args, world_size)
-        self.feed_forward = FeedForward(args, world_size)
+        self.feed_forward = FeedForward(args, world_size, layer_id)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, attn: AttentionBackend,
                 lora: Optional[LoraHook] = None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), freqs, attn, lora)
-        return h + self.feed_forward(self.ffn_norm(h), self.layer_id, lora)
+        return h + self.feed_forward(self.ffn_norm(h), lora)
 
 
 class Transformer(nn.Module):
