@@ -25,7 +25,7 @@ import re
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -34,6 +34,9 @@ from safetensors.torch import save_file
 from batchgen.limits import shape_problem
 from batchgen.model import (ModelArgs, Transformer, default_device, empty_model, ffn_hidden_dim, fuse_weights,
                             resolve_dtype, split_fused_weights)
+
+if TYPE_CHECKING:
+    from batchgen.lora import LoraAdapter
 
 Layout = Literal["meta", "hf"]
 # ``Layout`` "meta" is Meta's file layout; the meta *device* appears only as ``empty_model``.
@@ -464,12 +467,18 @@ def _full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
-               device: str | torch.device | None = None, world_size: int = 1, rank: int = 0) -> Transformer:
+               device: str | torch.device | None = None, world_size: int = 1, rank: int = 0,
+               adapters: Sequence["LoraAdapter"] = ()) -> Transformer:
     """Load a Meta- or HF-layout checkpoint into a :class:`Transformer` in eval mode.
 
     ``dtype`` is resolved for ``device`` (``auto``: bf16/fp16 on GPU, fp32 on CPU); ``device``
     defaults to CUDA when available. With ``world_size > 1`` only rank ``rank``'s tensor-parallel
     slice is read. Raises :class:`CheckpointError` naming the file for anything wrong on disk.
+
+    ``adapters`` (full, unsliced :class:`batchgen.lora.LoraAdapter` s) are merged into the
+    weights (``W + scale * B @ A``, in fp32) before q/k/v and w1/w3 are fused: the adapters'
+    names are the checkpoint's, and on a tensor-parallel rank each adapter is cut the way the
+    base is (:meth:`~batchgen.lora.LoraAdapter.tp_slice`). A merged adapter costs nothing per step.
     """
     d = Path(model_dir)
     layout = detect_layout(d)
@@ -505,6 +514,11 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
                 raise CheckpointError(f"{e.source}: cannot read tensor ({err})") from err
             # A no-op for a contiguous same-dtype CPU slice: the parameter stays on the mmap.
             sd[name] = t.to(device=dev, dtype=dt).contiguous()
+    if adapters:
+        from batchgen.lora import merge_into_state_dict  # lora imports model only; no cycle at call time
+
+        for a in adapters:
+            sd = merge_into_state_dict(sd, a.tp_slice(world_size, rank, args))
     if args.tie_word_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     # Built only once every key and shape checked: a bad checkpoint is refused before this.

@@ -7,10 +7,12 @@ Exit codes: 0 ok; 1 the work ran but something in it failed (a row, a shard, a c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 
@@ -37,6 +39,31 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logprobs", action="store_true", help="report the sampled tokens' log-probabilities")
 
 
+def _adapter_args(specs: list[str], chosen: list[str], n_prompts: int) -> tuple[dict[str, str], list[Optional[str]]]:
+    """``--adapter NAME=DIR`` (or DIR) options as ``{name: dir}``, and ``--adapter-for`` as each
+    prompt's adapter (empty: none given). Raises ValueError with the option at fault."""
+    adapters: dict[str, str] = {}
+    for item in specs:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).name, item
+        if not name or not path:
+            raise ValueError(f"--adapter {item!r}: expected NAME=DIR")
+        if name in adapters:
+            raise ValueError(f"--adapter {item!r}: adapter {name!r} is given twice")
+        adapters[name] = path
+    if not chosen:
+        return adapters, []
+    if len(chosen) not in (1, n_prompts):
+        raise ValueError(f"--adapter-for is given {len(chosen)} times for {n_prompts} prompts: give it once "
+                         "(every prompt) or once per prompt")
+    unknown = sorted({c for c in chosen if c != "-" and c not in adapters})
+    if unknown:
+        raise ValueError(f"--adapter-for {unknown[0]!r}: no such --adapter (known: {sorted(adapters)})")
+    names = [None if c == "-" else c for c in chosen]
+    return adapters, names * n_prompts if len(names) == 1 else names
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """One-off generation: every --prompt/--prompt-ids runs in one continuous batch."""
     from batchgen.checkpoint import CheckpointError, load_args
@@ -54,19 +81,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("error: give at least one --prompt, --prompt-ids or --messages", file=sys.stderr)
         return 2
     try:
+        adapters, per_prompt = _adapter_args(args.adapter, args.adapter_for, len(shown))
         constraint, choices = _task_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos,
             logprobs=args.logprobs, constraint=constraint, choices=choices, normalize=args.normalize,
         )
         if args.tensor_parallel > 1:
+            if adapters:
+                raise ValueError("--adapter with --tensor-parallel: run a job (model.adapters) instead")
             if args.device not in (None, "cpu", "cuda"):
                 raise ValueError(f"--tensor-parallel takes --device cpu or cuda (one GPU per rank), not {args.device}")
             load_args(args.model)  # a bad model directory is reported here, before Ray starts
             llm, tokenizer = None, load_tokenizer(args.model)
         else:
-            llm = LLM(args.model, dtype=args.dtype, device=args.device)
+            llm = LLM(args.model, dtype=args.dtype, device=args.device, adapters=adapters or None,
+                      merge_adapter=len(adapters) == 1 and not args.adapter_for)
             tokenizer = llm.tokenizer
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -99,7 +134,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
     else:
-        outs = llm.generate(prompts, params)
+        plist = [dataclasses.replace(params, adapter=a) for a in per_prompt] if per_prompt else params
+        outs = llm.generate(prompts, plist)
     for prompt, out in zip(shown, outs):
         if args.json:
             rec = {"prompt": prompt, "token_ids": out.token_ids, "text": out.text,
@@ -318,6 +354,12 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     g.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the model over N ranks on a local Ray (one GPU each with CUDA, gloo on CPU)")
+    g.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="a PEFT LoRA adapter directory (repeatable; a bare DIR is named after it). One adapter "
+                        "without --adapter-for runs every prompt, merged into the weights")
+    g.add_argument("--adapter-for", action="append", default=[], metavar="NAME",
+                   help="the adapter of each prompt in order (--prompt, then --prompt-ids, then --messages); "
+                        "'-' = the base model; given once, it applies to every prompt")
     g.set_defaults(func=cmd_generate)
 
     def spec_parser(name: str, help: str) -> argparse.ArgumentParser:

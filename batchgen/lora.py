@@ -580,7 +580,7 @@ def lora_forward(x: torch.Tensor, proj: str, layer: int, rows: LoraRows | torch.
       matmuls (moves T copies of the factors: slow, kept as a measured alternative);
     * ``auto``: grouped, or masked while a CUDA graph is being captured (grouped's host sync
       cannot be captured). On the CPU grouped was as fast as masked at 16 rows and faster from
-      64 up (``python -m batchgen.bench_lora``); GPU timings are yet to be taken.
+      64 up (``python -m batchgen.bench.lora_layer``); GPU timings are yet to be taken.
     """
     sp = stack.projs.get((layer, proj))
     if sp is None:

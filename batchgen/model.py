@@ -113,6 +113,19 @@ class AttentionBackend(Protocol):
     def __call__(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
+class LoraHook(Protocol):
+    """Per-row low-rank updates of one forward, called as ``lora(layer_id, proj, x, out)``.
+
+    ``proj`` is one of the model's matmuls (``wqkv``, ``wo``, ``w13``, ``w2``; the fused ones
+    stacked in :meth:`Attention.fused_rows` / :meth:`FeedForward.fused_rows` order), ``x`` [T, in]
+    its input and ``out`` [T, out] the base matmul's output for all rows (this rank's slice,
+    before any all-reduce); the hook adds each row's adapter update into ``out`` in place. The
+    caller (the engine) knows which adapter each row uses; the model only says where.
+    """
+
+    def __call__(self, layer_id: int, proj: str, x: torch.Tensor, out: torch.Tensor) -> None: ...
+
+
 class CausalAttention:
     """The backend without a cache: ``batch`` equal-length sequences, each attending causally to
     itself (tokens [B * L], sequence after sequence)."""
@@ -193,19 +206,26 @@ class Attention(nn.Module):
         q, kv = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
         return _row_ranges({"wq": q, "wk": kv, "wv": kv})
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, attn: AttentionBackend,
+                lora: Optional[LoraHook] = None) -> torch.Tensor:
         """x [T, dim], freqs [T, D/2] (complex) → [T, dim]."""
         T, Hq, Hkv, D = x.shape[0], self.n_local_heads, self.n_local_kv_heads, self.head_dim
         qkv = linear(x, self.wqkv.weight)  # [T, (Hq + 2 * Hkv) * D]
+        if lora is not None:
+            lora(self.layer_id, "wqkv", x, qkv)
         qk = apply_rotary(qkv[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D), freqs)  # RoPE on q and k at once
         v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
-        out = attn(self.layer_id, qk[:, :Hq], qk[:, Hq:], v)  # [T, Hq, D]
-        return _all_reduce(linear(out.reshape(T, Hq * D), self.wo.weight), self.world_size)
+        out = attn(self.layer_id, qk[:, :Hq], qk[:, Hq:], v).reshape(T, Hq * D)  # [T, Hq * D]
+        o = linear(out, self.wo.weight)
+        if lora is not None:  # a row-parallel rank's partial update: before the all-reduce sums them
+            lora(self.layer_id, "wo", out, o)
+        return _all_reduce(o, self.world_size)
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs, world_size: int = 1) -> None:
+    def __init__(self, args: ModelArgs, world_size: int = 1, layer_id: int = 0) -> None:
         super().__init__()
+        self.layer_id = layer_id
         assert args.hidden_dim % world_size == 0, f"FFN width {args.hidden_dim} not divisible by tensor_parallel={world_size}"
         self.world_size = world_size
         self.hidden = args.hidden_dim // world_size
@@ -221,24 +241,30 @@ class FeedForward(nn.Module):
         """Rows ``(start, stop)`` of ``w1`` and ``w3`` inside ``w13`` (this rank's slices)."""
         return _row_ranges({"w1": self.hidden, "w3": self.hidden})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: Optional[LoraHook] = None) -> torch.Tensor:
         """x [T, dim] → [T, dim]."""
         h = linear(x, self.w13.weight)  # [T, 2 * hidden]
+        if lora is not None:
+            lora(self.layer_id, "w13", x, h)
         gate = F.silu(h[:, :self.hidden]).mul_(h[:, self.hidden:])  # [T, hidden], contiguous: oneDNN would copy a view
-        return _all_reduce(linear(gate, self.w2.weight), self.world_size)
+        o = linear(gate, self.w2.weight)
+        if lora is not None:
+            lora(self.layer_id, "w2", gate, o)
+        return _all_reduce(o, self.world_size)
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs, world_size: int = 1) -> None:
         super().__init__()
         self.attention = Attention(layer_id, args, world_size)
-        self.feed_forward = FeedForward(args, world_size)
+        self.feed_forward = FeedForward(args, world_size, layer_id)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs, attn)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, attn: AttentionBackend,
+                lora: Optional[LoraHook] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs, attn, lora)
+        return h + self.feed_forward(self.ffn_norm(h), lora)
 
 
 class Transformer(nn.Module):
@@ -275,12 +301,13 @@ class Transformer(nn.Module):
         return self._freqs
 
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                attn: Optional[AttentionBackend] = None) -> torch.Tensor:
+                attn: Optional[AttentionBackend] = None, lora: Optional[LoraHook] = None) -> torch.Tensor:
         """Hidden states (before the final norm) of ``tokens``, shaped ``tokens.shape + (dim,)``.
 
         With a backend: packed tokens [T] at ``positions`` [T], attention as the backend says.
         Without: a batch [B, L] of equal-length sequences, each starting at position 0 unless
-        ``positions`` [B, L] says otherwise, attending causally within itself.
+        ``positions`` [B, L] says otherwise, attending causally within itself. ``lora`` adds
+        unmerged adapters' per-row updates to the projections (see :class:`LoraHook`).
         """
         if attn is None:
             if tokens.dim() != 2:
@@ -292,7 +319,7 @@ class Transformer(nn.Module):
         freqs = self.rope_freqs(tokens.device)[positions.reshape(-1)]  # [T, D/2]
         h = self.tok_embeddings(tokens.reshape(-1))  # [T, dim]
         for layer in self.layers:
-            h = layer(h, freqs, attn)
+            h = layer(h, freqs, attn, lora)
         return h.view(*tokens.shape, -1)
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -392,7 +419,7 @@ def default_device() -> torch.device:
 
 
 __all__ = [
-    "ModelArgs", "PRESETS", "AttentionBackend", "CausalAttention", "Transformer", "RMSNorm", "Attention",
+    "ModelArgs", "PRESETS", "AttentionBackend", "LoraHook", "CausalAttention", "Transformer", "RMSNorm", "Attention",
     "FeedForward", "TransformerBlock", "ffn_hidden_dim", "count_parameters", "resolve_dtype",
     "default_device", "empty_model", "rope_tables", "apply_rotary", "FUSED_WEIGHTS", "fuse_weights",
     "split_fused_weights",

@@ -58,6 +58,7 @@ class Plan:
     kv_budget_bytes: int  # per GPU
     kv_tokens: int  # per replica: every rank of a replica caches the same tokens
     max_batch: int  # sequences of max_seq_len held at once, per replica
+    adapter_bytes_per_gpu: int = 0  # unmerged LoRA adapters resident beside the weights (LoraStack.nbytes)
 
     @property
     def replicas(self) -> int:
@@ -114,12 +115,14 @@ def params_per_rank(args: ModelArgs, n: int) -> tuple[int, int]:
 
 def plan_layout(args: ModelArgs, dtype: Any = "bfloat16", tensor_parallel: Optional[int] = 1, gpus: Optional[int] = None,
                 gpu_memory_gb: float = 80.0, max_seq_len: Optional[int] = None, kv_fraction: float = 0.9,
-                kv_cache_bytes: Optional[int] = None, block_size: int = 16, label: str = "model") -> Plan:
+                kv_cache_bytes: Optional[int] = None, block_size: int = 16, label: str = "model",
+                adapter_bytes: int = 0) -> Plan:
     """Lay ``args`` out over ``gpus`` GPUs (default: one replica) of ``gpu_memory_gb`` each.
 
     ``tensor_parallel=None`` picks the smallest that works on ``gpus`` GPUs (most replicas).
     ``kv_cache_bytes`` fixes the per-GPU cache budget (the spec's ``kv_cache_memory_gb``);
-    otherwise it is ``kv_fraction`` of what the weights leave. Raises :class:`PlanError` for a
+    otherwise it is ``kv_fraction`` of what the weights leave (and ``adapter_bytes``, the unmerged
+    LoRA adapters each GPU holds). Raises :class:`PlanError` for a
     layout that cannot work: a split that does not divide the heads, more ranks than GPUs,
     weights larger than a GPU, or a cache too small for one sequence of ``max_seq_len``.
     """
@@ -130,7 +133,7 @@ def plan_layout(args: ModelArgs, dtype: Any = "bfloat16", tensor_parallel: Optio
             if _check_split(args, n) is None:
                 try:
                     return plan_layout(args, dtype, n, gpus, gpu_memory_gb, max_seq_len, kv_fraction,
-                                       kv_cache_bytes, block_size, label)
+                                       kv_cache_bytes, block_size, label, adapter_bytes)
                 except PlanError as e:
                     first = first or e
         raise first or PlanError(f"{label}: no tensor_parallel up to {gpus} splits it evenly "
@@ -154,7 +157,7 @@ def plan_layout(args: ModelArgs, dtype: Any = "bfloat16", tensor_parallel: Optio
 
     nbytes = _DTYPE_BYTES[name]
     params, replicated = params_per_rank(args, n)
-    weights = params * nbytes
+    weights = params * nbytes + adapter_bytes
     memory = int(gpu_memory_gb * GB)
     if weights >= memory:
         raise PlanError(f"{label} in {name} with tensor_parallel={n}: weights need {weights / GB:.1f} GB per GPU, "
@@ -179,7 +182,7 @@ def plan_layout(args: ModelArgs, dtype: Any = "bfloat16", tensor_parallel: Optio
         label=label, args=args, dtype=name, dtype_bytes=nbytes, tensor_parallel=n, gpus=gpus,
         gpu_memory_gb=gpu_memory_gb, max_seq_len=seq, block_size=block_size, kv_fraction=kv_fraction,
         params_total=params_per_rank(args, 1)[0], params_per_gpu=params, replicated_params_per_gpu=replicated,
-        weights_bytes_per_gpu=weights, kv_heads_per_gpu=kv_heads, kv_replicated=args.n_kv_heads < n,
+        weights_bytes_per_gpu=weights - adapter_bytes, adapter_bytes_per_gpu=adapter_bytes, kv_heads_per_gpu=kv_heads, kv_replicated=args.n_kv_heads < n,
         kv_bytes_per_token=per_token, kv_budget_bytes=budget, kv_tokens=blocks * block_size,
         max_batch=blocks // blocks_per_seq,
     )
@@ -216,6 +219,8 @@ def format_plan(plan: Plan) -> str:
         ("weights per GPU", f"{plan.weights_bytes_per_gpu / GB:.2f} GB ({plan.params_per_gpu / 1e9:.3f} B parameters, "
                             f"of which {plan.replicated_params_per_gpu / 1e9:.3f} B whole on every GPU: "
                             "embeddings, output, norms)"),
+        *([("adapters per GPU", f"{plan.adapter_bytes_per_gpu / GB:.3f} GB (unmerged LoRA, resident)")]
+          if plan.adapter_bytes_per_gpu else []),
         ("KV heads per GPU", kv_note),
         ("KV per token", f"{plan.kv_bytes_per_token:,} bytes per GPU"),
         ("KV cache per GPU", f"{plan.kv_budget_bytes / GB:.2f} GB"),
@@ -271,7 +276,21 @@ def _from_spec(path: str, overrides: list[str]) -> dict[str, Any]:
         "max_seq_len": m.max_seq_len,
         # As the replica sizes it: the spec's "GB" are taken as GiB there.
         "kv_cache_bytes": int(m.kv_cache_memory_gb * (1 << 30)) if m.kv_cache_memory_gb else None,
+        "adapters": spec,
     }
+
+
+def _adapter_bytes(spec: Any, args: ModelArgs, dtype: str, n: int) -> int:
+    """Bytes one GPU (rank 0 of ``n``) holds for the job's unmerged adapters (0 when merged)."""
+    from batchgen.engine.adapters import FUSE
+    from batchgen.lora import LoraStack, load_adapter
+    from batchgen.pipeline.adapters import local_adapters, merged
+
+    if not spec.model.adapters or merged(spec):
+        return 0
+    full = [load_adapter(d, args, name) for name, d in local_adapters(spec).items()]
+    stack = LoraStack([a.tp_slice(n, 0, args) for a in full], args, fuse=FUSE)  # fp32 here
+    return stack.nbytes * _DTYPE_BYTES[_dtype_name(dtype)] // 4
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -297,13 +316,17 @@ def run_plan(args: argparse.Namespace) -> int:
             raise PlanError("no CUDA device to read the GPU memory from: give --gpu-memory GB")
         # No tensor_parallel from the spec or the command line: the smallest that fits the GPUs.
         tp = args.tensor_parallel or found.get("tensor_parallel")
+        dtype = args.dtype or found.get("dtype") or "auto"
+        spec = found.get("adapters")
+        adapter_bytes = _adapter_bytes(spec, found["args"], dtype, tp or 1) if spec is not None else 0
         plan = plan_layout(
             found["args"], dtype=args.dtype or found.get("dtype") or "auto", tensor_parallel=tp,
             gpus=args.gpus if args.gpus is not None else tp, gpu_memory_gb=memory,
             max_seq_len=args.max_seq_len or found.get("max_seq_len"), kv_fraction=args.kv_fraction,
             kv_cache_bytes=found.get("kv_cache_bytes"), block_size=args.block_size, label=found["label"],
+            adapter_bytes=adapter_bytes,
         )
-    except (PlanError, SpecError, CheckpointError) as e:
+    except (PlanError, SpecError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))

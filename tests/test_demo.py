@@ -28,7 +28,15 @@ def test_demo_job_meets_the_accuracy_bar(tmp_path: Path) -> None:
     assert re.search(r"^rows_ok: \d+ of 160 rows generated without an error$", res.stdout, re.M), res.stdout
     assert m, res.stdout
     correct, total = int(m.group(2)), int(m.group(3))
-    assert total == 160 and correct / total >= 0.95
+    # 160 rows: 32 descending sorts (16 on the adapter, 16 left on the base model, which cannot
+    # do them and is not scored on them), 128 base-task rows.
+    assert total == 160 - 16 and correct / total >= 0.95
+    groups = {(g[0], g[1]): (int(g[3]), int(g[4])) for g in re.findall(
+        r"^  (base task|desc) rows +on the (base|adapter) model *: accuracy (\d\.\d\d) \((\d+)/(\d+)\)$", res.stdout, re.M)}
+    assert set(groups) == {("base task", "base"), ("desc", "base"), ("desc", "adapter")}, res.stdout
+    assert groups[("desc", "base")][1] == groups[("desc", "adapter")][1] == 16
+    assert groups[("desc", "base")][0] <= 2  # the base model cannot sort descending...
+    assert groups[("desc", "adapter")][0] >= 15  # ...the LoRA adapter taught it, in the same job
     # The numbers come from the job's real output: 8 shards, every id once.
     out = pq.ParquetDataset(tmp_path / "results" / "shards").read()
     assert sorted(out.column("id").to_pylist()) == list(range(160))

@@ -10,7 +10,8 @@ from batchgen.checkpoint import load_args, load_model
 from batchgen.demo.lora_train import desc_accuracy, desc_answer, desc_examples, train_lora
 from batchgen.demo.task import split_of
 from batchgen.demo.train import encode_example
-from batchgen.lora import load_adapter, merge_into_state_dict, save_adapter
+from batchgen.lora import load_adapter, save_adapter
+from batchgen.model import split_fused_weights
 from batchgen.tokenizer import Tokenizer
 
 
@@ -37,7 +38,6 @@ def test_a_few_lora_steps_lower_the_loss_and_leave_the_base_alone(model_dir: Pat
     # Written as PEFT, read back by batchgen: the merged model's loss is the trained one's.
     args = load_args(model_dir)
     back = load_adapter(save_adapter(adapter, args, tmp_path / "desc"), args, "desc")
-    merged = load_model(model_dir, dtype="float32", device="cpu")
-    merged.load_state_dict(merge_into_state_dict(merged.state_dict(), back), assign=True)
-    torch.testing.assert_close(merged.state_dict()["layers.0.attention.wq.weight"],
-                               before["layers.0.attention.wq.weight"] + back.delta(0, "wq"))
+    merged = split_fused_weights(load_model(model_dir, dtype="float32", device="cpu", adapters=[back]).state_dict(), args)
+    torch.testing.assert_close(merged["layers.0.attention.wq.weight"],
+                               split_fused_weights(before, args)["layers.0.attention.wq.weight"] + back.delta(0, "wq"))

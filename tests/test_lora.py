@@ -15,7 +15,7 @@ from batchgen.checkpoint import load_args, load_model, save_meta
 from batchgen.lora import (AdapterError, LoraAdapter, LoraStack, LoraWeights, load_adapter, lora_forward, lora_rows,
                            merge_into_state_dict)
 from batchgen.lora import save_adapter as bg_save_adapter
-from batchgen.model import ModelArgs, Transformer
+from batchgen.model import ModelArgs, Transformer, split_fused_weights
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency")
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
@@ -49,11 +49,9 @@ def peft_model(base: Any, adapter_dir: Path) -> Any:
 
 
 def merged(base_dir: Path, adapter_dir: Path) -> Transformer:
-    """batchgen's model from ``base_dir`` with the adapter merged through a state-dict round trip."""
-    model = load_model(base_dir, dtype="float32", device="cpu")
+    """batchgen's model from ``base_dir`` with the adapter merged at load (before q/k/v, w1/w3 are fused)."""
     adapter = load_adapter(adapter_dir, load_args(base_dir), "a")
-    model.load_state_dict(merge_into_state_dict(model.state_dict(), adapter), assign=True)
-    return model.eval()
+    return load_model(base_dir, dtype="float32", device="cpu", adapters=[adapter])
 
 
 def hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
@@ -378,13 +376,31 @@ def test_merge_into_a_tp_slice_needs_the_sliced_adapter(tmp_path: Path, tiny_hf_
     base.save_pretrained(str(tmp_path / "base"))
     args = load_args(tmp_path / "base")
     ad = load_adapter(save_adapter(base, tmp_path / "ad"), args, "a")
-    full = merge_into_state_dict(load_model(tmp_path / "base", "float32", "cpu").state_dict(), ad)
+    full = merge_into_state_dict(split_fused_weights(load_model(tmp_path / "base", "float32", "cpu").state_dict(), args), ad)
     for rank in range(2):
-        sd = load_model(tmp_path / "base", "float32", "cpu", world_size=2, rank=rank).state_dict()
+        sd = split_fused_weights(load_model(tmp_path / "base", "float32", "cpu", world_size=2, rank=rank).state_dict(),
+                                 args, world_size=2)
         with pytest.raises(AdapterError, match="needs adapter.tp_slice of the same rank"):
             merge_into_state_dict(sd, ad)
         part = merge_into_state_dict(sd, ad.tp_slice(2, rank, args))
         torch.testing.assert_close(part["layers.0.attention.wq.weight"],
                                    full["layers.0.attention.wq.weight"].chunk(2)[rank])
+        torch.testing.assert_close(part["layers.1.feed_forward.w2.weight"],
+                                   full["layers.1.feed_forward.w2.weight"].chunk(2, dim=1)[rank])
+
+
+def test_load_model_merges_adapters_on_each_tp_rank(tmp_path: Path, tiny_hf_config: Callable[..., Any]) -> None:
+    """load_model(adapters=...) on a TP rank holds that rank's slice of the merged full model."""
+    base = hf_base(tiny_hf_config)
+    base.save_pretrained(str(tmp_path / "base"))
+    args = load_args(tmp_path / "base")
+    ad = load_adapter(save_adapter(base, tmp_path / "ad"), args, "a")
+    full = split_fused_weights(load_model(tmp_path / "base", "float32", "cpu", adapters=[ad]).state_dict(), args)
+    plain = split_fused_weights(load_model(tmp_path / "base", "float32", "cpu").state_dict(), args)
+    assert (full["layers.0.attention.wq.weight"] - plain["layers.0.attention.wq.weight"]).abs().max() > 1e-3
+    for rank in range(2):
+        part = split_fused_weights(load_model(tmp_path / "base", "float32", "cpu", world_size=2, rank=rank,
+                                              adapters=[ad]).state_dict(), args, world_size=2)
+        torch.testing.assert_close(part["layers.0.attention.wq.weight"], full["layers.0.attention.wq.weight"].chunk(2)[rank])
         torch.testing.assert_close(part["layers.1.feed_forward.w2.weight"],
                                    full["layers.1.feed_forward.w2.weight"].chunk(2, dim=1)[rank])

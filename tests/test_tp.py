@@ -95,7 +95,7 @@ def _rank_main(rank: int, world: int, port: int, device: str, jobs: list[dict], 
                     results[job["name"]] = {"outs": [(o.token_ids, o.finish_reason, o.logprobs) for o in outs],
                                             "preemptions": llm.scheduler.num_preemptions}
             else:
-                results[job["name"]] = follower_loop(job["dir"], dtype="float32", device=dev)
+                results[job["name"]] = follower_loop(job["dir"], dtype="float32", device=dev, **job.get("follower", {}))
         destroy_tp_group()
         out.send((rank, "ok", results))
     except BaseException as e:  # report, so the test fails with the reason instead of a timeout

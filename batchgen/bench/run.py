@@ -14,10 +14,11 @@ Usage::
     python -m batchgen bench --dtype bfloat16 --json   # both systems in bf16 (the default on CUDA)
     python -m batchgen bench --pipeline --skip-hf --json   # + 1,000 prompts as Ray jobs, 1 and 2 replicas
     python -m batchgen bench --cpu-matmul blas --json   # batchgen's CPU matmuls through MKL, as transformers'
+    python -m batchgen bench --lora --skip-hf --repeat 3 --json   # + 4 unmerged LoRA adapters, 1 merged, vs base
 
 The parts live beside this module: ``core`` (workload, timing, FLOPs, token check, report),
-``systems`` (the engine and transformers), ``pipeline`` (``--pipeline``), ``gpu`` (``gpu_extras``)
-and ``matmul`` (``--cpu-matmul``).
+``systems`` (the engine and transformers), ``pipeline`` (``--pipeline``), ``gpu`` (``gpu_extras``),
+``lora`` (``--lora``; ``lora_layer`` times the per-row LoRA forms of one layer) and ``matmul`` (``--cpu-matmul``).
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", choices=("default", "flex"), default="default",
                    help="batchgen's attention over the paged KV cache (LLM(attention_backend=...); with "
                         "--gpu-extras, also single-stream)")
+    p.add_argument("--lora", action="store_true",
+                   help="also time the workload with rows spread over 4 unmerged rank-16 LoRA adapters, and "
+                        "with one merged adapter, against the base alone (batchgen/bench/lora.py)")
     p.add_argument("--compile-decode", action="store_true",
                    help="CUDA: batchgen compiles its replayed decode steps with torch.compile "
                         "(with --gpu-extras, also single-stream)")
@@ -237,6 +241,10 @@ def _measure(args: argparse.Namespace, s: Setup) -> dict[str, Any]:
         check = compare_tokens(s.model, s.hf, wl, ours.tokens, theirs.tokens, tie)
         report.update(tokens_match_fraction=check["tokens_match_fraction"], divergences=check["divergences"],
                       tie_tolerance=check["tie_tolerance"], ok=check["ok"])
+    if args.lora:
+        from batchgen.bench.lora import lora_bench
+
+        report["lora"] = lora_bench(s.model, wl, device, args.repeat)
     if jobs is not None:
         report["pipeline"] = jobs.report(ours, tie)
         report["ok"] = report["ok"] and all(r["ok"] for r in report["pipeline"])

@@ -7,8 +7,9 @@ was never shown (it knows ascending ``sort:``). The base weights stay frozen; on
 factors A and B of the seven projections of every layer train, and the result is written as a
 PEFT adapter directory (:func:`batchgen.lora.save_adapter`) that batchgen and peft both read.
 
-The adapted weights are formed as ``W + scale * B @ A`` for each step and the model is called
-with them through ``torch.func.functional_call``: exactly LoRA's function and gradients, with no
+The adapted weights are formed as ``W + scale * B @ A`` for each step (for the model's fused
+``wqkv``/``w13``, the parts' deltas stacked in the fused row order) and the model is called with
+them through ``torch.func.functional_call``: exactly LoRA's function and gradients, with no
 change to the model's modules.
 """
 
@@ -27,13 +28,13 @@ import torch.nn.functional as F
 from batchgen.checkpoint import load_args, load_model
 from batchgen.demo.task import split_of
 from batchgen.demo.train import encode_example, greedy_complete, lr_at, make_batch
-from batchgen.lora import PROJECTIONS, LoraAdapter, LoraWeights, merge_into_state_dict, save_adapter
+from batchgen.lora import PROJECTIONS, LoraAdapter, LoraWeights, _shapes, save_adapter
 from batchgen.model import Transformer
 from batchgen.tokenizer import Tokenizer
 
 DEMO_MODEL = Path(__file__).resolve().parent / "model"
-_META_MODULE = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
-                "w1": "feed_forward.w1", "w3": "feed_forward.w3", "w2": "feed_forward.w2"}
+# The model's fused weights and the adapter projections stacked in them, in row order.
+_FUSED = {"attention.wqkv": ("wq", "wk", "wv"), "feed_forward.w13": ("w1", "w3")}
 
 
 def desc_prompt(rng: random.Random) -> str:
@@ -65,18 +66,44 @@ def desc_accuracy(model: Transformer, tok: Tokenizer, examples: Sequence[tuple[s
     return sum(tok.decode(o).strip() == a for (_, a), o in zip(examples, outs)) / max(1, len(examples))
 
 
-def _init_factors(model: Transformer, rank: int, targets: Sequence[str], gen: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """PEFT's default init: A Kaiming-uniform, B zero (the adapter starts as the identity)."""
+def _init_factors(model: Transformer, rank: int, targets: Sequence[str], gen: torch.Generator
+                  ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT's default init per (layer, projection): A Kaiming-uniform, B zero (the adapter
+    starts as the identity). Shapes are the unfused projections', as an adapter stores them."""
+    shapes = _shapes(model.args)
     factors = {}
-    for name, p in model.named_parameters():
-        parts = name.split(".")
-        if parts[0] != "layers" or ".".join(parts[2:4]) not in {_META_MODULE[t] for t in targets}:
-            continue
-        out_f, in_f = p.shape
-        bound = 1 / math.sqrt(in_f)
-        a = (torch.rand(rank, in_f, generator=gen) * 2 - 1) * bound
-        factors[name] = (a.requires_grad_(), torch.zeros(out_f, rank, requires_grad=True))
+    for layer in range(model.args.n_layers):
+        for proj in PROJECTIONS:  # fixed order: the same seed draws the same factors
+            if proj not in targets:
+                continue
+            out_f, in_f = shapes[proj]
+            bound = 1 / math.sqrt(in_f)
+            a = (torch.rand(rank, in_f, generator=gen) * 2 - 1) * bound
+            factors[(layer, proj)] = (a.requires_grad_(), torch.zeros(out_f, rank, requires_grad=True))
     return factors
+
+
+def _adapted_weights(model: Transformer, factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+                     scale: float) -> dict[str, torch.Tensor]:
+    """The model's parameters with each adapted projection's ``scale * B @ A`` added, by the
+    model's own (fused) names: a fused weight gets its parts' deltas stacked in its row order."""
+    base = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for layer in range(model.args.n_layers):
+        for fused, parts in _FUSED.items():
+            if not any((layer, p) in factors for p in parts):
+                continue
+            name = f"layers.{layer}.{fused}.weight"
+            rows = (model.layers[layer].attention if fused == "attention.wqkv" else model.layers[layer].feed_forward).fused_rows()
+            w = base[name]
+            deltas = [scale * (factors[(layer, p)][1] @ factors[(layer, p)][0]) if (layer, p) in factors
+                      else w.new_zeros(rows[p][1] - rows[p][0], w.shape[1]) for p in parts]
+            out[name] = w + torch.cat(deltas)
+        for proj, module in (("wo", "attention.wo"), ("w2", "feed_forward.w2")):
+            if (layer, proj) in factors:
+                a, b = factors[(layer, proj)]
+                out[f"layers.{layer}.{module}.weight"] = base[f"layers.{layer}.{module}.weight"] + scale * (b @ a)
+    return out
 
 
 def train_lora(model: Transformer, encoded: Sequence[tuple[list[int], int]], steps: int, *, rank: int = 8,
@@ -96,7 +123,6 @@ def train_lora(model: Transformer, encoded: Sequence[tuple[list[int], int]], ste
     scale = alpha / rank
     params = [t for ab in factors.values() for t in ab]
     opt = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.98), weight_decay=0.0)
-    base = dict(model.named_parameters())
     order, losses = random.Random(seed), []
     model.train()
     t0 = time.time()
@@ -104,7 +130,7 @@ def train_lora(model: Transformer, encoded: Sequence[tuple[list[int], int]], ste
         inputs, targets_, mask = make_batch([encoded[order.randrange(len(encoded))] for _ in range(batch_size)])
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, peak_lr, warmup=min(50, steps // 10 + 1))
-        weights = {n: base[n] + scale * (b @ a) for n, (a, b) in factors.items()}
+        weights = _adapted_weights(model, factors, scale)
         with torch.enable_grad():
             logits = _call(model, weights, inputs)
             loss = F.cross_entropy(logits[mask], targets_[mask])
@@ -118,8 +144,7 @@ def train_lora(model: Transformer, encoded: Sequence[tuple[list[int], int]], ste
                   flush=True)
     model.eval()
     weights_out = {}
-    for n, (a, b) in factors.items():
-        layer, proj = int(n.split(".")[1]), n.split(".")[3]
+    for (layer, proj), (a, b) in factors.items():
         weights_out[(layer, proj)] = LoraWeights(a.detach().clone(), b.detach().clone(), scale)
     return LoraAdapter(name=name, source="batchgen.demo.lora_train", weights=weights_out), losses
 
@@ -155,8 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"base model on desc: {desc_accuracy(model, tok, held):.2%}")
     adapter, _ = train_lora(model, train, opts.steps, rank=opts.rank, seed=opts.seed)
     save_adapter(adapter, load_args(opts.model), opts.out)
-    merged = load_model(opts.model, dtype="float32", device="cpu")
-    merged.load_state_dict(merge_into_state_dict(merged.state_dict(), adapter), assign=True)
+    merged = load_model(opts.model, dtype="float32", device="cpu", adapters=[adapter])
     print(f"with the adapter on desc: {desc_accuracy(merged, tok, held):.2%}; wrote {opts.out}")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -18,6 +18,7 @@ from batchgen.engine import classify
 from batchgen.engine.classify import ChoiceChild, ChoiceRun
 from batchgen.engine.constraints import ConstraintError, compile_constraint, tokenizer_info
 from batchgen.engine.flex import ATTENTION_BACKENDS, FlexBackend
+from batchgen.engine.adapters import AdapterSource, build_stack, load_adapters
 from batchgen.engine.graphs import DecodeGraphs
 from batchgen.engine.kv_cache import BlockManager, allocate_kv_cache, kv_blocks_for_budget
 from batchgen.engine.request import CompletionOutput, Request, SamplingParams, Status
@@ -56,7 +57,8 @@ class LLM:
                  max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
                  max_model_len: Optional[int] = None, world_size: int = 1, rank: int = 0,
                  cuda_graphs: Optional[bool] = None, compile_decode: bool = False,
-                 attention_backend: str = "default") -> None:
+                 attention_backend: str = "default", adapters: Optional[Mapping[str, AdapterSource]] = None,
+                 merge_adapter: bool = False) -> None:
         """Load ``model_dir`` (Meta or HF layout) or wrap an already built ``model``.
 
         The KV cache holds ``num_kv_blocks`` blocks of ``block_size`` tokens when given (a
@@ -75,16 +77,29 @@ class LLM:
         eager steps, gathers it in replayed ones) or ``"flex"`` (``engine/flex.py``: FlexAttention
         reads the pool in place everywhere, replayed steps included, with no gather cap; compiled
         with ``torch.compile`` once per shape class, seconds to a minute each).
+        ``adapters`` (name -> PEFT directory or :class:`batchgen.lora.LoraAdapter`) stay resident,
+        unmerged: a request picks one by name (``SamplingParams.adapter`` or ``add_request(adapter=)``)
+        and rows of different adapters share each step (``batchgen.engine.adapters``). With
+        ``merge_adapter`` there must be exactly one, loaded from ``model_dir`` merged into the
+        weights: every request then runs with it, at the base model's speed.
         """
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention_backend!r}")
         self.device = torch.device(device) if device else default_device()
+        self.merged_adapter: Optional[str] = None
+        if merge_adapter:
+            if model is not None or model_dir is None or not adapters or len(adapters) != 1:
+                raise ValueError("merge_adapter needs a model directory and exactly one adapter")
         if model is None:
             if model_dir is None:
                 raise ValueError("give a model directory or a model")
-            from batchgen.checkpoint import load_model
+            from batchgen.checkpoint import load_args, load_model
 
-            model = load_model(model_dir, dtype=dtype, device=self.device, world_size=world_size, rank=rank)
+            merged = load_adapters(adapters, load_args(model_dir)) if merge_adapter and adapters else []
+            model = load_model(model_dir, dtype=dtype, device=self.device, world_size=world_size, rank=rank,
+                               adapters=merged)
+            if merged:
+                self.merged_adapter, adapters = merged[0].name, None
             if tokenizer is None:
                 tokenizer = load_tokenizer(model_dir)
         on = next(model.parameters()).device
@@ -121,7 +136,9 @@ class LLM:
                 raise ValueError(f"cuda_graphs needs one CUDA device, not {self.device} with world_size={world_size}")
             graphs = DecodeGraphs(model, self.kv_cache, self.max_model_len, max_num_seqs, self.device,
                                   compile_decode=compile_decode, flex=flex)
-        self.runner = ModelRunner(model, self.kv_cache, self.blocks, self.device, graphs, flex)
+        self.lora = (build_stack(adapters, model.args, model.world_size, model.rank, cache_dtype, self.device)
+                     if adapters else None)
+        self.runner = ModelRunner(model, self.kv_cache, self.blocks, self.device, graphs, flex, self.lora)
         self._ids = itertools.count()
         self._streams: dict[str, tuple[IncrementalDecoder, Optional[StopStringMatcher]]] = {}
         self._finished: list[CompletionOutput] = []
@@ -136,11 +153,33 @@ class LLM:
         """How many tokens the KV cache holds in all."""
         return self.blocks.num_blocks * self.blocks.block_size
 
-    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: Optional[str] = None) -> str:
-        """Queue a prompt (text, or token ids including any BOS). Bad prompts finish at once as errors."""
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters requests may name (the merged one, or the resident unmerged ones)."""
+        return [self.merged_adapter] if self.merged_adapter else (list(self.lora.names) if self.lora else [])
+
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: Optional[str] = None,
+                    adapter: Optional[str] = None) -> str:
+        """Queue a prompt (text, or token ids including any BOS). Bad prompts finish at once as errors.
+
+        ``adapter`` (default ``params.adapter``) names the LoRA adapter to run it with; None or
+        "" is the base model (or the merged adapter, with ``merge_adapter``). An unknown name
+        makes the request an error.
+        """
         rid = request_id if request_id is not None else str(next(self._ids))
         error = None
         ids: list[int] = []
+        name = (adapter if adapter is not None else params.adapter) or None
+        slot = -1
+        if self.merged_adapter is not None:
+            if name not in (None, self.merged_adapter):
+                error = f"unknown adapter {name!r}; this engine runs {self.merged_adapter!r} merged"
+            name = self.merged_adapter
+        elif name is not None:
+            if self.lora is None or name not in self.lora.names:
+                error = f"unknown adapter {name!r}; known: {self.adapter_names}"
+            else:
+                slot = self.lora.slot(name)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 error = "this model has no tokenizer.model: give prompt token ids"
@@ -161,7 +200,7 @@ class LLM:
         cut = 0
         if error is None and not ids:
             error = "empty prompt"
-        elif error is None and any(t < 0 or t >= vocab for t in ids):
+        elif any(t < 0 or t >= vocab for t in ids):
             error = f"prompt token id out of range [0, {vocab})"
         elif error is None and (len(ids) + extra > self.max_model_len if run is not None
                                 else len(ids) >= self.max_model_len):
@@ -174,7 +213,7 @@ class LLM:
                          "the last tokens)")
             else:
                 error = prompt_too_long(len(ids), self.max_model_len)
-        req = Request(rid, ids, params, self.max_model_len, self.device)
+        req = Request(rid, ids, params, self.max_model_len, self.device, adapter_id=name, lora_slot=slot)
         req.truncated_tokens = cut
         req.scoring, req.constraint_state = run, state
         if run is not None:

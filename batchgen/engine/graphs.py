@@ -17,6 +17,14 @@ The gather copies every row's context out of the pool (and SDPA's layout copies 
 replayed step moves several times the KV bytes an eager one reads in place. Steps whose gathered K
 would pass ``max_gather_bytes`` per layer (long contexts at big batches, where attention outweighs
 the launches) run eagerly.
+
+Steps with rows on an unmerged LoRA adapter also run eagerly (``ModelRunner.run``): the graphs hold
+the base model only. The grouped update that the eager path uses (``batchgen.lora.lora_forward``)
+has shapes that depend on which adapters a step holds, so it cannot be captured; the masked form
+could be (its shapes depend on the row count alone) but does every adapter's work for every row, N
+times the flops, and would need graphs per adapter set. Decode steps of base-only rows, and jobs
+with a merged adapter, keep replaying. (Measuring the masked form inside graphs on a GPU is left
+for when adapter-heavy GPU jobs are benched.)
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ class SamplingParams:
     # generating (engine/scoring.py has the definition); ``normalize`` is none | tokens.
     choices: Optional[list[str]] = None
     normalize: str = "none"
+    adapter: Optional[str] = None  # LoRA adapter name (LLM(adapters=...)); None or "" = the base model
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -100,9 +101,15 @@ class Request:
     """One sequence's mutable state: its tokens, its KV blocks and its random stream."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 max_model_len: int, device: torch.device) -> None:
+                 max_model_len: int, device: torch.device, adapter_id: Optional[str] = None,
+                 lora_slot: int = -1) -> None:
         self.request_id = request_id
         self.params = params
+        # Which weights this request runs with: the adapter's name (None = base; a merged adapter
+        # is the base) keys anything shared between requests, such as cached prefix blocks, and
+        # its slot in the engine's LoraStack (-1 = no unmerged update) selects the per-row update.
+        self.adapter_id = adapter_id
+        self.lora_slot = lora_slot
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)  # prompt + generated so far
         self.status = Status.WAITING

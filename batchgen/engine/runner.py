@@ -10,12 +10,14 @@ from typing import Optional
 
 import torch
 
+from batchgen.engine.adapters import step_lora
 from batchgen.engine.attention import AttentionMetadata, PagedAttention
 from batchgen.engine.flex import FlexBackend
 from batchgen.engine.graphs import DecodeGraphs
 from batchgen.engine.kv_cache import BlockManager, KVCache
 from batchgen.engine.request import Request
 from batchgen.engine.sampler import sample
+from batchgen.lora import LoraStack
 from batchgen.model import Transformer
 
 
@@ -23,8 +25,10 @@ class ModelRunner:
     """Runs the engine's steps: ``model`` reads and writes ``cache`` through a :class:`PagedAttention`."""
 
     def __init__(self, model: Transformer, cache: KVCache, blocks: BlockManager, device: torch.device,
-                 graphs: Optional[DecodeGraphs] = None, flex: Optional[FlexBackend] = None) -> None:
+                 graphs: Optional[DecodeGraphs] = None, flex: Optional[FlexBackend] = None,
+                 lora: Optional[LoraStack] = None) -> None:
         self.model = model
+        self.lora = lora  # unmerged adapters, addressed by each request's lora_slot
         self.cache = cache
         self.blocks = blocks
         self.block_size = blocks.block_size
@@ -90,14 +94,24 @@ class ModelRunner:
     def run(self, decode: list[Request], prefill: list[Request], moves: list[tuple[int, int]]
             ) -> tuple[list[int], list[float] | None]:
         """One forward step; returns the next token (and logprob) of each request, decode first."""
-        if (self.graphs is not None and decode and not prefill and not moves
+        # Steps with adapter rows run eagerly: the captured graphs hold the base model only (the
+        # grouped LoRA form's per-step shapes cannot be captured; see engine/graphs.py).
+        adapted = self.lora is not None and any(req.lora_slot >= 0 for req in decode + prefill)
+        if (self.graphs is not None and decode and not prefill and not moves and not adapted
                 and self.graphs.fits(len(decode), max(len(req.block_table) for req in decode))):
             logits = self.graphs.run(*self._decode_inputs(decode), [req.block_table for req in decode])
         else:
             ids, positions_t, metadata, last = self.prepare(decode, prefill, moves)
             attn = (PagedAttention(self.cache, metadata) if self.flex is None else
                     self.flex.step(self.cache, metadata, [r.block_table for r in prefill], [len(r) for r in prefill]))
-            hidden = self.model(ids, positions_t, attn)  # [T, dim]
+            lora = None
+            if adapted:  # one slot per token row: decode rows first, then each prefill's uncached tokens
+                slots = [req.lora_slot for req in decode]
+                cu = metadata.cu_seqlens
+                for i, req in enumerate(prefill):
+                    slots.extend([req.lora_slot] * (cu[i + 1] - cu[i]))
+                lora = step_lora(self.lora, slots, self.device)
+            hidden = self.model(ids, positions_t, attn, lora)  # [T, dim]
             if len(last) != hidden.shape[0]:
                 hidden = hidden[self._to(last)]  # [B, dim]: only the last token of each sequence
             logits = self.model.compute_logits(hidden)  # [B, vocab] fp32

@@ -7,8 +7,10 @@ KV cache: the same block ids on every rank, each rank storing only its own KV he
 
 Rank 0 runs :class:`TPLeaderLLM`, an :class:`~batchgen.engine.LLM` that owns the scheduler, the
 block manager, sampling and the tokenizer. Ranks 1..N-1 run :func:`follower_loop`. Whenever rank
-0 calls its model, a forward pre-hook first broadcasts the step plan (tokens, positions and every
-field of the attention backend's :class:`~batchgen.engine.attention.AttentionMetadata`) so that
+0 calls its model, a forward pre-hook first broadcasts the step plan (tokens, positions, every
+field of the attention backend's :class:`~batchgen.engine.attention.AttentionMetadata` and, when
+rows use unmerged LoRA adapters, each token row's adapter slot; every rank holds its own slice of
+the same adapters, ``batchgen.engine.adapters``) so that
 every follower runs the same forward (over its own KV cache)
 at the same time; the all-reduces inside the model need all ranks. Only rank 0 computes logits
 and samples. Hooking the model call, rather than copying the runner, keeps TP correct whatever
@@ -53,11 +55,12 @@ import time
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
 
+from batchgen.engine.adapters import AdapterSource, StepLora, build_stack, load_adapters
 from batchgen.engine.attention import AttentionMetadata, PagedAttention
 from batchgen.engine.engine import LLM, default_kv_cache_bytes
 from batchgen.engine.kv_cache import allocate_kv_cache, kv_blocks_for_budget
@@ -73,7 +76,8 @@ _MAX_DIMS = 4
 _ALIGN = 16  # payload offsets stay aligned so byte slices can be viewed as any dtype
 _DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
            torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_ITEM_NAMES = ("tokens", "positions") + tuple(f.name for f in fields(AttentionMetadata))
+# The last item is the step's LoRA slot per token row (None when no row uses an unmerged adapter).
+_ITEM_NAMES = ("tokens", "positions") + tuple(f.name for f in fields(AttentionMetadata)) + ("lora_index",)
 
 
 @dataclass
@@ -213,12 +217,16 @@ class _StepChannel:
         header[0] = op
         dist.broadcast(header.to(self.device), src=0)
 
-    def send_step(self, tokens: torch.Tensor, positions: torch.Tensor, attn: PagedAttention) -> None:
+    def send_step(self, tokens: torch.Tensor, positions: torch.Tensor, attn: PagedAttention,
+                  lora: Optional[StepLora] = None) -> None:
         if not isinstance(attn, PagedAttention):
             raise TypeError(f"tensor parallel: the model's attention backend is a {type(attn).__name__}, "
                             "expected PagedAttention")
+        if lora is not None and not isinstance(lora, StepLora):
+            raise TypeError(f"tensor parallel: the model's LoRA hook is a {type(lora).__name__}, expected StepLora")
         metadata = attn.metadata
-        values = (tokens, positions) + tuple(getattr(metadata, f.name) for f in fields(AttentionMetadata))
+        values = ((tokens, positions) + tuple(getattr(metadata, f.name) for f in fields(AttentionMetadata))
+                  + (lora.index if lora is not None else None,))
         if 3 + _DESC * len(values) > HEADER_LEN:
             raise TypeError(f"tensor parallel: {len(values)} step items do not fit a {HEADER_LEN}-int header")
         header = [_OP_STEP, len(values), 0]
@@ -260,7 +268,7 @@ class _StepChannel:
         if nbytes:
             dist.broadcast(torch.cat(pieces), src=0)
 
-    def recv_step(self) -> Optional[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]:
+    def recv_step(self) -> Optional[tuple[torch.Tensor, torch.Tensor, AttentionMetadata, Optional[torch.Tensor]]]:
         """The next step's model inputs; None when rank 0 says stop. Keep-alives are skipped."""
         while True:
             header_t = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
@@ -296,8 +304,8 @@ class _StepChannel:
                 t = payload[offset:offset + size].view(dtype).view(shape)
                 offset += _padded(size)
                 values.append(t.cpu() if on_host and self.device.type != "cpu" else t)
-        metadata = AttentionMetadata(**dict(zip(_ITEM_NAMES[2:], values[2:])))
-        return values[0], values[1], metadata
+        metadata = AttentionMetadata(**dict(zip(_ITEM_NAMES[2:-1], values[2:-1])))
+        return values[0], values[1], metadata, values[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,9 +342,10 @@ class _Setup:
                           f"{self.timeout.total_seconds():g} s: {e}") from e
 
 
-def _fingerprint(model: Transformer) -> dict[str, Any]:
-    """What must agree across ranks for their slices to form one model."""
+def _fingerprint(model: Transformer, lora: Any = None) -> dict[str, Any]:
+    """What must agree across ranks for their slices to form one model (and one adapter stack)."""
     out: dict[str, Any] = {k: getattr(model.args, k) for k in _FINGERPRINT}
+    out["adapters"] = [[n, f] for n, f in zip(lora.names, lora.fingerprints)] if lora is not None else []
     out["dtype"] = str(next(model.parameters()).dtype)
     out["world_size"] = model.world_size
     return out
@@ -352,13 +361,15 @@ def _kv_budget(kv_cache_bytes: Optional[int], device: torch.device) -> int:
 
 
 def _load_slice(model_dir: Optional[Union[str, Path]], model: Optional[Transformer], dtype: str,
-                device: torch.device, world: int, rank: int) -> Transformer:
+                device: torch.device, world: int, rank: int,
+                merged: Optional[Mapping[str, AdapterSource]] = None) -> Transformer:
     if model is None:
         if model_dir is None:
             raise ValueError("give a model directory or a model")
-        from batchgen.checkpoint import load_model
+        from batchgen.checkpoint import load_args, load_model
 
-        return load_model(model_dir, dtype=dtype, device=device, world_size=world, rank=rank)
+        adapters = load_adapters(merged, load_args(model_dir)) if merged else []
+        return load_model(model_dir, dtype=dtype, device=device, world_size=world, rank=rank, adapters=adapters)
     if model.world_size != world or model.rank != rank:
         raise ValueError(f"the given model is slice {model.rank} of {model.world_size}; "
                          f"this is rank {rank} of {world}")
@@ -385,8 +396,13 @@ class TPLeaderLLM(LLM):
                  tokenizer: Optional[Tokenizer] = None, dtype: str = "auto",
                  device: Optional[Union[str, torch.device]] = None, kv_cache_bytes: Optional[int] = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
-                 max_model_len: Optional[int] = None, keepalive_s: Optional[float] = None) -> None:
+                 max_model_len: Optional[int] = None, keepalive_s: Optional[float] = None,
+                 adapters: Optional[Mapping[str, AdapterSource]] = None, merge_adapter: bool = False) -> None:
+        """As :class:`~batchgen.engine.LLM`; ``adapters``/``merge_adapter`` as there, and every
+        follower must be given the same ones (each rank cuts its own slice of them)."""
         _, world, group = _require_group(leader=True)
+        if merge_adapter and (not adapters or len(adapters) != 1 or model is not None):
+            raise ValueError("merge_adapter needs a model directory and exactly one adapter")
         self.world_size = world
         dev = tp_device(device, 0)
         self._channel = _StepChannel(dev)
@@ -399,7 +415,9 @@ class TPLeaderLLM(LLM):
         setup = _Setup(group, 0)
         failure: Optional[Exception] = None
         try:
-            model = _load_slice(model_dir, model, dtype, dev, world, 0)
+            model = _load_slice(model_dir, model, dtype, dev, world, 0, adapters if merge_adapter else None)
+            stack = (build_stack(adapters, model.args, world, 0, next(model.parameters()).dtype, dev)
+                     if adapters and not merge_adapter else None)
             if tokenizer is None and model_dir is not None:
                 tokenizer = load_tokenizer(model_dir)
             mlen = max_model_len or model.args.max_seq_len
@@ -420,15 +438,15 @@ class TPLeaderLLM(LLM):
                 raise failure
             raise TPError(f"followers could not load their model slices: {errors}")
         setup.put("config", {"num_blocks": num_blocks, "block_size": block_size, "max_model_len": mlen,
-                             "model": _fingerprint(model)})
+                             "model": _fingerprint(model, stack)})
         refusals = "; ".join(f"rank {r}: {a['error']}" for r in range(1, world)
                              if "error" in (a := setup.get(f"ready/{r}", f"rank {r}")))
         if refusals:
             raise TPError(f"followers rejected the replica set-up: {refusals}")
 
         sig = inspect.signature(model.forward)
-        if len(sig.parameters) != 3:
-            raise TPError(f"Transformer.forward{sig} no longer takes (tokens, positions, attn); "
+        if len(sig.parameters) != 4:
+            raise TPError(f"Transformer.forward{sig} no longer takes (tokens, positions, attn, lora); "
                           "batchgen/engine/tp.py must be updated to match")
         self._forward_sig = sig
         # Any forward rank 0 runs (also a warm-up inside LLM.__init__) must run on every rank.
@@ -437,6 +455,9 @@ class TPLeaderLLM(LLM):
             super().__init__(model=model, tokenizer=tokenizer, device=str(dev), num_kv_blocks=num_blocks,
                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              block_size=block_size, max_model_len=mlen)
+            self.lora = self.runner.lora = stack  # already cut for rank 0 (LLM would load it again)
+            if merge_adapter and adapters:
+                self.merged_adapter = next(iter(adapters))
         except BaseException:
             hook.remove()
             self._send_stop()
@@ -516,8 +537,11 @@ class TPLeaderLLM(LLM):
 
 def follower_loop(model_dir: Optional[Union[str, Path]] = None, *, model: Optional[Transformer] = None,
                   dtype: str = "auto", device: Optional[Union[str, torch.device]] = None,
-                  kv_cache_bytes: Optional[int] = None) -> int:
+                  kv_cache_bytes: Optional[int] = None, adapters: Optional[Mapping[str, AdapterSource]] = None,
+                  merge_adapter: bool = False) -> int:
     """Serve rank 0's steps with this rank's model slice until it says stop; return the step count.
+
+    ``adapters``/``merge_adapter`` must be rank 0's: this rank cuts its slice of each adapter.
 
     Loads this rank's slice of ``model_dir`` (or takes a ``model`` built for this rank). The
     number of KV blocks, the block size and the context length come from rank 0; ``kv_cache_bytes``
@@ -528,7 +552,9 @@ def follower_loop(model_dir: Optional[Union[str, Path]] = None, *, model: Option
     dev = tp_device(device, rank)
     setup = _Setup(group, rank)
     try:
-        model = _load_slice(model_dir, model, dtype, dev, world, rank)
+        model = _load_slice(model_dir, model, dtype, dev, world, rank, adapters if merge_adapter else None)
+        stack = (build_stack(adapters, model.args, world, rank, next(model.parameters()).dtype, dev)
+                 if adapters and not merge_adapter else None)
         budget = _kv_budget(kv_cache_bytes, dev)
     except Exception as e:
         setup.put(f"budget/{rank}", {"error": _describe(e)})
@@ -539,7 +565,7 @@ def follower_loop(model_dir: Optional[Union[str, Path]] = None, *, model: Option
         raise TPError(f"rank {rank}: rank 0 could not set up the replica: {cfg['error']}")
     theirs = cfg["model"]
     problem = "; ".join(f"{k}: rank 0 has {theirs.get(k)}, rank {rank} has {v}"
-                        for k, v in _fingerprint(model).items() if theirs.get(k) != v)
+                        for k, v in _fingerprint(model, stack).items() if theirs.get(k) != v)
     if not problem:
         try:
             model.set_max_seq_len(cfg["max_model_len"])  # as LLM does on rank 0
@@ -562,9 +588,12 @@ def follower_loop(model_dir: Optional[Union[str, Path]] = None, *, model: Option
                 raise TPError(f"rank {rank}: lost rank 0 after {steps} steps: {e}") from e
             if item is None:
                 return steps
-            tokens, positions, metadata = item
+            tokens, positions, metadata, lora_index = item
             try:
-                model(tokens, positions, PagedAttention(cache, metadata))
+                if lora_index is not None and stack is None:
+                    raise TPError("rank 0 sent adapter rows but this rank was given no adapters")
+                lora = StepLora(stack, lora_index) if lora_index is not None else None
+                model(tokens, positions, PagedAttention(cache, metadata), lora)
             except Exception as e:
                 raise TPError(f"rank {rank}: step {steps} failed: {e}") from e
             steps += 1

@@ -63,6 +63,10 @@ def check_model(spec: JobSpec) -> None:
         raise SpecError("model.path", str(exc)) from None
     check_context(spec.model, recorded)  # before any replica allocates RoPE tables that long
     check_weights(path, args, layout)  # headers only: a checkpoint that would fail to load is refused now
+    if spec.model.adapters:
+        from batchgen.pipeline.adapters import check_adapters
+
+        check_adapters(spec, args)  # adapters are small: each is loaded and checked against the model
     if spec.model.tokenizer is not None:
         if not Path(spec.model.tokenizer).is_file():
             raise SpecError("model.tokenizer", f"no such file: {spec.model.tokenizer}")
@@ -103,9 +107,12 @@ def fingerprint_model(spec: JobSpec) -> dict:
     Raises:
         SpecError: a model file cannot be read.
     """
+    from batchgen.pipeline.adapters import local_adapters
+
     path = spec.model.path.removeprefix("file://")
+    adapters = list(local_adapters(spec).values())  # the job's adapters are part of its model
     try:
-        return model_fingerprint(path, spec.model.tokenizer)
+        return model_fingerprint(path, spec.model.tokenizer, adapters=adapters)
     except OSError as exc:
         raise SpecError("model.path", f"cannot fingerprint {path}: {exc}") from None
 

@@ -310,6 +310,8 @@ def _column_roles(spec: JobSpec) -> list[tuple[str, str, str]]:
               for name, c in spec.sampling.overrides.items()]
     if spec.classify is not None and spec.classify.choices_column is not None:
         roles.append(("classify.choices_column", spec.classify.choices_column, "choices"))
+    if inp.adapter_column is not None:
+        roles.append(("input.adapter_column", inp.adapter_column, "text"))
     return roles
 
 

@@ -149,6 +149,21 @@ class ModelSpec(_Section):
         "default", description="attention over the paged KV cache: default (SDPA; replayed GPU decode steps gather "
                                "each row's blocks, up to 128 MiB a layer) or flex (FlexAttention reads the blocks in "
                                "place, replayed steps included; compiled per batch bucket with torch.compile)")
+    adapters: dict[str, str] = Field(default_factory=dict,
+                                     description="LoRA adapters: name -> PEFT adapter directory (local, s3:// or "
+                                                 "gs://); rows pick one by input.adapter_column, or with one "
+                                                 "adapter and no column every row runs it, merged at load")
+
+    @field_validator("adapters")
+    @classmethod
+    def _check_adapters(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            if not _NAME_RE.match(name):
+                raise ValueError(f"adapter name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                                 "starting with a letter or digit")
+            if not path:
+                raise ValueError(f"adapter {name!r}: the path is empty")
+        return value
 
 
 class InputSpec(_Section):
@@ -174,6 +189,8 @@ class InputSpec(_Section):
     system: str | None = None
     keep_columns: list[str] = Field(default_factory=list)
     truncate_prompt: bool = False
+    adapter_column: str | None = Field(None, min_length=1, description="each row's LoRA adapter name (one of "
+                                                                       "model.adapters); null or '' = the base model")
 
     @field_validator("template")
     @classmethod
@@ -370,6 +387,15 @@ class JobSpec(_Section):
         return value
 
     @model_validator(mode="after")
+    def _check_adapter_column(self) -> "JobSpec":
+        col = self.input.adapter_column
+        if col is not None and not self.model.adapters:
+            raise _field_error("input.adapter_column", "names adapters, but model.adapters lists none")
+        if col is not None and col == self.input.id_column:
+            raise _field_error("input.adapter_column", f"{col!r} is the id column")
+        return self
+
+    @model_validator(mode="after")
     def _check_overrides(self) -> "JobSpec":
         for name, column in self.sampling.overrides.items():
             if column == self.input.id_column:
@@ -382,7 +408,7 @@ class JobSpec(_Section):
     def input_columns(self) -> list[str]:
         """Every input column a shard needs: id, prompt text, keep and override columns (no repeats)."""
         cols = [self.input.id_column, *self.input.text_columns(), *self.input.keep_columns,
-                *self.sampling.overrides.values()]
+                *self.sampling.overrides.values(), *([self.input.adapter_column] if self.input.adapter_column else [])]
         if self.classify is not None and self.classify.choices_column is not None:
             cols.append(self.classify.choices_column)
         return list(dict.fromkeys(cols))
@@ -392,6 +418,7 @@ class JobSpec(_Section):
         model = self.model.model_copy(update={
             "path": resolve_path(self.model.path, base),
             "tokenizer": None if self.model.tokenizer is None else resolve_path(self.model.tokenizer, base),
+            "adapters": {name: resolve_path(p, base) for name, p in self.model.adapters.items()},
         })
         return self.model_copy(update={
             "model": model,

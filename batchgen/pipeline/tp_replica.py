@@ -134,9 +134,12 @@ class TPFollower(_Rank):
     """Ray actor for ranks 1..N-1: serve rank 0's steps with this rank's slice of the model."""
 
     def __init__(self, model_path: str, dtype: str, kv_cache_bytes: Optional[int], rank: int,
-                 timeout_s: float = TP_TIMEOUT_S, setup_timeout_s: float = SETUP_TIMEOUT_S) -> None:
+                 timeout_s: float = TP_TIMEOUT_S, setup_timeout_s: float = SETUP_TIMEOUT_S,
+                 adapters: Optional[dict[str, str]] = None, merge_adapter: bool = False) -> None:
         _set_cpu_threads()
         self.model_path, self.dtype, self.kv_cache_bytes = model_path, dtype, kv_cache_bytes
+        # The spec's adapters (name -> local dir or URI) and mode, as rank 0 has them.
+        self.adapters, self.merge_adapter = adapters or {}, merge_adapter
         self.rank, self.timeouts = rank, (timeout_s, setup_timeout_s)
 
     def serve(self, endpoint: tuple[str, int], *infos: dict) -> int:
@@ -145,8 +148,12 @@ class TPFollower(_Rank):
         Raises:
             TPError: rank 0 went away, the ranks disagree, or a collective timed out.
         """
+        from batchgen.pipeline.adapters import fetch_adapter
+
         device = _join_group(self.rank, endpoint, infos, *self.timeouts)
-        steps = follower_loop(self.model_path, dtype=self.dtype, device=device, kv_cache_bytes=self.kv_cache_bytes)
+        local = {name: str(fetch_adapter(name, uri)) for name, uri in self.adapters.items()}
+        steps = follower_loop(self.model_path, dtype=self.dtype, device=device, kv_cache_bytes=self.kv_cache_bytes,
+                              adapters=local or None, merge_adapter=self.merge_adapter)
         destroy_tp_group()
         return steps
 
@@ -155,11 +162,14 @@ def build_tp_llm(spec: JobSpec, device: torch.device) -> TPLeaderLLM:
     """Rank 0's engine for this job's model, with the spec's engine knobs (as ``build_llm``)."""
     from batchgen.tokenizer import Tokenizer
 
+    from batchgen.pipeline.adapters import local_adapters, merged
+
     m = spec.model
     tokenizer = Tokenizer(m.tokenizer) if m.tokenizer else None
     return _ExitOnGroupFailure(m.path, tokenizer=tokenizer, dtype=m.dtype, device=device,
                                kv_cache_bytes=_kv_bytes(spec), max_num_seqs=m.max_num_seqs,
-                               max_num_batched_tokens=m.max_num_batched_tokens, max_model_len=m.max_seq_len)
+                               max_num_batched_tokens=m.max_num_batched_tokens, max_model_len=m.max_seq_len,
+                               adapters=local_adapters(spec) or None, merge_adapter=merged(spec))
 
 
 def _kv_bytes(spec: JobSpec) -> Optional[int]:
@@ -237,7 +247,8 @@ class _Ranks:
 
 
 def _launch(world: int, use_gpu: bool, leader_cls: type, leader_args: tuple, follower_args: tuple,
-            timeout_s: float, setup_timeout_s: float, name: Optional[str] = None) -> tuple[_Ranks, ray.ObjectRef]:
+            timeout_s: float, setup_timeout_s: float, name: Optional[str] = None,
+            follower_kwargs: Optional[dict] = None) -> tuple[_Ranks, ray.ObjectRef]:
     """Place ``world`` ranks on one node and start them; returns them and rank 0's endpoint ref.
     With ``name``, the rank actors are named ``<name>-rank-<r>``.
 
@@ -253,7 +264,8 @@ def _launch(world: int, use_gpu: bool, leader_cls: type, leader_args: tuple, fol
                     **({"name": f"{name}-rank-{rank}"} if name else {}))
 
     leader = ray.remote(leader_cls).options(**options(0)).remote(*leader_args)
-    followers = [ray.remote(TPFollower).options(**options(r)).remote(*follower_args, r, timeout_s, setup_timeout_s)
+    followers = [ray.remote(TPFollower).options(**options(r)).remote(*follower_args, r, timeout_s, setup_timeout_s,
+                                                                       **(follower_kwargs or {}))
                  for r in range(1, world)]
     # Submitted before any call that consumes them: an actor runs its calls in order.
     endpoint = leader.endpoint.remote()
@@ -321,6 +333,9 @@ class TPReplicaGroup:
         self.spec, self.queue_name, self.name, self.faults = spec, queue_name, name, faults
         self.world = job.model.tensor_parallel
         self._follower_args = (job.model.path, job.model.dtype, _kv_bytes(job))
+        from batchgen.pipeline.adapters import merged
+
+        self._follower_kwargs = {"adapters": dict(job.model.adapters), "merge_adapter": merged(job)}
         self.use_gpu = use_gpu
         self.timeout_s, self.setup_timeout_s = timeout_s, setup_timeout_s
         self.starts = 0  # incarnations so far
@@ -339,7 +354,8 @@ class TPReplicaGroup:
         use_gpu = _cluster_has_gpus() if self.use_gpu is None else self.use_gpu
         leader_args = (self.spec, self.queue_name, self.name, self.faults, self.timeout_s, self.setup_timeout_s)
         self._ranks, endpoint = _launch(self.world, use_gpu, TPLeaderReplica, leader_args, self._follower_args,
-                                        self.timeout_s, self.setup_timeout_s, name=self.name)
+                                        self.timeout_s, self.setup_timeout_s, name=self.name,
+                                        follower_kwargs=self._follower_kwargs)
         self._setup_ref = self._ranks.leader.setup.remote(endpoint, *self._ranks.infos)
         self.starts += 1
         if wait:

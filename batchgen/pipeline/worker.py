@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import pyarrow as pa
 
 from batchgen.engine import LLM, CompletionOutput, SamplingParams
+from batchgen.pipeline.adapters import local_adapters, merged, row_adapters
 from batchgen.pipeline.rows import PromptRow, build_prompts
 from batchgen.pipeline.shards import Shard, read_shard
 from batchgen.pipeline.spec import JobSpec
@@ -58,11 +59,13 @@ def build_llm(spec: JobSpec, device: Optional[str] = None) -> LLM:
     return LLM(m.path, tokenizer=tokenizer, dtype=m.dtype, device=device, kv_cache_bytes=kv,
                max_num_seqs=m.max_num_seqs, max_num_batched_tokens=m.max_num_batched_tokens,
                max_model_len=m.max_seq_len, cuda_graphs=None if m.cuda_graphs else False,
-               compile_decode=m.compile_decode, attention_backend=m.attention_backend)
+               compile_decode=m.compile_decode, attention_backend=m.attention_backend,
+               adapters=local_adapters(spec) or None, merge_adapter=merged(spec))
 
 
-def row_sampling(spec: JobSpec, row: PromptRow) -> SamplingParams:
-    """A row's sampling: the spec's, its per-row overrides, and a seed derived from its id."""
+def row_sampling(spec: JobSpec, row: PromptRow, adapter: Optional[str] = None) -> SamplingParams:
+    """A row's sampling: the spec's, its per-row overrides, a seed derived from its id, and the
+    LoRA adapter it runs with (its ``input.adapter_column`` cell; None = base or the merged one)."""
     s = spec.sampling
     fields: dict[str, Any] = dict(
         max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
@@ -71,6 +74,7 @@ def row_sampling(spec: JobSpec, row: PromptRow) -> SamplingParams:
     )
     fields.update(row.overrides)
     fields["seed"] = row.seed  # already derived from (seed or its override, row id)
+    fields["adapter"] = adapter
     fields["constraint"] = s.constraint()  # (kind, value): compiled, and cached, by the engine
     if spec.classify is not None:
         fields["choices"] = row.choices or spec.classify.choices
@@ -105,7 +109,8 @@ class EngineRequest:
     params: SamplingParams
 
 
-def engine_request(spec: JobSpec, row: PromptRow, index: int, tokenizer: Any) -> Union[EngineRequest, str]:
+def engine_request(spec: JobSpec, row: PromptRow, index: int, tokenizer: Any,
+                   adapter: Optional[str] = None) -> Union[EngineRequest, str]:
     """The engine request for the shard's row ``index``, or why it cannot run (its error text).
 
     Chat conversations go to the engine as token ids (Meta's rendering), other prompts as text;
@@ -118,7 +123,7 @@ def engine_request(spec: JobSpec, row: PromptRow, index: int, tokenizer: Any) ->
     except PromptError as e:  # build_prompts validated it already; never let one row fail the shard
         return str(e)
     try:
-        return EngineRequest(index, prompt, row_sampling(spec, row))
+        return EngineRequest(index, prompt, row_sampling(spec, row, adapter))
     except ValueError as e:
         return f"bad sampling override: {e}"
 
@@ -247,10 +252,11 @@ class ShardWorker:
         table = with_retries(fs, f"reading shard {shard.shard_id}",
                              lambda: read_shard(shard, spec.input_columns()))
         rows = build_prompts(table, spec, context=self.llm.max_model_len)  # oversized text: error rows
+        adapters = row_adapters(spec, table)
         run = ShardRun(shard, table, [None] * len(rows), {}, keep_going, started, started_at, context, solo=solo)
         tag = f"{next(self._tags)}/"
         for i, row in enumerate(rows):
-            request = engine_request(spec, row, i, self.llm.tokenizer)
+            request = engine_request(spec, row, i, self.llm.tokenizer, adapters[i])
             if isinstance(request, str):
                 run.results[i] = request
                 continue

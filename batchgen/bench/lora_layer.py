@@ -1,4 +1,4 @@
-"""Per-row LoRA forms against the base matmuls of one layer, on the CPU (``python -m batchgen.bench_lora``).
+"""Per-row LoRA forms against the base matmuls of one layer, on the CPU (``python -m batchgen.bench.lora_layer``).
 
 Not a timed test: a measurement for bench/NOTES.md. One decoder layer of the bench model (dim 768,
 12 heads, FFN 2048, fp32): the base matmuls as the model runs them (q|k|v and w1|w3 fused, then wo
