@@ -48,7 +48,8 @@ class LLM:
                  kv_cache_bytes: Optional[int] = None, num_kv_blocks: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
                  max_model_len: Optional[int] = None, world_size: int = 1, rank: int = 0,
-                 cuda_graphs: Optional[bool] = None, compile_decode: bool = False) -> None:
+                 cuda_graphs: Optional[bool] = None, compile_decode: bool = False,
+                 prefix_caching: bool = True) -> None:
         """Load ``model_dir`` (Meta or HF layout) or wrap an already built ``model``.
 
         The KV cache holds ``num_kv_blocks`` blocks of ``block_size`` tokens when given (a
@@ -62,6 +63,8 @@ class LLM:
         ``compile_decode`` compiles those replayed steps with ``torch.compile`` (a prototype made
         them 20-40 % faster on an H100 for about a minute of compiling; see bench/NOTES.md). Where
         no step replays it does nothing.
+        ``prefix_caching`` keeps full KV blocks indexed by content after their requests finish,
+        so that requests sharing a prefix (a template) prefill it once (``kv_cache.BlockManager``).
         """
         self.device = torch.device(device) if device else default_device()
         if model is None:
@@ -91,7 +94,7 @@ class LLM:
         elif num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
         self.kv_cache = allocate_kv_cache(model, num_kv_blocks, block_size, cache_dtype, self.device)
-        self.blocks = BlockManager(num_kv_blocks, block_size)
+        self.blocks = BlockManager(num_kv_blocks, block_size, prefix_caching=prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens or max(self.max_model_len, 2048))
         graphs = None
         if cuda_graphs is None:

@@ -1,7 +1,9 @@
 """Builds one step's batch tensors, runs the model and samples.
 
 A step packs the last token of every decoding request first (the rest of their context is read
-from the paged cache), then every uncached token of the requests being prefilled.
+from the paged cache), then every uncached token of the requests being prefilled: those with
+nothing cached first, then those that continue a cached prefix (``req.num_cached`` tokens
+shared through the block manager's prefix index).
 """
 
 from __future__ import annotations
@@ -51,31 +53,51 @@ class ModelRunner:
         ``moves`` are the block copies (src, dst) of a compaction, made before the step runs.
         """
         ids, positions, slots = self._decode_inputs(decode)
-        last = list(range(len(decode)))
-        cu = [0]
-        for req in prefill:
-            # Without prefix caching a prefill always starts at position 0 (also after preemption).
-            n = len(req)
-            ids.extend(req.token_ids)
-            positions.extend(range(n))
-            slots.extend(self._slot(req, p) for p in range(n))
-            cu.append(cu[-1] + n)
-            last.append(len(decode) + cu[-1] - 1)
+        last = [0] * (len(decode) + len(prefill))
+        last[:len(decode)] = range(len(decode))
+        # Sequences that start at 0 first (one causal SDPA over their new tokens), then those
+        # that continue a cached prefix (they also read it from the cache); ``last`` keeps
+        # request order.
+        order = ([i for i, r in enumerate(prefill) if r.num_cached == 0]
+                 + [i for i, r in enumerate(prefill) if r.num_cached > 0])
+        cu, ctx_cu, ctx_starts, ctx_tables = [0], [0], [], []
+        for i in order:
+            req = prefill[i]
+            start, n = req.num_cached, len(req)
+            ids.extend(req.token_ids[start:])
+            positions.extend(range(start, n))
+            slots.extend(self._slot(req, p) for p in range(start, n))
+            if start == 0:
+                cu.append(cu[-1] + n)
+            else:
+                ctx_cu.append(ctx_cu[-1] + n - start)
+                ctx_starts.append(start)
+                ctx_tables.append(req.block_table)
+            last[len(decode) + i] = len(ids) - 1
 
         metadata = AttentionMetadata(is_prefill=bool(prefill), cu_seqlens=cu if prefill else [],
                                      slot_mapping=self._to(slots), num_decode=len(decode),
                                      block_moves=self._to(list(zip(*moves))) if moves else None)
+        if ctx_starts:
+            width = max(len(t) for t in ctx_tables)
+            metadata.ctx_cu_seqlens, metadata.ctx_starts = ctx_cu, ctx_starts
+            metadata.ctx_block_tables = self._to([t + [0] * (width - len(t)) for t in ctx_tables])
         if decode:
             width = max(len(req.block_table) for req in decode)
             # Padding points at the null block 0, masked out past each context length.
             tables = [req.block_table + [0] * (width - len(req.block_table)) for req in decode]
-            owner = [0] * (1 + max(max(req.block_table) for req in decode))
+            owner = [-1] * (1 + max(max(req.block_table) for req in decode))
+            shared = False
             for row, req in enumerate(decode):
                 for b in req.block_table:
+                    shared |= owner[b] >= 0
                     owner[b] = row
             metadata.block_tables = self._to(tables)
             metadata.context_lens = self._to([len(req) for req in decode])
-            metadata.block_owner = self._to(owner)
+            # In-place decode multiplies each block with one row's query: a block that several
+            # rows share (a cached prefix) needs the gathered kernel instead.
+            if not shared:
+                metadata.block_owner = self._to([max(o, 0) for o in owner])
         return self._to(ids), self._to(positions), metadata, last
 
     @torch.inference_mode()
@@ -94,4 +116,5 @@ class ModelRunner:
         reqs = decode + prefill
         for req in reqs:
             req.num_cached = len(req)
+            self.blocks.commit(req)  # its full blocks now hold K/V: index them for sharing
         return sample(logits, reqs)

@@ -24,6 +24,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Prompt (and recomputed) tokens admitted, and how many of them were prefilled rather
+        # than read from the prefix cache.
+        self.num_prefill_tokens_submitted = 0
+        self.num_prefill_tokens_computed = 0
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -53,15 +57,19 @@ class Scheduler:
         budget = 0 if preempted else self.max_num_batched_tokens
         while self.waiting and len(self.running) + len(prefill) < self.max_num_seqs:
             req = self.waiting[0]
+            # Only the tokens past the cached prefix are computed, and count against the budget.
+            new_tokens = len(req) - len(self.blocks.lookup(req)) * self.blocks.block_size
             # A lone request larger than the budget still runs, or it would wait forever.
-            if len(req) > budget and (prefill or decode or preempted):
+            if new_tokens > budget and (prefill or decode or preempted):
                 break
             if not self.blocks.can_allocate(req):
                 break
             self.waiting.popleft()
             self.blocks.allocate(req)
             req.status = Status.RUNNING
-            budget -= len(req)
+            budget -= len(req) - req.num_cached
+            self.num_prefill_tokens_submitted += len(req)
+            self.num_prefill_tokens_computed += len(req) - req.num_cached
             prefill.append(req)
         self.running.extend(prefill)
         return decode, prefill
