@@ -181,6 +181,14 @@ class BlockManager:
         """Blocks in the prefix index (referenced or not)."""
         return len(self.cached)
 
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached block nobody references (they become free); referenced blocks
+        stay indexed. A benchmark calls this between runs, so that each starts cold."""
+        for b in self.evictable:
+            del self.cached[self.hash_of.pop(b)]
+            heapq.heappush(self.free, b)
+        self.evictable.clear()
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

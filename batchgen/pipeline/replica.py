@@ -68,7 +68,7 @@ def build_llm(spec: JobSpec, device: Optional[str] = None) -> LLM:
     return LLM(m.path, tokenizer=tokenizer, dtype=m.dtype, device=device, kv_cache_bytes=kv,
                max_num_seqs=m.max_num_seqs, max_num_batched_tokens=m.max_num_batched_tokens,
                max_model_len=m.max_seq_len, cuda_graphs=None if m.cuda_graphs else False,
-               compile_decode=m.compile_decode)
+               compile_decode=m.compile_decode, prefix_caching=m.prefix_caching)
 
 
 def row_sampling(spec: JobSpec, row: PromptRow) -> SamplingParams:
