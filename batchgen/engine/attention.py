@@ -42,7 +42,8 @@ class AttentionMetadata:
     the largest one in the tables (0 where no decode row holds it): decode attention then reads
     the cache in place. Without ``block_owner`` it gathers each row's blocks instead, which
     keeps every shape a function of the tables' shape alone (what a CUDA graph needs), and
-    allows a block in several rows (a shared cached prefix).
+    allows a block in several rows (a shared cached prefix). In place, the blocks that several
+    rows hold are listed in ``decode_shared_blocks``: every row's query meets them separately.
 
     Prefill continuing a cached prefix: after the ``cu_seqlens`` sequences come the new tokens of
     sequences whose first ``ctx_starts[i]`` tokens are already in the cache; ``ctx_cu_seqlens``
@@ -61,6 +62,7 @@ class AttentionMetadata:
     ctx_cu_seqlens: list[int] = field(default_factory=list)  # prefill after a cached prefix: len S+1
     ctx_starts: list[int] = field(default_factory=list)  # [S] cached tokens before each one's new ones
     ctx_block_tables: Optional[torch.Tensor] = None  # [S, W] their block tables
+    decode_shared_blocks: Optional[torch.Tensor] = None  # [N] blocks in several decode rows (with block_owner)
 
 
 class PagedAttention:
@@ -97,6 +99,15 @@ class PagedAttention:
             else:
                 self.bias = torch.zeros(B, W * block_size, device=dev).masked_fill_(outside, float("-inf"))
                 self.bias = self.bias.view(B, 1, 1, W, block_size)
+        # In place with shared blocks: each table entry's index among them, and where there are.
+        self.shared = metadata.decode_shared_blocks if self.owner is not None else None
+        if self.shared is not None:
+            index = torch.full((self.owner.shape[0],), -1, dtype=torch.long, device=dev)
+            index[self.shared] = torch.arange(self.shared.shape[0], device=dev)
+            pos = index[tables]  # [B, W]
+            self.shared_mask = (pos >= 0).view(B, 1, 1, W, 1)
+            self.shared_pos = pos.clamp(min=0)
+            self.rows = torch.arange(B, device=dev)[:, None]
         # Prefill: the [S, L] batch the prefilled sequences are padded to.
         self.num_seqs = len(metadata.cu_seqlens) - 1 if metadata.is_prefill else 0
         self.padded = False
@@ -251,15 +262,31 @@ def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     G = Hq // Hkv
     kc, vc = k_cache[:hi], v_cache[:hi]  # [hi, Hkv, block_size, D]
     scores, probs = plan.scratch(q, k_cache)
-    qb = q.reshape(B, Hkv, G, D)[plan.owner]  # [hi, Hkv, G, D]: each block's query
+    q4 = q.reshape(B, Hkv, G, D)
+    qb = q4[plan.owner]  # [hi, Hkv, G, D]: each block's query
     s = torch.matmul(qb, kc.transpose(-1, -2))  # [hi, Hkv, G, block_size]
-    torch.add(plan.bias, s[plan.tables].permute(0, 2, 3, 1, 4), alpha=D ** -0.5, out=scores)
+    s = s[plan.tables].permute(0, 2, 3, 1, 4)  # [B, Hkv, G, W, block_size]
+    if plan.shared is not None:
+        # Blocks several rows hold met one row's query above: score them against every row's.
+        ks, vs = k_cache[plan.shared], v_cache[plan.shared]  # [N, Hkv, block_size, D]
+        s_sh = torch.einsum("bhgd,nhtd->bnhgt", q4, ks)  # [B, N, Hkv, G, block_size]
+        s = torch.where(plan.shared_mask, s_sh[plan.rows, plan.shared_pos].permute(0, 2, 3, 1, 4), s)
+    torch.add(plan.bias, s, alpha=D ** -0.5, out=scores)
     W, block_size = scores.shape[-2:]
     p = torch.softmax(scores.view(B, Hkv, G, W * block_size), dim=-1).to(kc.dtype)
-    # Padding entries all point at the null block 0 and carry probability 0.
-    probs[plan.tables] = p.view(B, Hkv, G, W, block_size).permute(0, 3, 1, 2, 4)
+    p = p.view(B, Hkv, G, W, block_size)
+    p_own = p if plan.shared is None else p.masked_fill(plan.shared_mask, 0)
+    # Padding entries all point at the null block 0 and carry probability 0; so do shared
+    # blocks here (every row writes 0 there), their share is added below.
+    probs[plan.tables] = p_own.permute(0, 3, 1, 2, 4)
     ob = torch.matmul(probs, vc)  # [hi, Hkv, G, D]: each block's share of its row's output
-    return ob[plan.tables].sum(1).view(B, Hq, D)
+    out = ob[plan.tables].sum(1)  # [B, Hkv, G, D]
+    if plan.shared is not None:
+        p_sh = torch.zeros(B, vs.shape[0], Hkv, G, block_size, dtype=p.dtype, device=p.device)
+        # Each row holds a shared block at most once; its other entries add zeros.
+        p_sh.index_put_((plan.rows, plan.shared_pos), (p - p_own).permute(0, 3, 1, 2, 4), accumulate=True)
+        out = out + torch.einsum("bnhgt,nhtd->bhgd", p_sh, vs)
+    return out.view(B, Hq, D)
 
 
 def decode_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,

@@ -87,17 +87,17 @@ class ModelRunner:
             # Padding points at the null block 0, masked out past each context length.
             tables = [req.block_table + [0] * (width - len(req.block_table)) for req in decode]
             owner = [-1] * (1 + max(max(req.block_table) for req in decode))
-            shared = False
+            shared: dict[int, None] = {}
             for row, req in enumerate(decode):
                 for b in req.block_table:
-                    shared |= owner[b] >= 0
+                    if owner[b] >= 0:
+                        shared[b] = None
                     owner[b] = row
             metadata.block_tables = self._to(tables)
             metadata.context_lens = self._to([len(req) for req in decode])
-            # In-place decode multiplies each block with one row's query: a block that several
-            # rows share (a cached prefix) needs the gathered kernel instead.
-            if not shared:
-                metadata.block_owner = self._to([max(o, 0) for o in owner])
+            metadata.block_owner = self._to([max(o, 0) for o in owner])
+            if shared:  # a cached prefix in several rows: in-place decode reads it once for all
+                metadata.decode_shared_blocks = self._to(list(shared))
         return self._to(ids), self._to(positions), metadata, last
 
     @torch.inference_mode()
