@@ -247,3 +247,17 @@ def test_the_index_survives_compaction() -> None:
     again = _req("again", list(range(3, 12)) + [300] * 6)
     blocks.allocate(again)
     assert again.block_table[:3] == tail[0].block_table[:3] and again.num_cached == 12
+
+
+def test_templated_bench_reports_the_prefix_cache_and_equal_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from batchgen.bench import main
+
+    assert main(["--quick", "--json", "--skip-hf", "--workload", "templated", "--prompts", "8"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    pc = r["prefix_cache"]
+    assert r["workload"]["kind"] == "templated" and pc["tokens_equal"]
+    assert pc["prefill_tokens_submitted"] == pc["no_cache_prefill_tokens_computed"] == r["workload"]["prompt_tokens"]
+    # The 48-token prefix holds 3 full blocks of 16: 7 of 8 rows find them cached.
+    assert pc["prefill_tokens_computed"] <= pc["prefill_tokens_submitted"] - 7 * 48
