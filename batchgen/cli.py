@@ -66,7 +66,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             load_args(args.model)  # a bad model directory is reported here, before Ray starts
             llm, tokenizer = None, load_tokenizer(args.model)
         else:
-            llm = LLM(args.model, dtype=args.dtype, device=args.device)
+            llm = LLM(args.model, dtype=args.dtype, device=args.device, prefix_caching=args.prefix_caching)
             tokenizer = llm.tokenizer
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -94,7 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         try:
             outs = generate_tensor_parallel(args.model, prompts, params, n=args.tensor_parallel, dtype=args.dtype,
-                                            device=args.device)
+                                            device=args.device, prefix_caching=args.prefix_caching)
         except TPReplicaError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -318,6 +318,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     g.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the model over N ranks on a local Ray (one GPU each with CUDA, gloo on CPU)")
+    g.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="share the KV blocks of common prompt prefixes between prompts")
     g.set_defaults(func=cmd_generate)
 
     def spec_parser(name: str, help: str) -> argparse.ArgumentParser:

@@ -100,8 +100,11 @@ class Request:
     """One sequence's mutable state: its tokens, its KV blocks and its random stream."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 max_model_len: int, device: torch.device) -> None:
+                 max_model_len: int, device: torch.device, adapter_id: Optional[str] = None) -> None:
         self.request_id = request_id
+        # The LoRA adapter that computes this request (None: the base model). Part of every
+        # prefix-cache block hash: the same tokens under another adapter have other K/V.
+        self.adapter_id = adapter_id
         self.params = params
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)  # prompt + generated so far
@@ -110,6 +113,8 @@ class Request:
         # Tokens whose K/V are in the cache. Reset to 0 on preemption (the prompt and what was
         # generated so far are recomputed in one prefill when the request is rescheduled).
         self.num_cached = 0
+        # Content hashes of the full blocks of token_ids so far (BlockManager's prefix index).
+        self.block_hashes: list[bytes] = []
         # Stop at the context length even if max_tokens asks for more.
         self.max_total_len = min(len(prompt_token_ids) + params.max_tokens, max_model_len)
         self.logprobs: list[float] = []

@@ -159,7 +159,8 @@ def build_tp_llm(spec: JobSpec, device: torch.device) -> TPLeaderLLM:
     tokenizer = Tokenizer(m.tokenizer) if m.tokenizer else None
     return _ExitOnGroupFailure(m.path, tokenizer=tokenizer, dtype=m.dtype, device=device,
                                kv_cache_bytes=_kv_bytes(spec), max_num_seqs=m.max_num_seqs,
-                               max_num_batched_tokens=m.max_num_batched_tokens, max_model_len=m.max_seq_len)
+                               max_num_batched_tokens=m.max_num_batched_tokens, max_model_len=m.max_seq_len,
+                               prefix_caching=m.prefix_caching)
 
 
 def _kv_bytes(spec: JobSpec) -> Optional[int]:

@@ -58,7 +58,8 @@ def build_llm(spec: JobSpec, device: Optional[str] = None) -> LLM:
     return LLM(m.path, tokenizer=tokenizer, dtype=m.dtype, device=device, kv_cache_bytes=kv,
                max_num_seqs=m.max_num_seqs, max_num_batched_tokens=m.max_num_batched_tokens,
                max_model_len=m.max_seq_len, cuda_graphs=None if m.cuda_graphs else False,
-               compile_decode=m.compile_decode, attention_backend=m.attention_backend)
+               compile_decode=m.compile_decode, attention_backend=m.attention_backend,
+               prefix_caching=m.prefix_caching)
 
 
 def row_sampling(spec: JobSpec, row: PromptRow) -> SamplingParams:
