@@ -101,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             llm, tokenizer = None, load_tokenizer(args.model)
         else:
             llm = LLM(args.model, dtype=args.dtype, device=args.device, adapters=adapters or None,
-                      merge_adapter=len(adapters) == 1 and not args.adapter_for)
+                      merge_adapter=len(adapters) == 1 and not args.adapter_for, prefix_caching=args.prefix_caching)
             tokenizer = llm.tokenizer
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -129,7 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         try:
             outs = generate_tensor_parallel(args.model, prompts, params, n=args.tensor_parallel, dtype=args.dtype,
-                                            device=args.device)
+                                            device=args.device, prefix_caching=args.prefix_caching)
         except TPReplicaError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -360,6 +360,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--adapter-for", action="append", default=[], metavar="NAME",
                    help="the adapter of each prompt in order (--prompt, then --prompt-ids, then --messages); "
                         "'-' = the base model; given once, it applies to every prompt")
+    g.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="share the KV blocks of common prompt prefixes between prompts")
     g.set_defaults(func=cmd_generate)
 
     def spec_parser(name: str, help: str) -> argparse.ArgumentParser:

@@ -102,6 +102,32 @@ def test_flex_engine_gives_the_reference_tokens_through_preemption_and_compactio
     assert llm.blocks.num_free == llm.blocks.num_blocks
 
 
+def test_flex_engine_continues_cached_prefixes_with_the_reference_tokens() -> None:
+    """Prefix caching under flex: prefills that continue cached blocks (``ctx_cu_seqlens``),
+    packed after the step's uncached ones although admitted before them."""
+    model = sharp_model(n_layers=2, n_heads=4, n_kv_heads=2)
+    steps = _record_steps(model)
+    prefix = random_prompts(1, seed=8, lo=9, hi=10)[0]  # two full blocks of 4, and one token
+    a, b, other = prefix + [5, 6], prefix + [7, 8, 9], random_prompts(1, seed=9, lo=6, hi=7)[0]
+    llm = LLM(model=model, device="cpu", block_size=4, num_kv_blocks=BLOCKS, max_num_seqs=ROWS,
+              attention_backend="flex")
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    outs = {}
+    llm.add_request(a, params, "a")
+    for o in llm.step():
+        outs[o.request_id] = o
+    llm.add_request(b, params, "b")  # continues a's cached blocks ...
+    llm.add_request(other, params, "other")  # ... packed after this one's tokens
+    while llm.has_unfinished():
+        for o in llm.step():
+            outs[o.request_id] = o
+    for rid, p in (("a", a), ("b", b), ("other", other)):
+        assert outs[rid].token_ids == reference_greedy(model, p, 6), rid
+    mixed = [s for s in steps if s.num_seqs == 2]
+    assert mixed and mixed[0].metadata.ctx_starts == [8] and mixed[0].metadata.cu_seqlens == [0, len(other)]
+    assert llm.blocks.num_free == llm.blocks.num_blocks
+
+
 def test_flex_replayed_decode_at_every_batch_bucket_gives_the_reference_tokens() -> None:
     """Decode steps replayed through the graph stand-in (the contract of a CUDA graph: static
     inputs, the same function run again) at every bucket's padded shape, one graph per bucket

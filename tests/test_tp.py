@@ -73,6 +73,16 @@ def _sampled() -> list[SamplingParams]:
 _ENGINE = {"max_num_seqs": 3}
 
 
+def _prefix_prompts() -> list[list[int]]:
+    """_prompts() behind a common 21-token prefix (2 full blocks of 8 and 5 tokens)."""
+    prefix = torch.randint(3, 300, (21,), generator=torch.Generator().manual_seed(5)).tolist()
+    return [prefix + p for p in _prompts()]
+
+
+# Small blocks and a cache of 12: rows share the prefix and some get preempted.
+_PREFIX_ENGINE = {"max_num_seqs": 4, "block_size": 8, "kv_cache_bytes": 12 * 8 * 2 * 2 * 1 * 16 * 4}
+
+
 def _warm_imports() -> None:
     # Building on the meta device imports a lot of torch lazily (seconds on a busy machine); do
     # it before the group exists so that no rank's first collective waits on another's imports.
@@ -93,7 +103,9 @@ def _rank_main(rank: int, world: int, port: int, device: str, jobs: list[dict], 
                 with TPLeaderLLM(job["dir"], dtype="float32", device=dev, **job["engine"]) as llm:
                     outs = llm.generate(job["prompts"], job["params"])
                     results[job["name"]] = {"outs": [(o.token_ids, o.finish_reason, o.logprobs) for o in outs],
-                                            "preemptions": llm.scheduler.num_preemptions}
+                                            "preemptions": llm.scheduler.num_preemptions,
+                                            "prefill_computed": llm.scheduler.num_prefill_tokens_computed,
+                                            "prefill_submitted": llm.scheduler.num_prefill_tokens_submitted}
             else:
                 results[job["name"]] = follower_loop(job["dir"], dtype="float32", device=dev, **job.get("follower", {}))
         destroy_tp_group()
@@ -235,6 +247,9 @@ def _jobs(checkpoints: dict[str, Path]) -> list[dict]:
     jobs.append({"name": "gqa-meta2-preempt", "dir": str(checkpoints["gqa-meta2"]), "prompts": _prompts(),
                  "params": _greedy(), "engine": {"max_num_seqs": 7, "block_size": 8,
                                                  "kv_cache_bytes": 6 * 8 * _kv_bytes_per_token_tp2()}})
+    # Prefix caching (on by default): rows sharing a prefix, shared blocks under preemption.
+    jobs.append({"name": "gqa-hf-prefix", "dir": str(checkpoints["gqa-hf"]), "prompts": _prefix_prompts(),
+                 "params": _greedy(), "engine": _PREFIX_ENGINE})
     if SHARED_DIR.is_dir():
         for layout in ("meta", "hf"):
             d = SHARED_DIR / "models" / f"stories260K-{layout}"
@@ -282,6 +297,17 @@ def test_tp2_preemption_keeps_tokens_exact(checkpoints: dict[str, Path], tp2_res
     assert result["preemptions"] > 0, "the small cache was meant to force preemption"
     expected = _reference(checkpoints["gqa-hf"], _greedy())["outs"]
     assert [o[0] for o in result["outs"]] == [o[0] for o in expected]
+
+
+def test_tp2_prefix_caching_shares_blocks_and_keeps_tokens_exact(checkpoints: dict[str, Path],
+                                                               tp2_results: dict) -> None:
+    result = tp2_results["gqa-hf-prefix"]
+    # One rank without prefix caching (with the same 2-rank cache size in blocks).
+    engine = {**_PREFIX_ENGINE, "kv_cache_bytes": 2 * _PREFIX_ENGINE["kv_cache_bytes"]}
+    llm = LLM(checkpoints["gqa-hf"], dtype="float32", device="cpu", prefix_caching=False, **engine)
+    expected = [o.token_ids for o in llm.generate(_prefix_prompts(), _greedy())]
+    assert [o[0] for o in result["outs"]] == expected
+    assert result["prefill_computed"] < result["prefill_submitted"]
 
 
 def test_tp2_real_checkpoint_from_both_layouts(tp2_results: dict) -> None:

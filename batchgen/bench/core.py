@@ -72,6 +72,17 @@ def make_workload(n: int, vocab_size: int, seed: int, prompt_len: tuple[int, int
     return Workload(prompts, outs)
 
 
+def templated_workload(n: int, vocab_size: int, seed: int, prefix_len: int, row_len: tuple[int, int],
+                       max_tokens: int) -> Workload:
+    """``n`` prompts that share one ``prefix_len``-token prefix (a template's instructions),
+    each followed by its own ``row_len`` tokens (uniform, inclusive); ``max_tokens`` each."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, vocab_size, (prefix_len,), generator=g).tolist()
+    lens = torch.randint(row_len[0], row_len[1] + 1, (n,), generator=g).tolist()
+    prompts = [prefix + torch.randint(3, vocab_size, (k,), generator=g).tolist() for k in lens]
+    return Workload(prompts, [max_tokens] * n)
+
+
 def build_model(args: ModelArgs, seed: int, device: torch.device, dtype: torch.dtype) -> Transformer:
     """A randomly initialised model (PyTorch's default init), identical for a given seed."""
     torch.manual_seed(seed)
@@ -204,6 +215,11 @@ def print_report(r: dict[str, Any], as_json: bool) -> None:
             kind = "near-tie" if d["tie"] else "NOT A TIE (bug)"
             print(f"  request {d['request']} diverges at token {d['position']}: logit gap "
                   f"{d['logit_gap']:.2e} ({kind})")
+    pc = r.get("prefix_cache")
+    if pc:
+        print(f"  without prefix caching {pc['no_cache_tokens_per_s']:7.1f} tok/s: caching is {pc['speedup']:.2f}x; "
+              f"prefill computed {pc['prefill_tokens_computed']} of {pc['prefill_tokens_submitted']} tokens "
+              f"submitted (without: {pc['no_cache_prefill_tokens_computed']}); tokens equal: {pc['tokens_equal']}")
     gpu = f", peak GPU memory {r['peak_gpu_mib']:.0f} MiB" if r["peak_gpu_mib"] is not None else ""
     matmul = f" ({r['cpu_matmul']} matmuls)" if r["cpu_matmul"] else ""
     print(f"{r['device']} ({r['machine']}), {r['dtype']}{matmul}, {r['torch_threads']} threads, "

@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from batchgen.bench.core import (BENCH_ARGS, MAX_NUM_SEQS, QUICK_ARGS, TIE_TOL, RunResult, Workload, build_model,
-                                 compare_tokens, machine, make_workload, measure_bandwidth_gbps, measure_peak_gflops,
+                                 compare_tokens, machine, make_workload, templated_workload, measure_bandwidth_gbps, measure_peak_gflops,
                                  min_traffic_bytes, print_report, request_flops, timed_run)
 from batchgen.ops import cpu_matmul, current_cpu_matmul, onednn_linear_available
 from batchgen.bench.systems import EngineSystem, HFSystem, build_hf
@@ -84,6 +84,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="store_true",
                    help="also time the workload with rows spread over 4 unmerged rank-16 LoRA adapters, and "
                         "with one merged adapter, against the base alone (batchgen/bench/lora.py)")
+    p.add_argument("--workload", choices=("mixed", "templated"), default="mixed",
+                   help="mixed: random prompts of mixed lengths; templated: every prompt shares a 384-token "
+                        "prefix, then 16-64 tokens of its own, 16 output tokens (512 prompts by default), and "
+                        "batchgen also runs without prefix caching for comparison")
+    p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="batchgen shares the KV blocks of common prompt prefixes (--no-prefix-caching: off)")
     p.add_argument("--compile-decode", action="store_true",
                    help="CUDA: batchgen compiles its replayed decode steps with torch.compile "
                         "(with --gpu-extras, also single-stream)")
@@ -180,8 +186,13 @@ def _setup(args: argparse.Namespace) -> Setup:
         model = _load_model(args.model, device, dtype, 2 * lens[1])
     else:
         model = build_model(QUICK_ARGS if args.quick else BENCH_ARGS, args.seed, device, dtype)
-    n_prompts = args.prompts or (1000 if args.pipeline else 64)
-    wl = make_workload(n_prompts, model.args.vocab_size, args.seed, lens, lens)
+    if args.workload == "templated":
+        # --quick: the same shape scaled to the tiny model's 128-token context.
+        wl = templated_workload(args.prompts or (16 if args.quick else 512), model.args.vocab_size, args.seed,
+                                *((48, (4, 16), 4) if args.quick else (384, (16, 64), 16)))
+    else:
+        n_prompts = args.prompts or (1000 if args.pipeline else 64)
+        wl = make_workload(n_prompts, model.args.vocab_size, args.seed, lens, lens)
     if args.pipeline:
         from batchgen.bench.pipeline import pipeline_workload
 
@@ -212,11 +223,20 @@ def _measure(args: argparse.Namespace, s: Setup) -> dict[str, Any]:
     bandwidth = measure_bandwidth_gbps(device, (16 if args.quick else 1024) << 20)
 
     engine = EngineSystem(s.model, wl, device, cuda_graphs=False if args.eager else None,
-                          compile_decode=args.compile_decode, attention_backend=args.attention_backend)
+                          compile_decode=args.compile_decode, attention_backend=args.attention_backend,
+                          prefix_caching=args.prefix_caching)
     hf_system = HFSystem(s.hf, wl, args.hf_batch, device) if s.hf is not None else None
     ours = RunResult(tokens=[])
     theirs = RunResult(tokens=[]) if hf_system is not None else None
     systems: list[tuple[Any, RunResult]] = [(engine, ours)] + ([(hf_system, theirs)] if theirs else [])
+    # Templated: the same engine without prefix caching, timed in the same rounds.
+    cold_engine, cold = None, None
+    if args.workload == "templated" and args.prefix_caching:
+        cold_engine = EngineSystem(s.model, wl, device, cuda_graphs=False if args.eager else None,
+                                   compile_decode=args.compile_decode, attention_backend=args.attention_backend,
+                                   prefix_caching=False)
+        cold = RunResult(tokens=[])
+        systems.insert(1, (cold_engine, cold))
     with ExitStack() as stack:
         jobs = None
         if args.pipeline:
@@ -236,6 +256,19 @@ def _measure(args: argparse.Namespace, s: Setup) -> dict[str, Any]:
     report = _report(args, s, ours, theirs, peak, bandwidth,
                      {**engine.info(), "hf_attn_implementation": hf_system.info()["hf_attn_implementation"]
                       if hf_system is not None else None})
+    report["workload"]["kind"] = args.workload
+    if cold is not None:
+        report["prefix_cache"] = {
+            "tokens_per_s": wl.output_tokens / ours.median_s,
+            "no_cache_tokens_per_s": wl.output_tokens / cold.median_s,
+            "speedup": cold.median_s / ours.median_s,
+            "no_cache_seconds": cold.seconds,
+            "prefill_tokens_submitted": engine.prefill_submitted,
+            "prefill_tokens_computed": engine.prefill_computed,
+            "no_cache_prefill_tokens_computed": cold_engine.prefill_computed,
+            "tokens_equal": cold.tokens == ours.tokens,
+        }
+        report["ok"] = report["ok"] and cold.tokens == ours.tokens
     tie = TIE_TOL[s.dtype]
     if theirs is not None:
         check = compare_tokens(s.model, s.hf, wl, ours.tokens, theirs.tokens, tie)

@@ -41,14 +41,15 @@ class EngineSystem:
 
     def __init__(self, model: Transformer, wl: Workload, device: torch.device,
                  max_num_seqs: int = MAX_NUM_SEQS, cuda_graphs: Optional[bool] = None,
-                 compile_decode: bool = False, attention_backend: str = "default") -> None:
+                 compile_decode: bool = False, attention_backend: str = "default",
+                 prefix_caching: bool = True) -> None:
         from batchgen.engine import LLM, SamplingParams
 
         self.model, self.wl, self.compile_decode = model, wl, compile_decode
         # KV is sized for max_num_seqs of the workload's longest request (the jobs' default).
         self.llm = LLM(model=model, device=str(device), max_model_len=wl.max_total_len,
                        max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs, compile_decode=compile_decode,
-                       attention_backend=attention_backend)
+                       attention_backend=attention_backend, prefix_caching=prefix_caching)
         self.attention_backend = attention_backend
         self.params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in wl.max_tokens]
         # Warm-up: first calls pay for allocator growth and kernel selection. With graphs, the
@@ -60,10 +61,20 @@ class EngineSystem:
             self.llm.generate(warm, [SamplingParams(max_tokens=4, ignore_eos=True)] * len(warm))
 
     def run(self) -> list[list[int]]:
-        return [o.token_ids for o in self.llm.generate(self.wl.prompts, self.params)]
+        # Every run starts cold: blocks cached by the warm-up or an earlier run would be free hits.
+        self.llm.blocks.clear_prefix_cache()
+        s = self.llm.scheduler
+        before = (s.num_prefill_tokens_submitted, s.num_prefill_tokens_computed)
+        tokens = [o.token_ids for o in self.llm.generate(self.wl.prompts, self.params)]
+        self.prefill_submitted = s.num_prefill_tokens_submitted - before[0]
+        self.prefill_computed = s.num_prefill_tokens_computed - before[1]
+        return tokens
 
     def info(self) -> dict[str, Any]:
-        return {"kv_cache_bytes": self.llm.kv_cache.nbytes, "kv_cache_tokens": self.llm.kv_cache_tokens,
+        return {"prefix_caching": self.llm.blocks.prefix_caching,
+                "prefill_tokens_submitted": getattr(self, "prefill_submitted", None),
+                "prefill_tokens_computed": getattr(self, "prefill_computed", None),
+                "kv_cache_bytes": self.llm.kv_cache.nbytes, "kv_cache_tokens": self.llm.kv_cache_tokens,
                 "preemptions": self.llm.scheduler.num_preemptions, "cuda_graphs": self.llm.runner.graphs is not None,
                 "compile_decode": self.llm.runner.graphs is not None and self.compile_decode,
                 "attention_backend": self.attention_backend}

@@ -9,7 +9,9 @@ layer's call moves blocks, writes the new K/V into the cache and runs:
 - decode rows: :func:`decode_in_place` (the CPU path: reads the pool in place up to its highest
   block in use) or :func:`decode_gathered` (gathers each row's blocks for SDPA; every shape a
   function of the tables' shape alone, which CUDA graphs need);
-- prefill rows: :func:`prefill_padded` (one causal SDPA over the sequences padded to a batch).
+- prefill rows: :func:`prefill_padded` (one causal SDPA over the sequences padded to a batch);
+  sequences that continue a cached prefix (prefix caching) go to :func:`prefill_with_context`,
+  which reads their whole context back through their block tables once the new K/V are written.
 
 A paged GPU kernel would be one more decode function chosen here.
 """
@@ -39,7 +41,14 @@ class AttentionMetadata:
     ``block_owner[j]`` is the ``block_tables`` row holding block ``j``, for every block id below
     the largest one in the tables (0 where no decode row holds it): decode attention then reads
     the cache in place. Without ``block_owner`` it gathers each row's blocks instead, which
-    keeps every shape a function of the tables' shape alone (what a CUDA graph needs).
+    keeps every shape a function of the tables' shape alone (what a CUDA graph needs), and
+    allows a block in several rows (a shared cached prefix). In place, the blocks that several
+    rows hold are listed in ``decode_shared_blocks``: every row's query meets them separately.
+
+    Prefill continuing a cached prefix: after the ``cu_seqlens`` sequences come the new tokens of
+    sequences whose first ``ctx_starts[i]`` tokens are already in the cache; ``ctx_cu_seqlens``
+    bounds them within that last part (it starts at 0) and ``ctx_block_tables`` [S, W] holds
+    their block tables (padded with 0).
     """
 
     is_prefill: bool
@@ -50,6 +59,10 @@ class AttentionMetadata:
     block_owner: Optional[torch.Tensor] = None  # decode: [max block id + 1] row of each block
     num_decode: int = 0  # with is_prefill: how many leading tokens are decode tokens
     block_moves: Optional[torch.Tensor] = None  # [2, M] cache blocks to copy (src, dst) before the step
+    ctx_cu_seqlens: list[int] = field(default_factory=list)  # prefill after a cached prefix: len S+1
+    ctx_starts: list[int] = field(default_factory=list)  # [S] cached tokens before each one's new ones
+    ctx_block_tables: Optional[torch.Tensor] = None  # [S, W] their block tables
+    decode_shared_blocks: Optional[torch.Tensor] = None  # [N] blocks in several decode rows (with block_owner)
 
 
 class PagedAttention:
@@ -86,6 +99,15 @@ class PagedAttention:
             else:
                 self.bias = torch.zeros(B, W * block_size, device=dev).masked_fill_(outside, float("-inf"))
                 self.bias = self.bias.view(B, 1, 1, W, block_size)
+        # In place with shared blocks: each table entry's index among them, and where there are.
+        self.shared = metadata.decode_shared_blocks if self.owner is not None else None
+        if self.shared is not None:
+            index = torch.full((self.owner.shape[0],), -1, dtype=torch.long, device=dev)
+            index[self.shared] = torch.arange(self.shared.shape[0], device=dev)
+            pos = index[tables]  # [B, W]
+            self.shared_mask = (pos >= 0).view(B, 1, 1, W, 1)
+            self.shared_pos = pos.clamp(min=0)
+            self.rows = torch.arange(B, device=dev)[:, None]
         # Prefill: the [S, L] batch the prefilled sequences are padded to.
         self.num_seqs = len(metadata.cu_seqlens) - 1 if metadata.is_prefill else 0
         self.padded = False
@@ -105,6 +127,21 @@ class PagedAttention:
                 # Row of each prefill token in the [S * L] layout (every sequence starts at position 0).
                 self.pad_index = seq * self.max_len + torch.arange(n, device=dev) - starts[seq]
 
+        # Prefill after a cached prefix: queries padded to [S, Lq], keys read from the cache.
+        self.num_ctx_seqs = len(metadata.ctx_starts)
+        if self.num_ctx_seqs:
+            cu, starts = metadata.ctx_cu_seqlens, metadata.ctx_starts
+            lens = [e - s for s, e in zip(cu[:-1], cu[1:])]
+            S, Lq, n = self.num_ctx_seqs, max(lens), cu[-1]
+            self.ctx_len = Lq
+            seq = torch.repeat_interleave(torch.arange(S, device=dev), torch.tensor(lens, device=dev), output_size=n)
+            self.ctx_pad_index = seq * Lq + torch.arange(n, device=dev) - torch.tensor(cu[:-1], device=dev)[seq]
+            W = metadata.ctx_block_tables.shape[1]
+            # Query i of sequence s sits at position starts[s] + i and sees keys up to there.
+            # Padding queries see key 0 at least, so their (unused) rows stay finite.
+            limit = torch.tensor(starts, device=dev)[:, None] + torch.arange(Lq, device=dev)  # [S, Lq]
+            self.ctx_mask = (torch.arange(W * block_size, device=dev) <= limit[..., None]).unsqueeze(1)
+
     def __call__(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer_id], self.cache.v[layer_id]
         if self.moves is not None:  # the block manager renumbered blocks (compaction)
@@ -119,7 +156,11 @@ class PagedAttention:
             else:
                 outs.append(decode_gathered(q[:n], k_cache, v_cache, self.tables, self.mask))
         if self.num_seqs:
-            outs.append(prefill_padded(q[n:], k[n:], v[n:], self))
+            m = n + self.metadata.cu_seqlens[-1]
+            outs.append(prefill_padded(q[n:m], k[n:m], v[n:m], self))
+            n = m
+        if self.num_ctx_seqs:
+            outs.append(prefill_with_context(q[n:], k_cache, v_cache, self))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def scratch(self, q: torch.Tensor, k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +224,31 @@ def prefill_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Page
     return o[plan.pad_index] if plan.padded else o
 
 
+def prefill_with_context(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         plan: PagedAttention) -> torch.Tensor:
+    """New tokens of sequences that continue a cached prefix: each query attends to the cached
+    prefix and to its own sequence's new tokens up to itself.
+
+    Their K/V are already written to the cache (``PagedAttention`` writes before it attends),
+    so each sequence's whole context is read back through its block table: one SDPA over the
+    queries padded to [S, Lq] and the contexts gathered to [S, W * block_size]. q [T, Hq, D] are
+    the new tokens, sequence after sequence; returns [T, Hq, D].
+    """
+    T, Hq, D = q.shape
+    tables = plan.metadata.ctx_block_tables  # [S, W]
+    S, W = tables.shape
+    Hkv, block_size = k_cache.shape[1], k_cache.shape[2]
+    Lq = plan.ctx_len
+    qp = torch.zeros(S * Lq, Hq * D, dtype=q.dtype, device=q.device)
+    qp.index_copy_(0, plan.ctx_pad_index, q.reshape(T, Hq * D))
+    # [S, W, Hkv, block_size, D] -> [S, Hkv, W * block_size, D]: each context, block after block
+    k = k_cache[tables].transpose(1, 2).reshape(S, Hkv, W * block_size, D)
+    v = v_cache[tables].transpose(1, 2).reshape(S, Hkv, W * block_size, D)
+    o = F.scaled_dot_product_attention(qp.view(S, Lq, Hq, D).transpose(1, 2), k, v, attn_mask=plan.ctx_mask,
+                                       enable_gqa=Hq != Hkv)  # [S, Hq, Lq, D]
+    return o.transpose(1, 2).reshape(S * Lq, Hq, D)[plan.ctx_pad_index]
+
+
 def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     plan: PagedAttention) -> torch.Tensor:
     """One query per sequence (q [B, Hq, D]) against its paged context, reading the cache in place.
@@ -196,15 +262,31 @@ def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     G = Hq // Hkv
     kc, vc = k_cache[:hi], v_cache[:hi]  # [hi, Hkv, block_size, D]
     scores, probs = plan.scratch(q, k_cache)
-    qb = q.reshape(B, Hkv, G, D)[plan.owner]  # [hi, Hkv, G, D]: each block's query
+    q4 = q.reshape(B, Hkv, G, D)
+    qb = q4[plan.owner]  # [hi, Hkv, G, D]: each block's query
     s = torch.matmul(qb, kc.transpose(-1, -2))  # [hi, Hkv, G, block_size]
-    torch.add(plan.bias, s[plan.tables].permute(0, 2, 3, 1, 4), alpha=D ** -0.5, out=scores)
+    s = s[plan.tables].permute(0, 2, 3, 1, 4)  # [B, Hkv, G, W, block_size]
+    if plan.shared is not None:
+        # Blocks several rows hold met one row's query above: score them against every row's.
+        ks, vs = k_cache[plan.shared], v_cache[plan.shared]  # [N, Hkv, block_size, D]
+        s_sh = torch.einsum("bhgd,nhtd->bnhgt", q4, ks)  # [B, N, Hkv, G, block_size]
+        s = torch.where(plan.shared_mask, s_sh[plan.rows, plan.shared_pos].permute(0, 2, 3, 1, 4), s)
+    torch.add(plan.bias, s, alpha=D ** -0.5, out=scores)
     W, block_size = scores.shape[-2:]
     p = torch.softmax(scores.view(B, Hkv, G, W * block_size), dim=-1).to(kc.dtype)
-    # Padding entries all point at the null block 0 and carry probability 0.
-    probs[plan.tables] = p.view(B, Hkv, G, W, block_size).permute(0, 3, 1, 2, 4)
+    p = p.view(B, Hkv, G, W, block_size)
+    p_own = p if plan.shared is None else p.masked_fill(plan.shared_mask, 0)
+    # Padding entries all point at the null block 0 and carry probability 0; so do shared
+    # blocks here (every row writes 0 there), their share is added below.
+    probs[plan.tables] = p_own.permute(0, 3, 1, 2, 4)
     ob = torch.matmul(probs, vc)  # [hi, Hkv, G, D]: each block's share of its row's output
-    return ob[plan.tables].sum(1).view(B, Hq, D)
+    out = ob[plan.tables].sum(1)  # [B, Hkv, G, D]
+    if plan.shared is not None:
+        p_sh = torch.zeros(B, vs.shape[0], Hkv, G, block_size, dtype=p.dtype, device=p.device)
+        # Each row holds a shared block at most once; its other entries add zeros.
+        p_sh.index_put_((plan.rows, plan.shared_pos), (p - p_own).permute(0, 3, 1, 2, 4), accumulate=True)
+        out = out + torch.einsum("bnhgt,nhtd->bhgd", p_sh, vs)
+    return out.view(B, Hq, D)
 
 
 def decode_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
@@ -227,4 +309,4 @@ def decode_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 __all__ = ["AttentionMetadata", "PagedAttention", "decode_gathered", "decode_in_place", "move_blocks",
-           "prefill_padded", "write_kv"]
+           "prefill_padded", "prefill_with_context", "write_kv"]

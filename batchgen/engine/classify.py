@@ -4,7 +4,7 @@ A classification request (``SamplingParams.choices``) is prefilled like any othe
 last-position logits give every choice's first-token log-probability; when every choice is one
 token that is the whole answer and the request finishes in that same step. Otherwise the request
 *forks*: one child per multi-token choice, each starting from the prompt's KV blocks (the full
-blocks shared, the partial last block copied: ``BlockManager.share``), fed its choice's tokens as
+blocks shared, the partial last block copied: ``BlockManager.fork``), fed its choice's tokens as
 decode rows (teacher forcing: the next token is the choice's, not a sampled one) while the
 log-probability of each is collected. The prompt is never run again, except when a child is
 preempted (its blocks go; a later prefill recomputes its prompt and choice prefix, and the
@@ -72,7 +72,7 @@ def make_children(parent: Request, run: ChoiceRun, max_model_len: int, device: t
         if len(ids) < 2:
             continue
         child = Request(f"{parent.request_id}\x00choice{j}", parent.prompt_token_ids + [ids[0]],
-                        SamplingParams(max_tokens=len(ids) - 1), max_model_len, device)
+                        SamplingParams(max_tokens=len(ids) - 1), max_model_len, device, parent.adapter_id)
         child.scoring = ChoiceChild(parent, run, j)
         kids.append(child)
     return kids

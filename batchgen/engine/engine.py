@@ -58,7 +58,7 @@ class LLM:
                  max_model_len: Optional[int] = None, world_size: int = 1, rank: int = 0,
                  cuda_graphs: Optional[bool] = None, compile_decode: bool = False,
                  attention_backend: str = "default", adapters: Optional[Mapping[str, AdapterSource]] = None,
-                 merge_adapter: bool = False) -> None:
+                 merge_adapter: bool = False, prefix_caching: bool = True) -> None:
         """Load ``model_dir`` (Meta or HF layout) or wrap an already built ``model``.
 
         The KV cache holds ``num_kv_blocks`` blocks of ``block_size`` tokens when given (a
@@ -82,6 +82,9 @@ class LLM:
         and rows of different adapters share each step (``batchgen.engine.adapters``). With
         ``merge_adapter`` there must be exactly one, loaded from ``model_dir`` merged into the
         weights: every request then runs with it, at the base model's speed.
+
+        ``prefix_caching`` keeps full KV blocks indexed by content after their requests finish,
+        so that requests sharing a prefix (a template) prefill it once (``kv_cache.BlockManager``).
         """
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention_backend!r}")
@@ -124,7 +127,7 @@ class LLM:
         elif num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
         self.kv_cache = allocate_kv_cache(model, num_kv_blocks, block_size, cache_dtype, self.device)
-        self.blocks = BlockManager(num_kv_blocks, block_size)
+        self.blocks = BlockManager(num_kv_blocks, block_size, prefix_caching=prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens or max(self.max_model_len, 2048))
         flex = (FlexBackend(self.kv_cache, self.max_model_len, max_num_seqs)
                 if attention_backend == "flex" else None)
@@ -321,7 +324,7 @@ class LLM:
         kids = classify.make_children(req, run, self.max_model_len, self.device)
         run.pending = len(kids)
         for child in kids:
-            table = self.blocks.share(req, req.num_cached)
+            table = self.blocks.fork(req, req.num_cached)
             if table is None:  # no block for the copy: the child prefills from scratch later
                 self.scheduler.add(child)
                 continue

@@ -172,8 +172,9 @@ class FlexPagedAttention:
 
     Every layer makes the step's block moves and cache writes, then reads its keys from the cache
     (the new tokens' included). Prefill sequence ``s`` holds ``prefill_lens[s]`` tokens in all, of
-    which the step's are the last (``cu_seqlens``): any before them are a cached prefix, read
-    through ``prefill_tables[s]`` like a decode row's context.
+    which the step's are the last (``cu_seqlens``, then ``ctx_cu_seqlens``: sequences are in
+    token order): any before them are a cached prefix, read through ``prefill_tables[s]`` like a
+    decode row's context.
     """
 
     def __init__(self, backend: FlexBackend, cache: KVCache, metadata: AttentionMetadata,
@@ -205,14 +206,18 @@ class FlexPagedAttention:
             self.decode_rows = R
             # Every block but the last is wholly inside the context.
             self.decode_mask = backend.block_mask(tables, nblocks[:, None] - 1, nblocks[:, None], 1, backend.decode_mask)
-        self.num_seqs = len(metadata.cu_seqlens) - 1 if metadata.is_prefill else 0
+        # Every prefilled sequence in token order: those starting at 0 (``cu_seqlens``), then those
+        # continuing a cached prefix (``ctx_cu_seqlens``, packed after them). Here both are one
+        # kind: the new tokens are each sequence's last, read against its whole table.
+        cu = list(metadata.cu_seqlens or [0]) if metadata.is_prefill else [0]
+        cu += [cu[-1] + c for c in metadata.ctx_cu_seqlens[1:]]
+        self.num_seqs = len(cu) - 1
         self.prefill_mask: Optional[BlockMask] = None
         if self.num_seqs:
             if prefill_tables is None or prefill_lens is None:
                 raise ValueError("the flex backend needs each prefilled sequence's block table and length")
             if self.num_seqs > backend.max_rows:
                 raise ValueError(f"{self.num_seqs} prefilled sequences, the flex backend was built for {backend.max_rows}")
-            cu = metadata.cu_seqlens
             new = [e - s for s, e in zip(cu[:-1], cu[1:])]
             starts = [n - m for n, m in zip(prefill_lens, new)]  # the new tokens are each sequence's last
             # Padded to [bucket, a multiple of Q_BLOCK]: few shapes, each compiled once. Padding

@@ -14,9 +14,12 @@ pool per layer, and the attention backend reads and writes them.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import math
 import mmap
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -134,50 +137,125 @@ def allocate_kv_cache(model: Transformer, num_blocks: int, block_size: int,
 
 
 class BlockManager:
-    """Tracks free blocks (ids 1..num_blocks; 0 is the null block) and each request's block table.
+    """Tracks free blocks (ids 1..num_blocks; 0 is the null block), reference counts and each
+    request's block table; with ``prefix_caching``, also the index of cached full blocks.
 
-    A block may be held by several tables (classification forks a prompt's blocks into one child
-    per choice, see :meth:`share`): ``refs`` counts the tables holding each block in use, and a
-    block returns to the free heap when its count reaches 0.
+    Every block in a table holds one reference per table. A full block whose K/V are in the cache
+    is registered under a content hash (its parent block's hash, its token ids and the request's
+    adapter id, see :func:`block_hash`), so that a later request with the same prefix shares it
+    (:meth:`allocate` takes the longest run of cached full blocks). A registered block whose last
+    reference goes stays cached but evictable; :meth:`_take` hands out never-registered free
+    blocks lowest id first, then evicts the least recently released cached one.
+
+    Others that hold blocks (:meth:`fork`: a classification child sharing its parent's prompt) take references with
+    :meth:`share` and give them back with :meth:`release_blocks`.
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.prefix_caching = prefix_caching
         self.free: list[int] = list(range(1, num_blocks + 1))  # a heap: lowest id first
-        self.refs: dict[int, int] = {}  # block in use -> how many tables (or pending copies) hold it
-        # Block copies (src, dst) that :meth:`share` asked for and the next step must make
-        # (``AttentionMetadata.block_moves``); their sources stay held until :meth:`copies_done`.
+        self.refs = [0] * (num_blocks + 1)
+        self.cached: dict[bytes, int] = {}  # hash -> block holding that content
+        self.hash_of: dict[int, bytes] = {}  # registered block -> its hash
+        # Registered blocks nobody references, least recently released first.
+        self.evictable: OrderedDict[int, None] = OrderedDict()
+        # Block copies (src, dst) that :meth:`fork` asked for and the next step must make
+        # (``AttentionMetadata.block_moves``); each source holds one reference until
+        # :meth:`copies_done`.
         self.pending_copies: list[tuple[int, int]] = []
 
     def _take(self) -> int:
-        b = heapq.heappop(self.free)
+        if self.free:
+            b = heapq.heappop(self.free)
+        else:  # the least recently used cached block gives up its content
+            b, _ = self.evictable.popitem(last=False)
+            del self.cached[self.hash_of.pop(b)]
         self.refs[b] = 1
         return b
 
-    def _drop(self, b: int) -> None:
-        n = self.refs[b] - 1
-        if n:
-            self.refs[b] = n
-        else:
-            del self.refs[b]
-            heapq.heappush(self.free, b)
-
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        """Blocks that can be handed out: free ones and cached ones nobody references."""
+        return len(self.free) + len(self.evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks in the prefix index (referenced or not)."""
+        return len(self.cached)
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached block nobody references (they become free); referenced blocks
+        stay indexed. A benchmark calls this between runs, so that each starts cold."""
+        for b in self.evictable:
+            del self.cached[self.hash_of.pop(b)]
+            heapq.heappush(self.free, b)
+        self.evictable.clear()
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def _hashes(self, req: Request, n: int) -> list[bytes]:
+        """The hashes of ``req``'s first ``n`` full blocks (kept on the request: tokens never change)."""
+        hashes = req.block_hashes
+        bs = self.block_size
+        while len(hashes) < n:
+            i = len(hashes)
+            hashes.append(block_hash(hashes[-1] if hashes else b"", req.token_ids[i * bs:(i + 1) * bs],
+                                     req.adapter_id))
+        return hashes
+
+    def lookup(self, req: Request) -> list[int]:
+        """The longest run of cached blocks that starts ``req``'s sequence. The last token is
+        never covered: its logits are needed, so at least it is computed."""
+        if not self.prefix_caching:
+            return []
+        hits = []
+        for h in self._hashes(req, (len(req) - 1) // self.block_size):
+            b = self.cached.get(h)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
     def can_allocate(self, req: Request) -> bool:
-        """Room for the request's whole current sequence (its prompt, or prompt + output after preemption)."""
-        return self.blocks_needed(len(req)) <= self.num_free
+        """Room for the request's whole current sequence (its prompt, or prompt + output after
+        preemption), counting the cached blocks it would share."""
+        hits = self.lookup(req)
+        reclaimed = sum(1 for b in hits if b in self.evictable)  # would stop being evictable
+        return self.blocks_needed(len(req)) - len(hits) <= self.num_free - reclaimed
 
     def allocate(self, req: Request) -> None:
+        """Give ``req`` blocks for its sequence, sharing its cached prefix; sets ``req.num_cached``."""
         assert not req.block_table
+        hits = self.lookup(req)
+        self.share(hits)
         n = self.blocks_needed(len(req))
-        req.block_table = [self._take() for _ in range(n)]
+        req.block_table = hits + [self._take() for _ in range(n - len(hits))]
+        req.num_cached = len(hits) * self.block_size
+
+    def share(self, blocks: list[int]) -> None:
+        """Take one more reference to each of ``blocks`` (blocks in use, or cached ones)."""
+        for b in blocks:
+            if self.refs[b] == 0:
+                self.evictable.pop(b)
+            self.refs[b] += 1
+
+    def commit(self, req: Request) -> None:
+        """Register ``req``'s full blocks whose K/V are now in the cache (``req.num_cached``)."""
+        if not self.prefix_caching:
+            return
+        n = min(req.num_cached // self.block_size, len(req.block_table))
+        for i, h in enumerate(self._hashes(req, n)):
+            b = req.block_table[i]
+            if b in self.hash_of:
+                continue
+            # Another block may already hold this content (same prefix prefilled in one step):
+            # keep the first, this one stays unregistered and is freed as usual.
+            self.cached.setdefault(h, b)
+            if self.cached[h] == b:
+                self.hash_of[b] = h
 
     def can_append(self, req: Request) -> bool:
         """Room for the newest token: a new block is needed only when the last one is full."""
@@ -188,27 +266,43 @@ class BlockManager:
         if len(req.block_table) < self.blocks_needed(len(req)):
             req.block_table.append(self._take())
 
+    def release_blocks(self, blocks: list[int]) -> None:
+        """Drop one reference to each of ``blocks``; an unreferenced block becomes free, or
+        evictable (most recently used) when it is in the prefix index."""
+        for b in blocks:
+            self.refs[b] -= 1
+            assert self.refs[b] >= 0, f"block {b} released more often than taken"
+            if self.refs[b] == 0:
+                if b in self.hash_of:
+                    self.evictable[b] = None
+                else:
+                    heapq.heappush(self.free, b)
+
     def release(self, req: Request) -> None:
-        for b in req.block_table:
-            self._drop(b)
+        """Give back ``req``'s blocks (finished or preempted)."""
+        # Last block first: a request's tail is the least likely to be shared again, so LRU
+        # evicts it before the prefix it hangs off.
+        self.release_blocks(req.block_table[::-1])
         req.block_table = []
         req.num_cached = 0
 
-    def share(self, source: Request, num_tokens: int) -> Optional[list[int]]:
+    def fork(self, source: Request, num_tokens: int) -> Optional[list[int]]:
         """A block table for a new sequence that continues ``source``'s first ``num_tokens`` cached
-        tokens: ``source``'s full blocks are shared (read-only: the new sequence writes only past
-        them), its partial last block is copied into a new block (queued in ``pending_copies``,
-        made by the next step before it writes anything). None when no block is free for the copy.
+        tokens (a classification child): ``source``'s full blocks are shared (:meth:`share`;
+        read-only: the new sequence writes only past them), its partial last block is copied into
+        a new block (queued in ``pending_copies``, made by the next step before it writes
+        anything). None when no block can be taken for the copy. The table is given back like any
+        other, with :meth:`release` or :meth:`release_blocks`.
         """
         full, rem = divmod(num_tokens, self.block_size)
-        if rem and not self.free:
+        if rem and not self.num_free:
             return None
         table = list(source.block_table[:full])
-        for b in table:
-            self.refs[b] += 1
+        self.share(table)
         if rem:
-            src, dst = source.block_table[full], self._take()
-            self.refs[src] += 1  # held until copied, even if ``source`` is released first
+            src = source.block_table[full]
+            self.share([src])  # held until copied, even if ``source`` is released first
+            dst = self._take()
             self.pending_copies.append((src, dst))
             table.append(dst)
         return table
@@ -219,38 +313,57 @@ class BlockManager:
         return copies
 
     def copies_done(self, copies: list[tuple[int, int]]) -> None:
-        """The step made these copies: their sources are no longer held for them."""
-        for src, _ in copies:
-            self._drop(src)
+        """The step made these copies (or dropped them): their sources are no longer held for them."""
+        self.release_blocks([src for src, _ in copies])
 
     def compact(self, reqs: list[Request]) -> list[tuple[int, int]]:
-        """Renumber blocks so that the ``n`` blocks in use are ids 1..n again.
+        """Renumber blocks so that the ``n`` referenced blocks are ids 1..n again.
 
         Finished requests leave holes below the highest block in use, and decode attention reads
         every block up to that one. Once the holes make up more than a quarter of that range,
-        each block above ``n`` takes a free id at or below ``n`` (in every table that holds it).
-        ``reqs`` must be every request holding blocks. Returns the ``(src, dst)`` copies the cache
-        must make (the attention backend makes them, see ``AttentionMetadata.block_moves``).
-        Nothing moves while block copies are pending (their blocks are in no table yet).
+        each referenced block above ``n`` takes an unreferenced id at or below ``n`` (a free
+        one, else the least recently used cached one, which is evicted). ``reqs`` must be every
+        request holding blocks: each of their tables is updated, also where several share a
+        moved block, and so is the prefix index. Returns the ``(src, dst)`` copies the cache must
+        make (the attention backend makes them, see ``AttentionMetadata.block_moves``).
+        Nothing moves while block copies are pending: their sources may be in no table any more
+        and their destinations are in none yet, so a renumbering would miss them.
         """
         if self.pending_copies:
             return []
-        n = self.num_blocks - len(self.free)
-        top = max((b for r in reqs for b in r.block_table), default=0)
+        used = {b for r in reqs for b in r.block_table}
+        n = len(used)
+        top = max(used, default=0)
         if top - n <= max(n // 4, 4):
             return []
-        holes = iter(sorted(b for b in self.free if b <= n))  # as many as blocks in use above n
-        remap: dict[int, int] = {}
+        free_holes = sorted(b for b in self.free if b <= n)
+        cached_holes = [b for b in self.evictable if b <= n]  # LRU first
+        holes = iter(free_holes + cached_holes)  # as many as referenced blocks above n
+        mapping: dict[int, int] = {}
+        for src in sorted(b for b in used if b > n):
+            dst = next(holes)
+            if dst in self.evictable:  # its cached content is overwritten
+                del self.evictable[dst]
+                del self.cached[self.hash_of.pop(dst)]
+            mapping[src] = dst
+            self.refs[dst], self.refs[src] = self.refs[src], 0
+            h = self.hash_of.pop(src, None)
+            if h is not None:
+                self.hash_of[dst] = h
+                self.cached[h] = dst
         for r in reqs:
-            for i, b in enumerate(r.block_table):
-                if b > n:
-                    if b not in remap:
-                        remap[b] = next(holes)
-                    r.block_table[i] = remap[b]
-        moves = list(remap.items())
-        for src, dst in moves:
-            self.refs[dst] = self.refs.pop(src)
-        taken = set(remap.values())
-        self.free = [b for b in self.free if b not in taken] + list(remap)
+            r.block_table = [mapping.get(b, b) for b in r.block_table]
+        taken = set(mapping.values())
+        self.free = [b for b in self.free if b not in taken] + list(mapping)
         heapq.heapify(self.free)
-        return moves
+        return list(mapping.items())
+
+
+def block_hash(parent: bytes, token_ids: list[int], adapter_id: Optional[str]) -> bytes:
+    """The content address of one full KV block: its K/V depend on every earlier token (the
+    parent's hash chains them), its own tokens and the adapter that computed them."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(array("q", token_ids).tobytes())
+    if adapter_id is not None:
+        h.update(b"\0adapter\0" + adapter_id.encode())
+    return h.digest()

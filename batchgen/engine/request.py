@@ -105,8 +105,8 @@ class Request:
                  lora_slot: int = -1) -> None:
         self.request_id = request_id
         self.params = params
-        # Which weights this request runs with: the adapter's name (None = base; a merged adapter
-        # is the base) keys anything shared between requests, such as cached prefix blocks, and
+        # Which weights this request runs with: the adapter's name (None = base) is part of every
+        # prefix-cache block hash (the same tokens under another adapter have other K/V), and
         # its slot in the engine's LoraStack (-1 = no unmerged update) selects the per-row update.
         self.adapter_id = adapter_id
         self.lora_slot = lora_slot
@@ -117,6 +117,8 @@ class Request:
         # Tokens whose K/V are in the cache. Reset to 0 on preemption (the prompt and what was
         # generated so far are recomputed in one prefill when the request is rescheduled).
         self.num_cached = 0
+        # Content hashes of the full blocks of token_ids so far (BlockManager's prefix index).
+        self.block_hashes: list[bytes] = []
         # Stop at the context length even if max_tokens asks for more.
         self.max_total_len = min(len(prompt_token_ids) + params.max_tokens, max_model_len)
         self.logprobs: list[float] = []

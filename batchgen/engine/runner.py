@@ -1,7 +1,9 @@
 """Builds one step's batch tensors, runs the model and samples.
 
 A step packs the last token of every decoding request first (the rest of their context is read
-from the paged cache), then every uncached token of the requests being prefilled.
+from the paged cache), then every uncached token of the requests being prefilled: those with
+nothing cached first, then those that continue a cached prefix (``req.num_cached`` tokens
+shared through the block manager's prefix index).
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from batchgen.engine.request import Request
 from batchgen.engine.sampler import sample
 from batchgen.lora import LoraStack
 from batchgen.model import Transformer
+
+
+def prefill_order(prefill: list[Request]) -> list[int]:
+    """The order a step packs its prefilled sequences in: those with nothing cached first (one
+    causal SDPA over their new tokens), then those continuing a cached prefix."""
+    return ([i for i, r in enumerate(prefill) if r.num_cached == 0]
+            + [i for i, r in enumerate(prefill) if r.num_cached > 0])
 
 
 class ModelRunner:
@@ -58,36 +67,50 @@ class ModelRunner:
         ``moves`` are the block copies (src, dst) of a compaction, made before the step runs.
         """
         ids, positions, slots = self._decode_inputs(decode)
-        last = list(range(len(decode)))
-        cu = [0]
-        for req in prefill:
-            # Without prefix caching a prefill always starts at position 0 (also after preemption).
-            n = len(req)
-            ids.extend(req.token_ids)
-            positions.extend(range(n))
-            slots.extend(self._slot(req, p) for p in range(n))
-            cu.append(cu[-1] + n)
-            last.append(len(decode) + cu[-1] - 1)
+        last = [0] * (len(decode) + len(prefill))
+        last[:len(decode)] = range(len(decode))
+        # Sequences that start at 0 first (one causal SDPA over their new tokens), then those
+        # that continue a cached prefix (they also read it from the cache); ``last`` keeps
+        # request order.
+        order = prefill_order(prefill)
+        cu, ctx_cu, ctx_starts, ctx_tables = [0], [0], [], []
+        for i in order:
+            req = prefill[i]
+            start, n = req.num_cached, len(req)
+            ids.extend(req.token_ids[start:])
+            positions.extend(range(start, n))
+            slots.extend(self._slot(req, p) for p in range(start, n))
+            if start == 0:
+                cu.append(cu[-1] + n)
+            else:
+                ctx_cu.append(ctx_cu[-1] + n - start)
+                ctx_starts.append(start)
+                ctx_tables.append(req.block_table)
+            last[len(decode) + i] = len(ids) - 1
 
         metadata = AttentionMetadata(is_prefill=bool(prefill), cu_seqlens=cu if prefill else [],
                                      slot_mapping=self._to(slots), num_decode=len(decode),
                                      block_moves=self._to(list(zip(*moves))) if moves else None)
+        if ctx_starts:
+            width = max(len(t) for t in ctx_tables)
+            metadata.ctx_cu_seqlens, metadata.ctx_starts = ctx_cu, ctx_starts
+            metadata.ctx_block_tables = self._to([t + [0] * (width - len(t)) for t in ctx_tables])
         if decode:
             width = max(len(req.block_table) for req in decode)
             # Padding points at the null block 0, masked out past each context length.
             tables = [req.block_table + [0] * (width - len(req.block_table)) for req in decode]
             owner = [-1] * (1 + max(max(req.block_table) for req in decode))
-            shared = False
+            shared: dict[int, None] = {}
             for row, req in enumerate(decode):
                 for b in req.block_table:
-                    shared |= owner[b] >= 0
+                    if owner[b] >= 0:
+                        shared[b] = None
                     owner[b] = row
             metadata.block_tables = self._to(tables)
             metadata.context_lens = self._to([len(req) for req in decode])
-            if not shared:
-                # In place needs one owner per block; rows that share blocks (a classification
-                # row's choices on its prompt) gather their blocks instead.
-                metadata.block_owner = self._to([max(o, 0) for o in owner])
+            metadata.block_owner = self._to([max(o, 0) for o in owner])
+            if shared:  # a cached prefix in several rows: in-place decode reads it once for all
+                metadata.decode_shared_blocks = self._to(list(shared))
         return self._to(ids), self._to(positions), metadata, last
 
     @torch.inference_mode()
@@ -102,14 +125,17 @@ class ModelRunner:
             logits = self.graphs.run(*self._decode_inputs(decode), [req.block_table for req in decode])
         else:
             ids, positions_t, metadata, last = self.prepare(decode, prefill, moves)
-            attn = (PagedAttention(self.cache, metadata) if self.flex is None else
-                    self.flex.step(self.cache, metadata, [r.block_table for r in prefill], [len(r) for r in prefill]))
+            order = prefill_order(prefill)  # how prepare packed the prefilled sequences
+            if self.flex is None:
+                attn = PagedAttention(self.cache, metadata)
+            else:  # flex reads every prefilled sequence in token order (``prepare``'s)
+                packed = [prefill[i] for i in order]
+                attn = self.flex.step(self.cache, metadata, [r.block_table for r in packed], [len(r) for r in packed])
             lora = None
             if adapted:  # one slot per token row: decode rows first, then each prefill's uncached tokens
                 slots = [req.lora_slot for req in decode]
-                cu = metadata.cu_seqlens
-                for i, req in enumerate(prefill):
-                    slots.extend([req.lora_slot] * (cu[i + 1] - cu[i]))
+                for i in order:
+                    slots.extend([prefill[i].lora_slot] * (len(prefill[i]) - prefill[i].num_cached))
                 lora = step_lora(self.lora, slots, self.device)
             hidden = self.model(ids, positions_t, attn, lora)  # [T, dim]
             if len(last) != hidden.shape[0]:
@@ -118,5 +144,6 @@ class ModelRunner:
         reqs = decode + prefill
         for req in reqs:
             req.num_cached = len(req)
+            self.blocks.commit(req)  # its full blocks now hold K/V: index them for sharing
         self.last_logits = logits
         return sample(logits, reqs)

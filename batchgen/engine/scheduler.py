@@ -3,7 +3,8 @@
 Each step decodes one token for every running request and, in the same batch, prefills the
 prompts of waiting requests while a slot, KV blocks and the prefill token budget allow: the
 linear layers then run once over both, and a finished row's slot is refilled on the very next
-step. When a decode runs out of KV blocks, the youngest running request is preempted: its
+step. With prefix caching, a waiting request's cached prefix blocks are shared and only the
+rest of it is prefilled (and counted against the token budget). When a decode runs out of KV blocks, the youngest running request is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed later.
 """
 
@@ -24,6 +25,14 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Prompt (and recomputed) tokens admitted, and how many of them were prefilled rather
+        # than read from the prefix cache.
+        self.num_prefill_tokens_submitted = 0
+        self.num_prefill_tokens_computed = 0
+        # Admission waits a step for a request whose prefix another admitted request is about to
+        # prefill (rows of a template arrive together): one extra step instead of every row of
+        # the batch computing the prefix again. See bench/NOTES.md, "Prefix caching".
+        self.wait_for_shared_prefix = True
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -51,20 +60,36 @@ class Scheduler:
         prefill: list[Request] = []
         # Right after a preemption the cache is full: admitting would only preempt again.
         budget = 0 if preempted else self.max_num_batched_tokens
+        pending: set[bytes] = set()
         while self.waiting and len(self.running) + len(prefill) < self.max_num_seqs:
             req = self.waiting[0]
+            hits = self.blocks.lookup(req)
+            if pending and self._shares_pending(req, len(hits), pending):
+                break  # its prefix is being computed in this step: next step it is a cache hit
+            # Only the tokens past the cached prefix are computed, and count against the budget.
+            new_tokens = len(req) - len(hits) * self.blocks.block_size
             # A lone request larger than the budget still runs, or it would wait forever.
-            if len(req) > budget and (prefill or decode or preempted):
+            if new_tokens > budget and (prefill or decode or preempted):
                 break
             if not self.blocks.can_allocate(req):
                 break
             self.waiting.popleft()
             self.blocks.allocate(req)
             req.status = Status.RUNNING
-            budget -= len(req)
+            budget -= len(req) - req.num_cached
+            self.num_prefill_tokens_submitted += len(req)
+            self.num_prefill_tokens_computed += len(req) - req.num_cached
             prefill.append(req)
+            if self.wait_for_shared_prefix and self.blocks.prefix_caching:
+                # The full blocks this prefill computes become cached after the step.
+                pending.update(req.block_hashes[len(hits):(len(req) - 1) // self.blocks.block_size])
         self.running.extend(prefill)
         return decode, prefill
+
+    def _shares_pending(self, req: Request, num_hits: int, pending: set[bytes]) -> bool:
+        """Whether ``req``'s first uncached full block is one a prefill of this step computes."""
+        hashes = req.block_hashes  # lookup() hashed every full block but the last token's
+        return num_hits < len(hashes) and hashes[num_hits] in pending
 
     def _preempt(self, req: Request) -> None:
         self.num_preemptions += 1

@@ -387,6 +387,8 @@ class TPLeaderLLM(LLM):
     Construction is collective: every follower must be inside :func:`follower_loop`. The KV
     cache holds as many blocks as the smallest rank's budget allows (``kv_cache_bytes`` per rank;
     default as in ``LLM``); rank 0 decides the count, block size and context length for all.
+    Prefix caching is rank 0's alone: it decides which blocks a request shares, and followers
+    only see the block tables and each prefill's cached length in the step's metadata.
     Call :meth:`shutdown` (or use ``with``) to release the followers; until then a keep-alive
     thread holds them. After a :class:`TPError` the object is unusable: every rank must leave the
     group and a new one be formed.
@@ -397,7 +399,8 @@ class TPLeaderLLM(LLM):
                  device: Optional[Union[str, torch.device]] = None, kv_cache_bytes: Optional[int] = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
                  max_model_len: Optional[int] = None, keepalive_s: Optional[float] = None,
-                 adapters: Optional[Mapping[str, AdapterSource]] = None, merge_adapter: bool = False) -> None:
+                 adapters: Optional[Mapping[str, AdapterSource]] = None, merge_adapter: bool = False,
+                 prefix_caching: bool = True) -> None:
         """As :class:`~batchgen.engine.LLM`; ``adapters``/``merge_adapter`` as there, and every
         follower must be given the same ones (each rank cuts its own slice of them)."""
         _, world, group = _require_group(leader=True)
@@ -454,7 +457,7 @@ class TPLeaderLLM(LLM):
         try:
             super().__init__(model=model, tokenizer=tokenizer, device=str(dev), num_kv_blocks=num_blocks,
                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                             block_size=block_size, max_model_len=mlen)
+                             block_size=block_size, max_model_len=mlen, prefix_caching=prefix_caching)
             self.lora = self.runner.lora = stack  # already cut for rank 0 (LLM would load it again)
             if merge_adapter and adapters:
                 self.merged_adapter = next(iter(adapters))

@@ -142,6 +142,9 @@ class ModelSpec(_Section):
     max_num_batched_tokens: int | None = Field(None, ge=1)
     cuda_graphs: bool = Field(True, description="replay decode steps from CUDA graphs on a single-GPU replica; "
                                                 "false runs every step eagerly")
+    prefix_caching: bool = Field(True, description="share the KV blocks of prompt prefixes between rows (a "
+                                                   "template's instructions are prefilled once); false "
+                                                   "prefills every row in full")
     compile_decode: bool = Field(False, description="compile the replayed decode steps with torch.compile: "
                                                     "faster steps on a GPU for a minute or more of compiling "
                                                     "per replica; no effect where nothing replays")

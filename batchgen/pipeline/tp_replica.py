@@ -169,7 +169,8 @@ def build_tp_llm(spec: JobSpec, device: torch.device) -> TPLeaderLLM:
     return _ExitOnGroupFailure(m.path, tokenizer=tokenizer, dtype=m.dtype, device=device,
                                kv_cache_bytes=_kv_bytes(spec), max_num_seqs=m.max_num_seqs,
                                max_num_batched_tokens=m.max_num_batched_tokens, max_model_len=m.max_seq_len,
-                               adapters=local_adapters(spec) or None, merge_adapter=merged(spec))
+                               adapters=local_adapters(spec) or None, merge_adapter=merged(spec),
+                               prefix_caching=m.prefix_caching)
 
 
 def _kv_bytes(spec: JobSpec) -> Optional[int]:

@@ -60,7 +60,8 @@ def build_llm(spec: JobSpec, device: Optional[str] = None) -> LLM:
                max_num_seqs=m.max_num_seqs, max_num_batched_tokens=m.max_num_batched_tokens,
                max_model_len=m.max_seq_len, cuda_graphs=None if m.cuda_graphs else False,
                compile_decode=m.compile_decode, attention_backend=m.attention_backend,
-               adapters=local_adapters(spec) or None, merge_adapter=merged(spec))
+               adapters=local_adapters(spec) or None, merge_adapter=merged(spec),
+               prefix_caching=m.prefix_caching)
 
 
 def row_sampling(spec: JobSpec, row: PromptRow, adapter: Optional[str] = None) -> SamplingParams:
