@@ -25,6 +25,7 @@ Presets. ``input.template`` may name a preset instead of spelling out a template
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 
@@ -243,3 +244,38 @@ def render_preset(name: str, values: Mapping[str, Optional[str]], system: Option
                            row_system if row_system is not None and row_system.strip() else system)
     chat_turns(messages)  # markers, empty system
     return messages
+
+
+def parse_template(template: str) -> list[tuple[str, str | None]]:
+    """Split a prompt template into ``(literal_text, column_or_None)`` parts.
+
+    Only plain ``{column}`` placeholders are accepted (``{{``/``}}`` are literal braces); attribute
+    or index access, positional fields, ``!r`` conversions and format specs are rejected, because
+    rendering is a plain concatenation and must never reach into Python objects.
+
+    Raises:
+        ValueError: with a message naming the offending placeholder.
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:  # unbalanced braces
+        raise ValueError(f"malformed template: {exc} (write literal braces as '{{{{' and '}}}}')") from None
+    parts: list[tuple[str, str | None]] = []
+    pending = ""  # Formatter splits literal text at every '{{', so join the pieces back up
+    for literal, field, spec, conversion in parsed:
+        pending += literal
+        if field is None:
+            continue
+        shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if not field.isidentifier():
+            raise ValueError(f"placeholder {shown} is not a plain column name; use {{column}} with a "
+                             "column whose name is a Python identifier")
+        if conversion or spec:
+            raise ValueError(f"placeholder {shown} has a conversion or format spec; only {{{field}}} is allowed")
+        parts.append((pending, field))
+        pending = ""
+    if pending:
+        parts.append((pending, None))
+    if not any(field for _, field in parts):
+        raise ValueError("template has no {column} placeholders, so every row would get the same prompt")
+    return parts

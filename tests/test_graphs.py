@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from batchgen.engine import LLM, SamplingParams
-from batchgen.engine.graphs import batch_buckets, eager_capture
+from batchgen.engine.attention import batch_buckets
+from batchgen.engine.graphs import eager_capture
 from batchgen.engine.attention import AttentionMetadata
 from batchgen.model import Transformer
 from reference import random_prompts, reference_greedy, sharp_model, stand_in_graphs

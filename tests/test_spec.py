@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
+from batchgen.prompts import parse_template
 from batchgen.pipeline.spec import (
-    JobSpec, SpecError, check_sampling_value, load_spec, parse_template, resolve_path, row_seed,
+    JobSpec, SpecError, check_sampling_value, load_spec, resolve_path, row_seed,
     spec_fingerprint, validate_spec,
 )
 

@@ -308,5 +308,17 @@ def decode_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return o.view(B, Hq, D)
 
 
-__all__ = ["AttentionMetadata", "PagedAttention", "decode_gathered", "decode_in_place", "move_blocks",
+def batch_buckets(max_rows: int) -> tuple[int, ...]:
+    """Batch sizes that replayed decode steps are padded to (CUDA graphs, the flex backend): the powers of two below ``max_rows``, then ``max_rows``.
+
+    Padding a step up to its bucket costs little: until a few hundred rows a decode step's
+    matmuls are bound by reading the weights, whatever the number of rows.
+    """
+    buckets = [1]
+    while buckets[-1] * 2 < max_rows:
+        buckets.append(buckets[-1] * 2)
+    return tuple(buckets + [max_rows] if max_rows > 1 else buckets)
+
+
+__all__ = ["AttentionMetadata", "batch_buckets", "PagedAttention", "decode_gathered", "decode_in_place", "move_blocks",
            "prefill_padded", "prefill_with_context", "write_kv"]

@@ -29,7 +29,7 @@ row's blocks but its last) are listed as FlexAttention's "full" blocks, read wit
 ``mask_mod``; only the rest go through it.
 
 Shapes. The kernel is compiled with static shapes (:func:`compiled_flex`), one per shape, so
-steps are padded to few: decode rows to a batch bucket (``graphs.batch_buckets``; queries
+steps are padded to few: decode rows to a batch bucket (``attention.batch_buckets``; queries
 ``[bucket * Hkv, G, 1, D]``, block-mask indices ``[bucket * Hkv, 1, 1, width]``, ``width``
 fixed per engine: a function of the bucket alone, as a CUDA graph needs); prefilled sequences
 to a bucket and their new tokens to a multiple of ``Q_BLOCK``. Compiled kernels are shared by
@@ -46,7 +46,7 @@ from typing import Callable, Optional
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from batchgen.engine.attention import AttentionMetadata, move_blocks, write_kv
+from batchgen.engine.attention import AttentionMetadata, batch_buckets, move_blocks, write_kv
 from batchgen.engine.kv_cache import KVCache
 from batchgen.model import Transformer
 
@@ -111,9 +111,7 @@ class FlexBackend:
         return FlexPagedAttention(self, cache, metadata, prefill_tables, prefill_lens)
 
     def bucket(self, rows: int) -> int:
-        """The batch bucket ``rows`` query rows are padded to (``graphs.batch_buckets``)."""
-        from batchgen.engine.graphs import batch_buckets  # (graphs imports this module)
-
+        """The batch bucket ``rows`` query rows are padded to (``attention.batch_buckets``)."""
         return next(b for b in batch_buckets(self.max_rows) if b >= rows)
 
     def record_positions(self, tables: torch.Tensor, nblocks: torch.Tensor) -> None:

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
-from batchgen.engine.attention import AttentionMetadata, PagedAttention
+from batchgen.engine.attention import AttentionMetadata, PagedAttention, batch_buckets
 from batchgen.engine.kv_cache import KVCache
 from batchgen.engine.flex import FlexBackend, flex_decode_logits
 from batchgen.model import Transformer
@@ -79,18 +79,6 @@ def decode_logits(model: Transformer, cache: KVCache, ids: torch.Tensor, positio
     """
     metadata = AttentionMetadata(is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=context_lens)
     return model.compute_logits(model(ids, positions, PagedAttention(cache, metadata)))
-
-
-def batch_buckets(max_rows: int) -> tuple[int, ...]:
-    """Batch sizes that get graphs: the powers of two below ``max_rows``, then ``max_rows``.
-
-    Padding a step up to its bucket costs little: until a few hundred rows a decode step's
-    matmuls are bound by reading the weights, whatever the number of rows.
-    """
-    buckets = [1]
-    while buckets[-1] * 2 < max_rows:
-        buckets.append(buckets[-1] * 2)
-    return tuple(buckets + [max_rows] if max_rows > 1 else buckets)
 
 
 def eager_capture(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:

@@ -25,7 +25,7 @@ import io
 import json
 import os
 import re
-import string
+
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
@@ -36,7 +36,7 @@ from pydantic_core import PydanticCustomError
 
 from batchgen.limits import MAX_CONTEXT
 from batchgen.pipeline.spec_tasks import LABEL_COLUMNS, ClassifySpec, check_constraint_fields, load_json_schema
-from batchgen.prompts import PRESETS, Preset, PromptError, check_no_marker, get_preset
+from batchgen.prompts import PRESETS, Preset, PromptError, check_no_marker, get_preset, parse_template
 
 #: Output columns written next to the id and keep columns; input columns may not use these names.
 RESULT_COLUMNS: tuple[str, ...] = (
@@ -77,43 +77,6 @@ def _field_error(field: str, message: str) -> PydanticCustomError:
     at the model itself; :func:`_convert` appends the field to the error location."""
     # The message travels in the context, never in the template, so braces in it are not formatted.
     return PydanticCustomError("batchgen_field", "{message}", {"batchgen_field": field, "message": message})
-
-
-# --------------------------------------------------------------------------------------- template
-
-def parse_template(template: str) -> list[tuple[str, str | None]]:
-    """Split a prompt template into ``(literal_text, column_or_None)`` parts.
-
-    Only plain ``{column}`` placeholders are accepted (``{{``/``}}`` are literal braces); attribute
-    or index access, positional fields, ``!r`` conversions and format specs are rejected, because
-    rendering is a plain concatenation and must never reach into Python objects.
-
-    Raises:
-        ValueError: with a message naming the offending placeholder.
-    """
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:  # unbalanced braces
-        raise ValueError(f"malformed template: {exc} (write literal braces as '{{{{' and '}}}}')") from None
-    parts: list[tuple[str, str | None]] = []
-    pending = ""  # Formatter splits literal text at every '{{', so join the pieces back up
-    for literal, field, spec, conversion in parsed:
-        pending += literal
-        if field is None:
-            continue
-        shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-        if not field.isidentifier():
-            raise ValueError(f"placeholder {shown} is not a plain column name; use {{column}} with a "
-                             "column whose name is a Python identifier")
-        if conversion or spec:
-            raise ValueError(f"placeholder {shown} has a conversion or format spec; only {{{field}}} is allowed")
-        parts.append((pending, field))
-        pending = ""
-    if pending:
-        parts.append((pending, None))
-    if not any(field for _, field in parts):
-        raise ValueError("template has no {column} placeholders, so every row would get the same prompt")
-    return parts
 
 
 # --------------------------------------------------------------------------------------- models
