@@ -32,25 +32,7 @@ from batchgen.tokenizer import Tokenizer
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is a test dependency")
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "label": {"enum": ["toxic", "clean", "spam"]},
-        "score": {"type": "integer", "minimum": -5, "maximum": 100},
-        "flagged": {"type": "boolean"},
-        "meta": {
-            "type": "object",
-            "properties": {"lang": {"enum": ["en", "fr"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
-            "required": ["lang", "n"],
-            "additionalProperties": False,
-        },
-        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
-    },
-    "required": ["label", "score", "flagged", "meta", "tags"],
-    "additionalProperties": False,
-}
-REGEX = r"\d{3}-[A-Z]{2}"
-CHOICES = ["toxic", "non-toxic", "spam"]
+from schemas import CHOICES, REGEX, SCHEMA
 
 
 @pytest.fixture(scope="module")
