@@ -315,9 +315,14 @@ def test_a_library_run_job_starts_ray_on_loopback(tmp_path: Path, model_dir: Pat
              "print('RESULT', summary['rows'], ray.util.get_node_ip_address(), "
              "ray.get_runtime_context().gcs_address)\n"
              # Every socket the Ray processes listen on (psutil comes with the test extras' peft).
+             # A child may exit while it is read (Ray's short-lived workers): skip it.
              "import psutil\n"
-             "ips = {c.laddr.ip for p in psutil.Process().children(recursive=True)\n"
-             "       for c in p.net_connections(kind='inet') if c.status == 'LISTEN'}\n"
+             "ips = set()\n"
+             "for p in psutil.Process().children(recursive=True):\n"
+             "    try:\n"
+             "        ips |= {c.laddr.ip for c in p.net_connections(kind='inet') if c.status == 'LISTEN'}\n"
+             "    except (psutil.Error, OSError):\n"
+             "        pass\n"
              "print('LISTEN', *sorted(ips))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
     res = subprocess.run([sys.executable, "-c", probe, str(job)], cwd=tmp_path, env=env, capture_output=True,

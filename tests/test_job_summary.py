@@ -20,6 +20,7 @@ import yaml
 
 from batchgen import __version__
 from batchgen.pipeline.driver import run_job
+from batchgen.pipeline.faults import FAULTS_ENV
 from batchgen.pipeline.spec import load_spec, spec_fingerprint
 from batchgen.pipeline.writer import PROVENANCE_KEY
 
@@ -72,10 +73,14 @@ def _is_iso_utc(text: str) -> bool:
     return text.endswith("Z") and dt.datetime.fromisoformat(text.replace("Z", "+00:00")).utcoffset() == dt.timedelta(0)
 
 
-def test_interrupt_resume_and_noop_rerun_give_honest_runs_and_totals(local_ray, tmp_path: Path) -> None:
+def test_interrupt_resume_and_noop_rerun_give_honest_runs_and_totals(local_ray, tmp_path: Path, monkeypatch) -> None:
     spec_path = _job(tmp_path, DEMO_MODEL)
     out = tmp_path / "out"
-    _interrupted_run(spec_path)
+    # Slow steps (the test hook): the demo model finishes a 20-row shard in a fraction of a
+    # second, so on a busy machine every shard could commit before the driver's first poll.
+    with monkeypatch.context() as m:
+        m.setenv(FAULTS_ENV, json.dumps({"step_delay_s": 0.05}))
+        _interrupted_run(spec_path)
     assert not (out / "_SUCCESS").exists()
     first = json.loads((out / "runs.json").read_text())["runs"]
     assert len(first) == 1 and first[0]["status"] == "failed" and 1 <= first[0]["shards"] < 6
