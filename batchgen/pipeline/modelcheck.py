@@ -32,33 +32,14 @@ _META_SPLIT = {"tok_embeddings.weight": 1, "output.weight": 0, "attention.wq.wei
 
 def expected_shapes(args: Any, layout: str) -> dict[str, tuple[int, ...]]:
     """Every tensor a LLaMA of shape ``args`` (a ``ModelArgs``) needs, by its name in ``layout``
-    (``"meta"`` or ``"hf"``)."""
-    d, v, f = args.dim, args.vocab_size, args.hidden_dim
-    hd = d // args.n_heads
-    q, kv = args.n_heads * hd, args.n_kv_heads * hd
-    if layout == "hf":
-        out = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
-        if not args.tie_word_embeddings:
-            out["lm_head.weight"] = (v, d)
-        for i in range(args.n_layers):
-            p = f"model.layers.{i}."
-            out.update({p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-                        p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-                        p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
-                        p + "mlp.down_proj.weight": (d, f), p + "input_layernorm.weight": (d,),
-                        p + "post_attention_layernorm.weight": (d,)})
-        return out
-    out = {"tok_embeddings.weight": (v, d), "norm.weight": (d,)}
-    if not args.tie_word_embeddings:
-        out["output.weight"] = (v, d)
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        out.update({p + "attention.wq.weight": (q, d), p + "attention.wk.weight": (kv, d),
-                    p + "attention.wv.weight": (kv, d), p + "attention.wo.weight": (d, q),
-                    p + "feed_forward.w1.weight": (f, d), p + "feed_forward.w3.weight": (f, d),
-                    p + "feed_forward.w2.weight": (d, f), p + "attention_norm.weight": (d,),
-                    p + "ffn_norm.weight": (d,)})
-    return out
+    (``"meta"`` or ``"hf"``): the loader's own table (``checkpoint._full_shapes``, built on the
+    meta device), so the check cannot drift from what loading expects."""
+    from batchgen.checkpoint import _full_shapes, _to_hf_name
+
+    shapes = _full_shapes(args)
+    if args.tie_word_embeddings:
+        shapes.pop("output.weight", None)  # the embedding serves as the head: no tensor of its own
+    return shapes if layout == "meta" else {_to_hf_name(k): v for k, v in shapes.items()}
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
