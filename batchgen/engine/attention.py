@@ -143,11 +143,7 @@ class PagedAttention:
             self.ctx_mask = (torch.arange(W * block_size, device=dev) <= limit[..., None]).unsqueeze(1)
 
     def __call__(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cache, v_cache = self.cache.k[layer_id], self.cache.v[layer_id]
-        if self.moves is not None:  # the block manager renumbered blocks (compaction)
-            move_blocks(k_cache, v_cache, self.moves)
-        if self.write is not None:
-            write_kv(k_cache, v_cache, k, v, *self.write)
+        k_cache, v_cache = update_cache(self.cache, layer_id, self.moves, self.write, k, v)
         n = self.num_decode
         outs = []
         if n:
@@ -181,6 +177,20 @@ class PagedAttention:
         if self._pad_buf is None:
             self._pad_buf = torch.zeros(self.num_seqs * self.max_len, width, dtype=dtype, device=self.pad_index.device)
         return self._pad_buf
+
+
+def update_cache(cache: KVCache, layer_id: int, moves: Optional[torch.Tensor],
+                 write: Optional[tuple[torch.Tensor, torch.Tensor]], k: torch.Tensor,
+                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's step on its pools before attention, for every backend: the block moves of a
+    compaction first (``moves`` [2, M]), then the new tokens' K/V at ``write`` (block, offset).
+    Returns the layer's (K, V) pools."""
+    k_cache, v_cache = cache.k[layer_id], cache.v[layer_id]
+    if moves is not None:  # the block manager renumbered blocks (compaction)
+        move_blocks(k_cache, v_cache, moves)
+    if write is not None:
+        write_kv(k_cache, v_cache, k, v, *write)
+    return k_cache, v_cache
 
 
 def move_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, moves: torch.Tensor) -> None:
@@ -320,5 +330,5 @@ def batch_buckets(max_rows: int) -> tuple[int, ...]:
     return tuple(buckets + [max_rows] if max_rows > 1 else buckets)
 
 
-__all__ = ["AttentionMetadata", "batch_buckets", "PagedAttention", "decode_gathered", "decode_in_place", "move_blocks",
+__all__ = ["AttentionMetadata", "batch_buckets", "update_cache", "PagedAttention", "decode_gathered", "decode_in_place", "move_blocks",
            "prefill_padded", "prefill_with_context", "write_kv"]

@@ -46,7 +46,7 @@ from typing import Callable, Optional
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from batchgen.engine.attention import AttentionMetadata, batch_buckets, move_blocks, write_kv
+from batchgen.engine.attention import AttentionMetadata, batch_buckets, update_cache
 from batchgen.engine.kv_cache import KVCache
 from batchgen.model import Transformer
 
@@ -244,11 +244,7 @@ class FlexPagedAttention:
             self.pad_index = seq * L + torch.arange(cu[-1], device=dev) - torch.tensor(cu[:-1], device=dev)[seq]
 
     def __call__(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cache, v_cache = self.cache.k[layer_id], self.cache.v[layer_id]
-        if self.moves is not None:
-            move_blocks(k_cache, v_cache, self.moves)
-        if self.write is not None:
-            write_kv(k_cache, v_cache, k, v, *self.write)
+        k_cache, v_cache = update_cache(self.cache, layer_id, self.moves, self.write, k, v)
         n = self.num_decode
         outs = []
         if n:
