@@ -11,9 +11,9 @@ Two ways to run an adapter:
 
 * merged (one adapter for the whole job): :func:`merge_into_state_dict` adds ``scale * B @ A`` to
   an unfused Meta-named state dict before the model is built, so a step costs nothing extra;
-* unmerged (rows of several adapters in one step): :class:`LoraStack` holds a job's adapters in
-  slots and :func:`lora_forward` computes each row's low-rank update, added to the output of the
-  base matmul that ran once for all rows.
+* unmerged (rows of several adapters in one step): ``batchgen.engine.adapters`` holds a job's
+  adapters in slots (``LoraStack``) and adds each row's low-rank update to the output of the
+  base matmul that ran once for all rows (``lora_forward``).
 
 This module imports neither ray nor pyarrow (it sits beside ``batchgen/model.py``).
 """
@@ -27,7 +27,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -429,189 +429,5 @@ def merge_into_state_dict(state_dict: dict[str, torch.Tensor], adapter: LoraAdap
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Unmerged mode: several adapters in one step
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StackedProj:
-    """One (layer, projection) of every slot of a :class:`LoraStack`.
-
-    ``A`` [N + 1, R, in] and ``Bt`` [N + 1, R, out] (B transposed, the scale folded in) are
-    zero-padded to the stack's rank R, with a final all-zero slot for base rows (index -1).
-    ``groups`` lists ``(slot, rank)`` of the slots that adapt this projection. A fused entry
-    (``wqkv``) holds its parts' A stacked along R and their B block-diagonally.
-    """
-
-    A: torch.Tensor
-    Bt: torch.Tensor
-    groups: list[tuple[int, int]]
-
-    @property
-    def width(self) -> int:
-        return self.A.shape[1]
-
-
-class LoraStack:
-    """A job's adapters, resident together, addressed by slot (their order in ``adapters``).
-
-    Built once per replica (after :meth:`LoraAdapter.tp_slice` on a TP rank); the engine gives
-    each row its slot, or -1 for the base model, and calls :func:`lora_forward` per projection.
-    ``fuse`` maps a new projection name to parts run as one (``{"wqkv": ("wq", "wk", "wv"),
-    "w13": ("w1", "w3")}``, matching a model that fuses those matmuls): the update of the fused
-    output [T, sum(out)] then costs one call instead of one per part.
-    """
-
-    def __init__(self, adapters: Sequence[LoraAdapter], args: ModelArgs, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", fuse: Optional[dict[str, Sequence[str]]] = None) -> None:
-        self.names = [a.name for a in adapters]
-        self.fingerprints = [a.fingerprint for a in adapters]
-        self.rank = max((a.max_rank for a in adapters), default=0)
-        self.nbytes = 0  # what a replica holds (padding included)
-        self.projs: dict[tuple[int, str], StackedProj] = {}
-        tp = {(a.world_size, a.rank) for a in adapters}
-        if len(tp) > 1:
-            raise ValueError(f"adapters {self.names} are cut for different tensor-parallel ranks {sorted(tp)}")
-        ws, tp_rank = tp.pop() if tp else (1, 0)
-        full = _shapes(args)
-        n, R = len(adapters), self.rank
-        fused_parts = {p for parts in (fuse or {}).values() for p in parts}
-        unknown = sorted(fused_parts - set(PROJECTIONS))
-        if unknown:
-            raise ValueError(f"fuse names unknown projections {unknown}; known: {list(PROJECTIONS)}")
-        layers = sorted({layer for a in adapters for layer, _ in a.weights})
-        for layer in layers:
-            plan = [(p, (p,)) for p in PROJECTIONS if p not in fused_parts] + list((fuse or {}).items())
-            for name, parts in plan:
-                if not any((layer, p) in a.weights for a in adapters for p in parts):
-                    continue
-                shapes = []
-                for p in parts:  # this rank's (out, in) of each part
-                    o, i = full[p]
-                    if ws > 1:
-                        dim, lo, hi = _tp_span(p, args, ws, tp_rank)
-                        o, i = (hi - lo, i) if dim == 0 else (o, hi - lo)
-                    shapes.append((o, i))
-                if len({i for _, i in shapes}) != 1:
-                    raise ValueError(f"fused projection {name!r}: parts {list(parts)} take different inputs")
-                outs = [s[0] for s in shapes]
-                in_f = shapes[0][1]
-                A = torch.zeros(n + 1, R * len(parts), in_f, dtype=dtype, device=device)
-                Bt = torch.zeros(n + 1, R * len(parts), sum(outs), dtype=dtype, device=device)
-                groups = []
-                for i, a in enumerate(adapters):
-                    used = 0
-                    for j, p in enumerate(parts):
-                        w = a.weights.get((layer, p))
-                        if w is None:
-                            continue
-                        o0 = sum(outs[:j])
-                        A[i, j * R:j * R + w.rank] = w.A.to(device=device, dtype=dtype)
-                        Bt[i, j * R:j * R + w.rank, o0:o0 + outs[j]] = (w.B.float() * w.scale).T.to(device=device, dtype=dtype)
-                        used = j * R + w.rank
-                    if used:
-                        groups.append((i, used))
-                self.projs[(layer, name)] = sp = StackedProj(A, Bt, groups)
-                self.nbytes += sp.A.numel() * sp.A.element_size() + sp.Bt.numel() * sp.Bt.element_size()
-
-    def slot(self, name: str) -> int:
-        """Slot of adapter ``name`` (KeyError naming the known ones if absent)."""
-        try:
-            return self.names.index(name)
-        except ValueError:
-            raise KeyError(f"unknown adapter {name!r}; this job has {self.names}") from None
-
-
-@dataclass
-class LoraRows:
-    """Per-step facts about the slot index [T], computed once and reused by every layer."""
-
-    index: torch.Tensor  # [T] slot per row, -1 = base
-    n_slots: int
-    gather: torch.Tensor  # [T] slot per row with -1 mapped to the zero slot N
-    _groups: Optional[dict[int, torch.Tensor]] = None
-    _masks: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def groups(self) -> dict[int, torch.Tensor]:
-        """slot -> its row indices, for slots with rows (one host sync, on first use)."""
-        if self._groups is None:
-            slots = torch.unique(self.index).tolist()
-            self._groups = {s: (self.index == s).nonzero().squeeze(1) for s in slots if s >= 0}
-        return self._groups
-
-    def mask(self, width: int, dtype: torch.dtype) -> torch.Tensor:
-        """[T, N * width]: 1 on the ``width`` columns of each row's slot, 0 elsewhere (and on base rows)."""
-        m = self._masks.get(width)
-        if m is None or m.dtype != dtype:
-            slots = torch.arange(self.n_slots, device=self.index.device)
-            m = (self.index[:, None] == slots[None, :]).to(dtype).repeat_interleave(width, dim=1)
-            self._masks[width] = m
-        return m
-
-
-def lora_rows(index: torch.Tensor, n_slots: int) -> LoraRows:
-    """The per-step view of the rows' slots (``index`` [T], -1 = base) that every layer reuses."""
-    gather = torch.where(index < 0, torch.full_like(index, n_slots), index)
-    return LoraRows(index, n_slots, gather)
-
-
-Method = Literal["auto", "grouped", "gathered", "masked"]
-
-
-
-def lora_forward(x: torch.Tensor, proj: str, layer: int, rows: LoraRows | torch.Tensor, stack: LoraStack,
-                 method: Method = "auto", out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """Each row's low-rank update [T, out] of projection ``proj`` in ``layer`` for inputs x [T, in].
-
-    Add it to the base matmul's output (for row-parallel ``wo``/``w2`` on a TP rank: before the
-    all-reduce). ``rows`` is the per-row slot (-1 = base) or its :func:`lora_rows` view. Returns
-    None when no slot adapts this projection. With ``out`` (the base matmul's output [T, out]) the
-    update is added into it in place and ``out`` is returned: no [T, out] zeros, no second pass.
-    Forms, all equal to the naive per-row product (tests/test_lora.py):
-
-    * ``grouped``: per adapter with rows, its rows selected, two small matmuls, added back (the
-      fewest flops; one host sync per step to find the groups, then 4 ops per adapter);
-    * ``masked``: every row times every adapter's A in one matmul, the other slots' columns
-      zeroed, one matmul with every B (N times the flops of grouped, but 3 ops and no host sync:
-      shapes depend on T alone, as a CUDA graph needs);
-    * ``gathered``: every row's A and B gathered (padded to the stack's rank), two batched
-      matmuls (moves T copies of the factors: slow, kept as a measured alternative);
-    * ``auto``: grouped, or masked while a CUDA graph is being captured (grouped's host sync
-      cannot be captured). On the CPU grouped was as fast as masked at 16 rows and faster from
-      64 up (``python -m batchgen.bench.lora_layer``); GPU timings are yet to be taken.
-    """
-    sp = stack.projs.get((layer, proj))
-    if sp is None:
-        return None
-    if isinstance(rows, torch.Tensor):
-        rows = lora_rows(rows, len(stack.names))
-    if method == "auto":
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        method = "masked" if capturing else "grouped"
-    xf = x.to(sp.A.dtype)
-    n, width, in_f = len(stack.names), sp.width, sp.A.shape[2]
-    if method == "masked":
-        xa = xf @ sp.A[:n].reshape(n * width, in_f).T  # [T, N * width]
-        xa.mul_(rows.mask(width, xa.dtype))
-        delta = xa @ sp.Bt[:n].reshape(n * width, -1)
-    elif method == "gathered":
-        xa = torch.bmm(sp.A[rows.gather], xf.unsqueeze(2))  # [T, width, 1]
-        delta = torch.bmm(xa.transpose(1, 2), sp.Bt[rows.gather]).squeeze(1)  # [T, out]
-    elif method == "grouped":
-        target = out if out is not None else x.new_zeros(x.shape[0], sp.Bt.shape[2])
-        groups = rows.groups
-        for slot, used in sp.groups:
-            idx = groups.get(slot)
-            if idx is not None:
-                xs = xf.index_select(0, idx)
-                target.index_add_(0, idx, ((xs @ sp.A[slot, :used].T) @ sp.Bt[slot, :used]).to(x.dtype))
-        return target
-    else:
-        raise ValueError(f"unknown LoRA method {method!r}; use auto, grouped, masked or gathered")
-    return out.add_(delta) if out is not None else delta.to(x.dtype)
-
-
-__all__ = ["AdapterError", "LoraAdapter", "LoraWeights", "LoraStack", "LoraRows", "StackedProj", "PROJECTIONS",
-           "load_adapter", "save_adapter", "merge_into_state_dict", "lora_rows", "lora_forward"]
+__all__ = ["AdapterError", "LoraAdapter", "LoraWeights", "PROJECTIONS", "load_adapter", "save_adapter",
+           "merge_into_state_dict"]

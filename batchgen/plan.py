@@ -282,8 +282,8 @@ def _from_spec(path: str, overrides: list[str]) -> dict[str, Any]:
 
 def _adapter_bytes(spec: Any, args: ModelArgs, dtype: str, n: int) -> int:
     """Bytes one GPU (rank 0 of ``n``) holds for the job's unmerged adapters (0 when merged)."""
-    from batchgen.engine.adapters import FUSE
-    from batchgen.lora import LoraStack, load_adapter
+    from batchgen.engine.adapters import FUSE, LoraStack
+    from batchgen.lora import load_adapter
     from batchgen.pipeline.adapters import local_adapters, merged
 
     if not spec.model.adapters or merged(spec):

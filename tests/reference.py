@@ -107,3 +107,18 @@ def stand_in_graphs(llm: LLM, capture: Capture = eager_capture, max_rows: Option
     llm.runner.graphs = DecodeGraphs(llm.model, llm.kv_cache, llm.max_model_len,
                                      max_rows or llm.max_num_seqs, llm.device, capture, **kwargs)
     return llm.runner.graphs
+
+
+def random_adapter(args: Any, r: int, projs: tuple[str, ...], seed: int) -> Any:
+    """A seeded rank-``r`` LoRA adapter on ``projs`` of every layer of a model with ``args``, large
+    enough to visibly change a small model's answers."""
+    from batchgen.lora import LoraAdapter, LoraWeights
+
+    g = torch.Generator().manual_seed(seed)
+    q, kv, ffn = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.hidden_dim
+    shapes = {"wq": (q, args.dim), "wk": (kv, args.dim), "wv": (kv, args.dim), "wo": (args.dim, q),
+              "w1": (ffn, args.dim), "w3": (ffn, args.dim), "w2": (args.dim, ffn)}
+    ws = {(layer, p): LoraWeights(torch.randn(r, shapes[p][1], generator=g) * 0.3,
+                                  torch.randn(shapes[p][0], r, generator=g) * 0.3, 1.0)
+          for layer in range(args.n_layers) for p in projs}
+    return LoraAdapter(f"r{seed}", "synthetic", ws)

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from batchgen.checkpoint import load_args, load_model, save_meta
-from batchgen.lora import (AdapterError, LoraAdapter, LoraStack, LoraWeights, load_adapter, lora_forward, lora_rows,
-                           merge_into_state_dict)
+from batchgen.engine.adapters import LoraStack, lora_forward, lora_rows
+from batchgen.lora import AdapterError, LoraAdapter, LoraWeights, load_adapter, merge_into_state_dict
 from batchgen.lora import save_adapter as bg_save_adapter
 from batchgen.model import ModelArgs, Transformer, split_fused_weights
 
@@ -293,7 +293,7 @@ def mixed_adapters() -> list[LoraAdapter]:
             random_adapter("unused", ARGS, 8, ("wq",), 2)]
 
 
-@pytest.mark.parametrize("method", ["grouped", "gathered", "masked", "auto"])
+@pytest.mark.parametrize("method", ["segments", "grouped", "gathered", "masked", "auto"])
 def test_lora_forward_matches_per_row_reference(method: str) -> None:
     adapters = mixed_adapters()
     stack = LoraStack(adapters, ARGS)
@@ -320,7 +320,15 @@ def test_lora_forward_matches_per_row_reference(method: str) -> None:
         stack.slot("zz")
 
 
-@pytest.mark.parametrize("method", ["grouped", "gathered", "masked"])
+def test_rows_runs_group_consecutive_rows_of_one_adapter_and_skip_base_rows() -> None:
+    slots = [-1, 0, 0, 1, -1, 1, 1, 2]
+    from_host = lora_rows(torch.tensor(slots), 3, slots)
+    assert from_host.runs == [(0, 1, 3), (1, 3, 4), (1, 5, 7), (2, 7, 8)]
+    assert lora_rows(torch.tensor(slots), 3).runs == from_host.runs  # from the index alone
+    assert lora_rows(torch.tensor([-1, -1]), 1).runs == [] and lora_rows(torch.tensor([0]), 1).runs == [(0, 0, 1)]
+
+
+@pytest.mark.parametrize("method", ["segments", "grouped", "gathered", "masked"])
 def test_fused_projections_equal_their_parts_side_by_side(method: str) -> None:
     adapters = mixed_adapters()
     stack = LoraStack(adapters, ARGS, fuse=FUSE)

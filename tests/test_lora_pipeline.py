@@ -18,29 +18,16 @@ import yaml
 
 from batchgen.checkpoint import load_args
 from batchgen.engine import LLM, SamplingParams
-from batchgen.lora import LoraAdapter, LoraWeights, load_adapter, save_adapter
+from batchgen.lora import load_adapter, save_adapter
 from batchgen.model import ModelArgs
 from batchgen.pipeline.adapters import CACHE_ENV, fetch_adapter
 from batchgen.pipeline.driver import run_job
 from batchgen.pipeline.planning import check_job, check_model
 from batchgen.pipeline.spec import SpecError, load_spec, validate_spec
+from reference import random_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "batchgen" / "demo" / "model"
-
-
-def random_adapter(args: ModelArgs, r: int, projs: tuple[str, ...], seed: int) -> LoraAdapter:
-    """An adapter that visibly changes the demo model's answers (all layers, ``projs``)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    q, kv, ffn = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.hidden_dim
-    shapes = {"wq": (q, args.dim), "wk": (kv, args.dim), "wv": (kv, args.dim), "wo": (args.dim, q),
-              "w1": (ffn, args.dim), "w3": (ffn, args.dim), "w2": (args.dim, ffn)}
-    ws = {(layer, p): LoraWeights(torch.randn(r, shapes[p][1], generator=g) * 0.3,
-                                  torch.randn(shapes[p][0], r, generator=g) * 0.3, 1.0)
-          for layer in range(args.n_layers) for p in projs}
-    return LoraAdapter(f"r{seed}", "synthetic", ws)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import signal
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,7 +26,7 @@ import torch
 from batchgen.checkpoint import save_hf
 from batchgen.engine import LLM, SamplingParams
 from batchgen.model import ModelArgs, Transformer
-from reference import sharp_model
+from reference import random_adapter, sharp_model
 from batchgen.pipeline.driver import plan_job
 from batchgen.pipeline.queue import create_queue
 from batchgen.pipeline.replica import Task
@@ -66,18 +66,26 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _job(tmp: Path, model_dir: Path, rows: int = 24, shard_rows: int = 6, max_tokens: int = 8,
-         tp: int = 2) -> JobSpec:
-    """A job over one Parquet file of ``rows`` short text prompts (a fresh output dir)."""
+         tp: int = 2, adapters: Optional[dict[str, Path]] = None) -> JobSpec:
+    """A job over one Parquet file of ``rows`` short text prompts (a fresh output dir); with
+    ``adapters``, a ``client`` column spreads the rows over them and the base model."""
     inp = tmp / "in"
-    inp.mkdir(exist_ok=True)
+    inp.mkdir(parents=True, exist_ok=True)
     words = ["river", "castle", "robot", "winter", "garden", "dragon", "violin", "harbor"]
     prompts = [f"Once upon a time a {words[i % 8]} number {i} said" for i in range(rows)]
-    pq.write_table(pa.table({"id": list(range(rows)), "prompt": prompts}), inp / "part-0.parquet",
-                   row_group_size=shard_rows)
+    cols: dict[str, list] = {"id": list(range(rows)), "prompt": prompts}
+    model: dict[str, Any] = {"path": str(model_dir), "dtype": "float32", "tensor_parallel": tp, "max_num_seqs": 4}
+    source: dict[str, Any] = {"path": str(inp), "id_column": "id", "prompt_column": "prompt"}
+    if adapters:
+        names = [None, *adapters]
+        cols["client"] = [names[i % len(names)] for i in range(rows)]
+        model["adapters"] = {k: str(v) for k, v in adapters.items()}
+        source["adapter_column"] = "client"
+    pq.write_table(pa.table(cols), inp / "part-0.parquet", row_group_size=shard_rows)
     spec = JobSpec.model_validate({
         "name": "tp-test",
-        "model": {"path": str(model_dir), "dtype": "float32", "tensor_parallel": tp, "max_num_seqs": 4},
-        "input": {"path": str(inp), "id_column": "id", "prompt_column": "prompt"},
+        "model": model,
+        "input": source,
         "sampling": {"max_tokens": max_tokens},
         "output": {"path": str(tmp / f"out-tp{tp}-{uuid.uuid4().hex[:6]}")},
         "execution": {"replicas": 1, "shard_rows": shard_rows, "heartbeat_s": 1, "lease_timeout_s": 60},
@@ -194,6 +202,30 @@ def test_run_job_with_tensor_parallel_2_writes_the_same_completions_as_tp1(local
     got = _written(spec)
     assert [r["id"] for r in got] == list(range(12))
     assert got == _reference(spec, plan_shards(spec.input, spec.execution.shard_rows))
+
+
+def test_run_job_with_tensor_parallel_2_and_adapters_writes_what_one_rank_writes(local_ray, model_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    """Rows on two unmerged adapters and on the base, in a TP=2 job: each rank holds its slices of
+    the adapters, and the rows equal a one-process engine's; the adapters change the answers."""
+    from batchgen.checkpoint import load_args
+    from batchgen.lora import save_adapter
+    from batchgen.pipeline.driver import run_job
+
+    args = load_args(model_dir)
+    adapters = {"a": save_adapter(random_adapter(args, 8, ("wq", "wk", "wv", "wo", "w1", "w3", "w2"), 1), args,
+                                  tmp_path / "a"),
+                "b": save_adapter(random_adapter(args, 4, ("wq", "wv"), 2), args, tmp_path / "b")}
+    spec = _job(tmp_path, model_dir, rows=12, adapters=adapters)
+    summary = run_job(spec, progress_every_s=60)
+    assert (summary["rows"], summary["rows_error"], summary["shards_committed"]) == (12, 0, 2)
+    got = _written(spec)
+    assert [r["id"] for r in got] == list(range(12))
+    assert got == _reference(spec, plan_shards(spec.input, spec.execution.shard_rows))
+    base = _job(tmp_path / "base", model_dir, rows=12, tp=1)
+    plain = {r["id"]: r["completion"] for r in _reference(base, plan_shards(base.input, base.execution.shard_rows))}
+    assert any(r["completion"] != plain[r["id"]] for r in got if r["id"] % 3)  # rows on an adapter
+    assert all(r["completion"] == plain[r["id"]] for r in got if r["id"] % 3 == 0)  # base rows
 
 
 def test_run_job_replaces_a_tp_replica_whose_follower_dies(local_ray, model_dir: Path, tmp_path: Path,

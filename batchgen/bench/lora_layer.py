@@ -3,7 +3,7 @@
 Not a timed test: a measurement for bench/NOTES.md. One decoder layer of the bench model (dim 768,
 12 heads, FFN 2048, fp32): the base matmuls as the model runs them (q|k|v and w1|w3 fused, then wo
 and w2) against the LoRA updates of all seven projections for rows spread over 4 adapters of
-rank 16 (plus some base rows), in each :func:`batchgen.lora.lora_forward` form, the adapters
+rank 16 (plus some base rows), in each :func:`batchgen.engine.adapters.lora_forward` form, the adapters
 stacked with the same fusion; each update is added into a stand-in of its base output.
 
 Measured 2026-12-06 on the shared 2-core dev box while other jobs ran (load average 9-23, so
@@ -37,12 +37,13 @@ from typing import Callable
 
 import torch
 
-from batchgen.lora import LoraAdapter, LoraStack, LoraWeights, lora_forward, lora_rows
+from batchgen.engine.adapters import LoraStack, lora_forward, lora_rows
+from batchgen.lora import LoraAdapter, LoraWeights
 from batchgen.model import ModelArgs, linear
 
 BENCH_ARGS = ModelArgs(dim=768, n_layers=1, n_heads=12, hidden_dim=2048, vocab_size=32000)
 FUSE = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}  # as the model runs them
-METHODS = ("grouped", "masked", "gathered")
+METHODS = ("segments", "grouped", "masked", "gathered")
 
 
 def _adapter(name: str, args: ModelArgs, r: int, seed: int) -> LoraAdapter:
@@ -68,6 +69,8 @@ def measure(rows: int, n_adapters: int = 4, rank: int = 16, reps: int = 20, base
     stack = LoraStack([_adapter(f"a{i}", args, rank, i) for i in range(n_adapters)], args, fuse=FUSE)
     index = torch.randint(0, n_adapters, (rows,), generator=g)
     index[torch.rand(rows, generator=g) < base_share] = -1
+    index = index.sort().values  # the engine packs a step's rows by adapter
+    host = index.tolist()
     inputs = {"wqkv": x, "wo": x, "w13": x, "w2": h}
     # The engine adds each update into its base matmul's output: stand-ins of those outputs.
     outs = {"wqkv": torch.zeros(rows, 3 * d), "wo": torch.zeros(rows, d), "w13": torch.zeros(rows, 2 * f),
@@ -78,7 +81,7 @@ def measure(rows: int, n_adapters: int = 4, rank: int = 16, reps: int = 20, base
 
     def lora(method: str) -> Callable[[], None]:
         def run() -> None:
-            r = lora_rows(index, n_adapters)  # once per step in the engine; counted per layer here
+            r = lora_rows(index, n_adapters, host)  # once per step in the engine; counted per layer here
             for p, xin in inputs.items():
                 lora_forward(xin, p, 0, r, stack, method=method, out=outs[p])  # type: ignore[arg-type]
         return run

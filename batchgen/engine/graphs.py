@@ -19,7 +19,7 @@ would pass ``max_gather_bytes`` per layer (long contexts at big batches, where a
 the launches) run eagerly.
 
 Steps with rows on an unmerged LoRA adapter also run eagerly (``ModelRunner.run``): the graphs hold
-the base model only. The grouped update that the eager path uses (``batchgen.lora.lora_forward``)
+the base model only. The segments update that the eager path uses (``engine.adapters.lora_forward``)
 has shapes that depend on which adapters a step holds, so it cannot be captured; the masked form
 could be (its shapes depend on the row count alone) but does every adapter's work for every row, N
 times the flops, and would need graphs per adapter set. Decode steps of base-only rows, and jobs
