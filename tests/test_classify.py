@@ -119,7 +119,8 @@ def test_per_row_choices_mixed_with_generation_under_preemption(llm: LLM, hf) ->
             ans = task.answer(p)
             rows.append(SamplingParams(choices=[ans, ans[::-1] + " 1", "sun cat frog dog"][: 2 + i % 2],
                                        normalize="tokens" if i % 2 else "none"))
-    # A KV cache this small preempts: children lose their blocks and are prefilled again.
+    # A KV cache this small preempts generation rows, and some forks find no free block: those
+    # children wait in the queue and prefill their prompt again.
     small = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4, num_kv_blocks=14, max_num_seqs=8)
     outs = small.generate(ps, rows)
     assert small.scheduler.num_preemptions > 0
@@ -131,6 +132,56 @@ def test_per_row_choices_mixed_with_generation_under_preemption(llm: LLM, hf) ->
         else:
             check(o, reference_scores(hf, llm.tokenizer, p, r.choices, r.normalize), r.choices)
     assert small.blocks.num_free == small.blocks.num_blocks and not any(small.blocks.refs)
+
+
+def test_every_choice_of_a_row_is_scored_in_one_step_after_the_prefill(llm: LLM, hf) -> None:
+    """However long the choices, a row costs its prefill plus one step: each child's choice
+    tokens are prefilled together against the forked prompt KV, not fed one per decode step."""
+    choices = ["1 2 3 4 5 6 7", "7 6 5 4 3 2 1", "sun cat frog dog", "9"]
+    ps = prompts(3, seed=5)
+    e = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4, num_kv_blocks=200,
+            prefix_caching=False)
+    seen = count_tokens(e)
+    outs = e.generate(ps, SamplingParams(choices=choices))
+    lens = [len(llm.tokenizer.encode(c, bos=False)) for c in choices]
+    assert max(lens) >= 7
+    assert seen == [sum(len(llm.tokenizer.encode(p, bos=True)) for p in ps), len(ps) * sum(n - 1 for n in lens)]
+    for p, o in zip(ps, outs):
+        check(o, reference_scores(hf, llm.tokenizer, p, choices), choices)
+
+
+def test_forks_that_find_no_free_block_wait_and_score_the_same(llm: LLM, hf) -> None:
+    p = "sort: 5 1 3 ="
+    choices = ["1 3 5", "5 3 1 1 1 1 1"]
+    n = len(llm.tokenizer.encode(p, bos=True))
+    longest = max(len(llm.tokenizer.encode(c, bos=False)) for c in choices)
+    # Room for the prompt and its longest choice, not for the prompt and both forks at once.
+    e = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4,
+            num_kv_blocks=-(-(n + longest - 1) // 4), prefix_caching=False)
+    seen = count_tokens(e)
+    [o] = e.generate([p], SamplingParams(choices=choices))
+    check(o, reference_scores(hf, llm.tokenizer, p, choices), choices)
+    assert len(seen) == 3 and seen[0] == n  # the prefill, one child forked, one recomputed from scratch
+    assert e.blocks.num_free == e.blocks.num_blocks and not any(e.blocks.refs)
+
+
+def test_multi_token_choices_run_with_the_rows_adapter(model_dir: Path) -> None:
+    """Every choice token is scored with the row's unmerged adapter (the forked children too):
+    the scores equal those of the same adapter merged into the weights."""
+    desc = model_dir.parent / "adapters" / "desc"
+    ps = [p for p in prompts(40, seed=6) if task.kind_of(p) == "sort"][:6]
+    rows = []
+    for p in ps:
+        asc = task.answer(p)
+        rows.append([asc, " ".join(reversed(asc.split()))])
+    unmerged = LLM(model_dir, dtype="float32", device="cpu", adapters={"desc": desc})
+    merged = LLM(model_dir, dtype="float32", device="cpu", adapters={"desc": desc}, merge_adapter=True)
+    a = unmerged.generate(ps, [SamplingParams(choices=c, adapter="desc") for c in rows])
+    b = merged.generate(ps, [SamplingParams(choices=c) for c in rows])
+    base = unmerged.generate(ps, [SamplingParams(choices=c) for c in rows])
+    for c, x, y, z in zip(rows, a, b, base):
+        assert x.label_logprobs == pytest.approx(y.label_logprobs, abs=1e-4)
+        assert x.label == c[1] and z.label == c[0]  # the adapter sorts descending, the base ascending
 
 
 def test_labels_on_the_demo_task(llm: LLM) -> None:
@@ -168,7 +219,7 @@ def test_abort_drops_a_forked_row_and_its_children(llm: LLM) -> None:
     rid = e.add_request("12+4=", SamplingParams(choices=["57 1 2 3", "58 9 9"]))
     assert len(e.tokenizer.encode("12+4=", bos=True)) % 4  # a partial last block: copied per child
     e.step()  # the prefill: the row forks into its children
-    assert len(e.scheduler.running) == 2 and len(e.blocks.pending_copies) == 2
+    assert len(e.scheduler.ready) == 2 and len(e.blocks.pending_copies) == 2
     e.abort([rid])
     assert not e.has_unfinished()
     assert e.blocks.num_free == e.blocks.num_blocks and not any(e.blocks.refs)

@@ -3,13 +3,16 @@
 A classification request (``SamplingParams.choices``) is prefilled like any other. Its
 last-position logits give every choice's first-token log-probability; when every choice is one
 token that is the whole answer and the request finishes in that same step. Otherwise the request
-*forks*: one child per multi-token choice, each starting from the prompt's KV blocks (the full
-blocks shared, the partial last block copied: ``BlockManager.fork``), fed its choice's tokens as
-decode rows (teacher forcing: the next token is the choice's, not a sampled one) while the
-log-probability of each is collected. The prompt is never run again, except when a child is
-preempted (its blocks go; a later prefill recomputes its prompt and choice prefix, and the
-log-probabilities after it stay the same). The parent's reference to its blocks goes at the fork;
-the shared blocks themselves are freed when the last child holding them finishes.
+*forks*: one child per multi-token choice, holding the prompt and the choice's tokens but its
+last. A child starts from the prompt's KV blocks (the full blocks shared, the partial last block
+copied: ``BlockManager.fork``) and is prefilled in the next step like a request that continues a
+cached prefix: its choice tokens in one go, with the logits at every one of them
+(``Request.num_logit_rows``), which score the choice's later tokens. So a row costs its prompt's
+prefill plus one more step for all its choices, however long they are, and the prompt is never
+run again. A child that finds no free block for its fork waits in the queue like a new request
+and prefills its prompt too (from the prefix cache where the prompt's blocks are still there).
+The parent's reference to its blocks goes at the fork; the shared blocks themselves are freed
+when the last child holding them finishes.
 
 See ``batchgen.engine.scoring`` for the definition of a choice's log-probability.
 """
@@ -47,7 +50,7 @@ class ChoiceRun:
 
 @dataclass(eq=False)
 class ChoiceChild:
-    """One multi-token choice being teacher-forced against its parent's prompt KV."""
+    """One multi-token choice, scored against its parent's prompt KV in one prefill."""
 
     parent: Request
     run: ChoiceRun
@@ -65,29 +68,29 @@ def first_token_logprobs(run: ChoiceRun, logits: torch.Tensor) -> None:
 
 
 def make_children(parent: Request, run: ChoiceRun, max_model_len: int, device: torch.device) -> list[Request]:
-    """The child requests of ``parent``'s multi-token choices: each continues the prompt with the
-    choice's first token, and will be fed the rest (see :func:`child_step`)."""
+    """The child requests of ``parent``'s multi-token choices: each is the prompt followed by the
+    choice's tokens but the last, and needs the logits at each of those tokens (see
+    :func:`child_scores`)."""
     kids = []
     for j, ids in enumerate(run.choice_ids):
         if len(ids) < 2:
             continue
-        child = Request(f"{parent.request_id}\x00choice{j}", parent.prompt_token_ids + [ids[0]],
-                        SamplingParams(max_tokens=len(ids) - 1), max_model_len, device, parent.adapter_id)
+        child = Request(f"{parent.request_id}\x00choice{j}", parent.prompt_token_ids + ids[:-1],
+                        SamplingParams(max_tokens=1), max_model_len, device, parent.adapter_id, parent.lora_slot)
+        child.num_logit_rows = len(ids) - 1
         child.scoring = ChoiceChild(parent, run, j)
         kids.append(child)
     return kids
 
 
-def child_step(child: Request, logits: torch.Tensor) -> bool:
-    """Add the log-probability of the child's next choice token (after ``logits``) and feed that
-    token; True when the choice is fully scored."""
+def child_scores(child: Request, logits: torch.Tensor) -> None:
+    """Add the log-probabilities of the child's choice tokens after its first; ``logits``
+    [len(choice) - 1, vocab] are those at the choice's tokens but the last, in order."""
     sc: ChoiceChild = child.scoring
-    ids = sc.run.choice_ids[sc.index]
-    k = len(child) - len(sc.parent.prompt_token_ids)  # choice tokens already in the child
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    sc.run.sums[sc.index] += float(lp[ids[k]].double())
-    child.token_ids.append(ids[k])
-    return k + 1 == len(ids)
+    later = sc.run.choice_ids[sc.index][1:]
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [k - 1, vocab]
+    picked = lp[torch.arange(len(later), device=lp.device), torch.tensor(later, device=lp.device)]
+    sc.run.sums[sc.index] += float(picked.double().sum())
 
 
 def longest_choice(run: Optional[ChoiceRun]) -> int:

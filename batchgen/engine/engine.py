@@ -258,7 +258,7 @@ class LLM:
         blocks (a shard given up while others keep running)."""
         drop = set(request_ids)
         # A classification row's children (its multi-token choices) go with it.
-        drop |= {r.request_id for r in self.scheduler.running + list(self.scheduler.waiting)
+        drop |= {r.request_id for r in self.scheduler.holding + list(self.scheduler.waiting)
                  if isinstance(r.scoring, ChoiceChild) and r.scoring.parent.request_id in drop}
         self.scheduler.abort(drop)
         if not self.scheduler.has_unfinished():
@@ -290,17 +290,19 @@ class LLM:
     def step(self) -> list[CompletionOutput]:
         """Run one scheduled step; return the requests that finished (in any order)."""
         decode, prefill = self.scheduler.schedule()
+        if self.lora is not None:  # each adapter's decode rows side by side: few runs to update
+            decode.sort(key=lambda r: r.lora_slot)
         reqs = decode + prefill
         if reqs:
             # Block copies of forked classification rows first; else keep the blocks in use
             # packed at the low ids (decode attention reads up to the top one).
             copies = self.blocks.take_copies()
-            moves = copies or self.blocks.compact(self.scheduler.running)
+            moves = copies or self.blocks.compact(self.scheduler.holding)
             tokens, logprobs = self.runner.run(decode, prefill, moves)
             self.blocks.copies_done(copies)
             for i, (req, tok) in enumerate(zip(reqs, tokens)):
                 if req.scoring is not None:
-                    self._score(req, self.runner.last_logits[i])
+                    self._score(req, self.runner.logits_of(i))
                     continue
                 req.token_ids.append(tok)
                 if req.params.logprobs and logprobs is not None:
@@ -312,25 +314,24 @@ class LLM:
     def _score(self, req: Request, logits: torch.Tensor) -> None:
         """A classification row's step: its prefill (score first tokens, fork) or a child's forced token."""
         if isinstance(req.scoring, ChoiceChild):
-            if classify.child_step(req, logits):
-                self.scheduler.finish(req)
-                run = req.scoring.run
-                run.pending -= 1
-                if run.pending == 0:
-                    self._finish_parent(req.scoring.parent)
+            classify.child_scores(req, logits)
+            self.scheduler.finish(req)
+            run = req.scoring.run
+            run.pending -= 1
+            if run.pending == 0:
+                self._finish_parent(req.scoring.parent)
             return
         run: ChoiceRun = req.scoring
-        classify.first_token_logprobs(run, logits)
+        classify.first_token_logprobs(run, logits[-1])
         kids = classify.make_children(req, run, self.max_model_len, self.device)
         run.pending = len(kids)
         for child in kids:
-            table = self.blocks.fork(req, req.num_cached)
-            if table is None:  # no block for the copy: the child prefills from scratch later
+            table = self.blocks.fork(req, req.num_cached, len(child))
+            if table is None:  # no free blocks: the child waits and prefills its prompt too
                 self.scheduler.add(child)
                 continue
             child.block_table, child.num_cached = table, req.num_cached
-            child.status = Status.RUNNING
-            self.scheduler.running.append(child)
+            self.scheduler.add_ready(child)
         self.scheduler.finish(req)  # the parent's own hold on its blocks; children keep theirs
         if not kids:
             self._finish_parent(req)

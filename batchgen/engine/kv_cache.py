@@ -207,12 +207,13 @@ class BlockManager:
         return hashes
 
     def lookup(self, req: Request) -> list[int]:
-        """The longest run of cached blocks that starts ``req``'s sequence. The last token is
-        never covered: its logits are needed, so at least it is computed."""
+        """The longest run of cached blocks that starts ``req``'s sequence. The last
+        ``req.num_logit_rows`` tokens (at least the last one) are never covered: their logits
+        are needed, so they are computed."""
         if not self.prefix_caching:
             return []
         hits = []
-        for h in self._hashes(req, (len(req) - 1) // self.block_size):
+        for h in self._hashes(req, max(len(req) - req.num_logit_rows, 0) // self.block_size):
             b = self.cached.get(h)
             if b is None:
                 break
@@ -286,16 +287,18 @@ class BlockManager:
         req.block_table = []
         req.num_cached = 0
 
-    def fork(self, source: Request, num_tokens: int) -> Optional[list[int]]:
+    def fork(self, source: Request, num_tokens: int, total_tokens: Optional[int] = None) -> Optional[list[int]]:
         """A block table for a new sequence that continues ``source``'s first ``num_tokens`` cached
-        tokens (a classification child): ``source``'s full blocks are shared (:meth:`share`;
-        read-only: the new sequence writes only past them), its partial last block is copied into
-        a new block (queued in ``pending_copies``, made by the next step before it writes
-        anything). None when no block can be taken for the copy. The table is given back like any
-        other, with :meth:`release` or :meth:`release_blocks`.
+        tokens (a classification child) up to ``total_tokens`` (default ``num_tokens``):
+        ``source``'s full blocks are shared (:meth:`share`; read-only: the new sequence writes
+        only past them), its partial last block is copied into a new block (queued in
+        ``pending_copies``, made by the next step before it writes anything), and new blocks
+        hold the rest. None when there are not enough free blocks. The table is given back like
+        any other, with :meth:`release` or :meth:`release_blocks`.
         """
         full, rem = divmod(num_tokens, self.block_size)
-        if rem and not self.num_free:
+        extra = self.blocks_needed(max(total_tokens or 0, num_tokens)) - full  # copy + new blocks
+        if extra > self.num_free:
             return None
         table = list(source.block_table[:full])
         self.share(table)
@@ -305,6 +308,7 @@ class BlockManager:
             dst = self._take()
             self.pending_copies.append((src, dst))
             table.append(dst)
+        table.extend(self._take() for _ in range(extra - bool(rem)))
         return table
 
     def take_copies(self) -> list[tuple[int, int]]:

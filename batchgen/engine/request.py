@@ -129,6 +129,9 @@ class Request:
         self.generator: Optional[torch.Generator] = None
         self.constraint_state: Any = None  # a ConstraintState for a constrained row
         self.scoring: Any = None  # classification: a ChoiceRun (parent) or ChoiceChild (engine/classify.py)
+        # The last positions whose logits a prefill must return: 1 (the next token's), or one per
+        # choice token a classification child scores (never read from the prefix cache).
+        self.num_logit_rows = 1
         if not params.greedy:
             self.generator = torch.Generator(device=device)
             if params.seed is None:

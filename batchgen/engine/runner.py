@@ -3,31 +3,33 @@
 A step packs the last token of every decoding request first (the rest of their context is read
 from the paged cache), then every uncached token of the requests being prefilled: those with
 nothing cached first, then those that continue a cached prefix (``req.num_cached`` tokens
-shared through the block manager's prefix index).
+shared through the block manager's prefix index, or a classification child's forked prompt).
+Logits are computed for each request's last token only, or for its last ``num_logit_rows``
+tokens (a classification child scores each of its choice tokens).
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
 
-from batchgen.engine.adapters import step_lora
+from batchgen.engine.adapters import LoraStack, step_lora
 from batchgen.engine.attention import AttentionMetadata, PagedAttention
 from batchgen.engine.flex import FlexBackend
 from batchgen.engine.graphs import DecodeGraphs
 from batchgen.engine.kv_cache import BlockManager, KVCache
 from batchgen.engine.request import Request
 from batchgen.engine.sampler import sample
-from batchgen.lora import LoraStack
 from batchgen.model import Transformer
 
 
 def prefill_order(prefill: list[Request]) -> list[int]:
     """The order a step packs its prefilled sequences in: those with nothing cached first (one
-    causal SDPA over their new tokens), then those continuing a cached prefix."""
-    return ([i for i, r in enumerate(prefill) if r.num_cached == 0]
-            + [i for i, r in enumerate(prefill) if r.num_cached > 0])
+    causal SDPA over their new tokens), then those continuing a cached prefix; within each, by
+    LoRA slot, so that each adapter's tokens are one run (``engine.adapters``)."""
+    return sorted(range(len(prefill)), key=lambda i: (prefill[i].num_cached > 0, prefill[i].lora_slot))
 
 
 class ModelRunner:
@@ -43,7 +45,9 @@ class ModelRunner:
         self.block_size = blocks.block_size
         self.device = device
         self.graphs = graphs  # small decode-only steps replay from these (see engine/graphs.py)
-        self.last_logits: Optional[torch.Tensor] = None  # [B, vocab] of the last step (classification reads them)
+        # The last step's logits rows and each request's span of them (classification reads them).
+        self.step_logits: Optional[torch.Tensor] = None  # [rows, vocab]
+        self.spans: list[tuple[int, int]] = []
         self.flex = flex  # attention on FlexAttention instead of PagedAttention (engine/flex.py)
 
     def _to(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
@@ -60,17 +64,23 @@ class ModelRunner:
         return ([req.token_ids[-1] for req in decode], positions,
                 [self._slot(req, p) for req, p in zip(decode, positions)])
 
+    def logits_of(self, i: int) -> torch.Tensor:
+        """[n, vocab]: the last step's logits of its ``i``-th request (decode first), one row per
+        position it asked for (``num_logit_rows``), its last token's last."""
+        start, end = self.spans[i]
+        return self.step_logits[start:end]
+
     def prepare(self, decode: list[Request], prefill: list[Request], moves: list[tuple[int, int]]
-                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Token ids, positions, attention metadata and the row of each request's last token.
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[list[int]]]:
+        """Token ids, positions, attention metadata and, per request, the token rows whose logits
+        it needs (its last token's; a classification child's last ``num_logit_rows``).
 
         ``moves`` are the block copies (src, dst) of a compaction, made before the step runs.
         """
         ids, positions, slots = self._decode_inputs(decode)
-        last = [0] * (len(decode) + len(prefill))
-        last[:len(decode)] = range(len(decode))
+        rows: list[list[int]] = [[i] for i in range(len(decode))] + [[] for _ in prefill]
         # Sequences that start at 0 first (one causal SDPA over their new tokens), then those
-        # that continue a cached prefix (they also read it from the cache); ``last`` keeps
+        # that continue a cached prefix (they also read it from the cache); ``rows`` keeps
         # request order.
         order = prefill_order(prefill)
         cu, ctx_cu, ctx_starts, ctx_tables = [0], [0], [], []
@@ -86,7 +96,8 @@ class ModelRunner:
                 ctx_cu.append(ctx_cu[-1] + n - start)
                 ctx_starts.append(start)
                 ctx_tables.append(req.block_table)
-            last[len(decode) + i] = len(ids) - 1
+            m = min(req.num_logit_rows, n - start)
+            rows[len(decode) + i] = list(range(len(ids) - m, len(ids)))
 
         metadata = AttentionMetadata(is_prefill=bool(prefill), cu_seqlens=cu if prefill else [],
                                      slot_mapping=self._to(slots), num_decode=len(decode),
@@ -111,7 +122,7 @@ class ModelRunner:
             metadata.block_owner = self._to([max(o, 0) for o in owner])
             if shared:  # a cached prefix in several rows: in-place decode reads it once for all
                 metadata.decode_shared_blocks = self._to(list(shared))
-        return self._to(ids), self._to(positions), metadata, last
+        return self._to(ids), self._to(positions), metadata, rows
 
     @torch.inference_mode()
     def run(self, decode: list[Request], prefill: list[Request], moves: list[tuple[int, int]]
@@ -123,8 +134,9 @@ class ModelRunner:
         if (self.graphs is not None and decode and not prefill and not moves and not adapted
                 and self.graphs.fits(len(decode), max(len(req.block_table) for req in decode))):
             logits = self.graphs.run(*self._decode_inputs(decode), [req.block_table for req in decode])
+            spans = [(i, i + 1) for i in range(len(decode))]
         else:
-            ids, positions_t, metadata, last = self.prepare(decode, prefill, moves)
+            ids, positions_t, metadata, rows = self.prepare(decode, prefill, moves)
             order = prefill_order(prefill)  # how prepare packed the prefilled sequences
             if self.flex is None:
                 attn = PagedAttention(self.cache, metadata)
@@ -138,12 +150,17 @@ class ModelRunner:
                     slots.extend([prefill[i].lora_slot] * (len(prefill[i]) - prefill[i].num_cached))
                 lora = step_lora(self.lora, slots, self.device)
             hidden = self.model(ids, positions_t, attn, lora)  # [T, dim]
-            if len(last) != hidden.shape[0]:
-                hidden = hidden[self._to(last)]  # [B, dim]: only the last token of each sequence
-            logits = self.model.compute_logits(hidden)  # [B, vocab] fp32
+            flat = [r for rs in rows for r in rs]
+            if len(flat) != hidden.shape[0]:
+                hidden = hidden[self._to(flat)]  # [rows, dim]: only the tokens whose logits are needed
+            logits = self.model.compute_logits(hidden)  # [rows, vocab] fp32
+            ends = list(itertools.accumulate(len(rs) for rs in rows))
+            spans = [(e - len(rs), e) for e, rs in zip(ends, rows)]
         reqs = decode + prefill
         for req in reqs:
             req.num_cached = len(req)
             self.blocks.commit(req)  # its full blocks now hold K/V: index them for sharing
-        self.last_logits = logits
+        self.step_logits, self.spans = logits, spans
+        if len(spans) != logits.shape[0]:
+            logits = logits[self._to([end - 1 for _, end in spans])]  # [B, vocab]: each one's last token
         return sample(logits, reqs)

@@ -3,7 +3,8 @@
 Each step decodes one token for every running request and, in the same batch, prefills the
 prompts of waiting requests while a slot, KV blocks and the prefill token budget allow: the
 linear layers then run once over both, and a finished row's slot is refilled on the very next
-step. With prefix caching, a waiting request's cached prefix blocks are shared and only the
+step. Requests that already hold their blocks (a classification row's forked children,
+``add_ready``) are prefilled first, ahead of the queue. With prefix caching, a waiting request's cached prefix blocks are shared and only the
 rest of it is prefilled (and counted against the token budget). When a decode runs out of KV blocks, the youngest running request is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed later.
 """
@@ -24,6 +25,9 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Requests whose blocks are already allocated and whose uncached tokens the next step
+        # prefills (forked classification children): they need no admission, only a slot.
+        self.ready: deque[Request] = deque()
         self.num_preemptions = 0
         # Prompt (and recomputed) tokens admitted, and how many of them were prefilled rather
         # than read from the prefix cache.
@@ -37,8 +41,19 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
+    def add_ready(self, req: Request) -> None:
+        """Queue a request that already holds its blocks (``req.num_cached`` of its tokens in
+        them) for the next prefill slot."""
+        req.status = Status.WAITING
+        self.ready.append(req)
+
+    @property
+    def holding(self) -> list[Request]:
+        """Every request that holds KV blocks: the running ones and the ready ones."""
+        return self.running + list(self.ready)
+
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.ready)
 
     def schedule(self) -> tuple[list[Request], list[Request]]:
         """The next step: the running requests to decode, then the waiting ones to prefill."""
@@ -58,8 +73,15 @@ class Scheduler:
                 decode.append(req)
 
         prefill: list[Request] = []
+        # Ready requests hold their blocks already: only a slot is needed, and they finish in
+        # this step, so they go first and regardless of the token budget.
+        while self.ready and len(self.running) + len(prefill) < self.max_num_seqs:
+            req = self.ready.popleft()
+            req.status = Status.RUNNING
+            self.num_prefill_tokens_computed += len(req) - req.num_cached
+            prefill.append(req)
         # Right after a preemption the cache is full: admitting would only preempt again.
-        budget = 0 if preempted else self.max_num_batched_tokens
+        budget = 0 if preempted else self.max_num_batched_tokens - sum(len(r) - r.num_cached for r in prefill)
         pending: set[bytes] = set()
         while self.waiting and len(self.running) + len(prefill) < self.max_num_seqs:
             req = self.waiting[0]
@@ -107,12 +129,14 @@ class Scheduler:
 
     def abort(self, request_ids: Collection[str]) -> None:
         """Drop the waiting and running requests with these ids and free their blocks."""
-        for req in [r for r in self.running + list(self.waiting) if r.request_id in request_ids]:
+        for req in [r for r in self.holding + list(self.waiting) if r.request_id in request_ids]:
             self.finish(req)
         self.waiting = deque(r for r in self.waiting if r.request_id not in request_ids)
+        self.ready = deque(r for r in self.ready if r.request_id not in request_ids)
 
     def abort_all(self) -> None:
-        """Drop every waiting and running request and free their blocks."""
-        for req in self.running + list(self.waiting):
+        """Drop every waiting, ready and running request and free their blocks."""
+        for req in self.holding + list(self.waiting):
             self.finish(req)
         self.waiting.clear()
+        self.ready.clear()
