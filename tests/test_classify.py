@@ -219,7 +219,7 @@ def test_abort_drops_a_forked_row_and_its_children(llm: LLM) -> None:
     rid = e.add_request("12+4=", SamplingParams(choices=["57 1 2 3", "58 9 9"]))
     assert len(e.tokenizer.encode("12+4=", bos=True)) % 4  # a partial last block: copied per child
     e.step()  # the prefill: the row forks into its children
-    assert len(e.scheduler.ready) == 2 and len(e.blocks.pending_copies) == 2
+    assert len(e.scheduler.ready) == 1 and len(e.blocks.pending_copies) == 1  # one child: both choices
     e.abort([rid])
     assert not e.has_unfinished()
     assert e.blocks.num_free == e.blocks.num_blocks and not any(e.blocks.refs)
@@ -234,10 +234,11 @@ def test_bench_classify_quick_agrees_with_transformers() -> None:
     p = argparse.ArgumentParser()
     add_bench_args(p)
     report = run_tasks(p.parse_args(["--classify", "--quick", "--prompts", "4", "--hf-batch", "2"]))["classify"]
+    report = report["prompts_8_24"]
     for name in ("classify_multi_token", "classify_single_token"):
         assert report[name]["max_abs_diff_vs_hf"] < 1e-4
         assert report[name]["engine_rows_per_s"] > 0 and report[name]["hf_rows_per_s"] > 0
-    assert report["generate_4_tokens_rows_per_s"] > 0
+    assert report["generate_4_tokens_rows_per_s"] > 0 and report["generate_1_token_rows_per_s"] > 0
 
 
 def test_block_manager_shares_copies_and_compacts_shared_blocks() -> None:

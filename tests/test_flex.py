@@ -163,3 +163,21 @@ def test_the_attention_backend_option_is_checked() -> None:
     with pytest.raises(ValueError, match="attention_backend must be one of default, flex"):
         LLM(model=sharp_model(), device="cpu", attention_backend="paged")
     assert LLM(model=sharp_model(), device="cpu").runner.flex is None
+
+
+def test_flex_engine_scores_multi_token_choices_like_the_default_backend(model_dir) -> None:
+    """Flex masks know no branches: each multi-token choice gets a plain child of its own there,
+    and the scores equal the default backend's (which puts the choices side by side)."""
+    from batchgen.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    model = sharp_model(vocab_size=tok.vocab_size)
+    prompts = ["sort: 5 1 3 =", "12+4=", "reverse: cat dog ="]
+    params = SamplingParams(choices=["1 3 5", "16", "dog cat 7"])
+    want = LLM(model=model, tokenizer=tok, device="cpu", block_size=4, num_kv_blocks=BLOCKS,
+               max_num_seqs=ROWS).generate(prompts, params)
+    flex = LLM(model=model, tokenizer=tok, device="cpu", block_size=4, num_kv_blocks=BLOCKS, max_num_seqs=ROWS,
+               attention_backend="flex")
+    got = flex.generate(prompts, params)
+    for g, w in zip(got, want):
+        assert g.label == w.label and g.label_logprobs == pytest.approx(w.label_logprobs, abs=1e-4)

@@ -66,7 +66,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _job(tmp: Path, model_dir: Path, rows: int = 24, shard_rows: int = 6, max_tokens: int = 8,
-         tp: int = 2, adapters: Optional[dict[str, Path]] = None) -> JobSpec:
+         tp: int = 2, adapters: Optional[dict[str, Path]] = None, classify: Optional[dict] = None) -> JobSpec:
     """A job over one Parquet file of ``rows`` short text prompts (a fresh output dir); with
     ``adapters``, a ``client`` column spreads the rows over them and the base model."""
     inp = tmp / "in"
@@ -86,25 +86,25 @@ def _job(tmp: Path, model_dir: Path, rows: int = 24, shard_rows: int = 6, max_to
         "name": "tp-test",
         "model": model,
         "input": source,
-        "sampling": {"max_tokens": max_tokens},
+        **({"classify": classify} if classify else {"sampling": {"max_tokens": max_tokens}}),
         "output": {"path": str(tmp / f"out-tp{tp}-{uuid.uuid4().hex[:6]}")},
         "execution": {"replicas": 1, "shard_rows": shard_rows, "heartbeat_s": 1, "lease_timeout_s": 60},
     })
     return spec.with_resolved_paths()
 
 
-def _reference(spec: JobSpec, shards: list[Shard]) -> list[dict]:
+def _reference(spec: JobSpec, shards: list[Shard], columns: list[str] = RESULT_COLUMNS) -> list[dict]:
     """The rows a one-process (TP=1) engine writes for these shards, sorted by id."""
     one = JobSpec.model_validate({**spec.model_dump(mode="json"),
                                   "model": {**spec.model.model_dump(mode="json"), "tensor_parallel": 1}})
     worker = ShardWorker(one, build_llm(one, device="cpu"))
-    rows = [r for s in shards for r in worker.process(s)[0].select(RESULT_COLUMNS).to_pylist()]
+    rows = [r for s in shards for r in worker.process(s)[0].select(columns).to_pylist()]
     return sorted(rows, key=lambda r: r["id"])
 
 
-def _written(spec: JobSpec) -> list[dict]:
+def _written(spec: JobSpec, columns: list[str] = RESULT_COLUMNS) -> list[dict]:
     table = pq.ParquetDataset(Path(spec.output.path) / "shards").read()
-    return sorted(table.select(RESULT_COLUMNS).to_pylist(), key=lambda r: r["id"])
+    return sorted(table.select(columns).to_pylist(), key=lambda r: r["id"])
 
 
 def _drive(group: TPReplicaGroup, queue: Any, timeout_s: float = 150.0,
@@ -226,6 +226,23 @@ def test_run_job_with_tensor_parallel_2_and_adapters_writes_what_one_rank_writes
     plain = {r["id"]: r["completion"] for r in _reference(base, plan_shards(base.input, base.execution.shard_rows))}
     assert any(r["completion"] != plain[r["id"]] for r in got if r["id"] % 3)  # rows on an adapter
     assert all(r["completion"] == plain[r["id"]] for r in got if r["id"] % 3 == 0)  # base rows
+
+
+def test_tp2_classify_job_scores_what_one_rank_scores(local_ray, model_dir: Path, tmp_path: Path) -> None:
+    """Multi-token choices side by side after each prompt (one branched child per row) on two
+    ranks: the branch positions and masks travel in the step broadcast."""
+    from batchgen.pipeline.driver import run_job
+
+    spec = _job(tmp_path, model_dir, rows=12, classify={"choices": ["river", "castle robot", "a dragon said so"]})
+    summary = run_job(spec, progress_every_s=60)
+    assert (summary["rows"], summary["rows_error"]) == (12, 0)
+    cols = ["id", "label", "label_logprobs", "finish_reason", "error"]
+    got = _written(spec, cols)
+    want = _reference(spec, plan_shards(spec.input, spec.execution.shard_rows), cols)
+    assert [r["id"] for r in got] == list(range(12))
+    for g, w in zip(got, want):
+        assert (g["label"], g["finish_reason"], g["error"]) == (w["label"], "stop", None)
+        assert g["label_logprobs"] == pytest.approx(w["label_logprobs"], abs=1e-4)
 
 
 def test_run_job_replaces_a_tp_replica_whose_follower_dies(local_ray, model_dir: Path, tmp_path: Path,

@@ -1,11 +1,16 @@
 """``batchgen bench --classify`` and ``--masks``: classification and structured-output costs.
 
 ``--classify``: the same rows (random prompt ids on the bench model's random weights) three ways,
-rows/s each: the engine classifying them (``SamplingParams.choices``: one prefill per row, forked
-children for multi-token choices), the engine generating 4 greedy tokens for them (what a
+rows/s each: the engine classifying them (``SamplingParams.choices``: one prefill per row, then
+one more step for multi-token choices), the engine generating 4 greedy tokens for them (what a
 "generate a label and hope" job does), and transformers computing the same scores in batches of
-``--hf-batch`` rows (every prompt + choice sequence, right-padded, one forward per batch). It
-reports the largest difference between the engine's and transformers' scores as a check.
+``--hf-batch`` rows (every prompt + choice sequence, right-padded, one forward per batch); and,
+as the floor no answer can beat, generating one token (the prompts' prefill alone). It
+reports the largest difference between the engine's and transformers' scores as a check. Engine
+times are medians of ``--repeat`` runs; transformers runs once. Two
+prompt-length ranges: the bench workload's (32-96 tokens) and short rows (8-24 tokens, a tweet or
+a spam message). Every engine run starts with an empty prefix cache: the runs share the prompts,
+and a cache warmed by the previous run would make the later ones look faster.
 
 ``--masks``: the per-step cost of constrained-decoding masks (``batchgen.bench.masks``).
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -64,10 +70,14 @@ def hf_scores(hf: Any, prompts: list[list[int]], choice_ids: list[list[int]], ba
     return out
 
 
-def _timed(fn: Any) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - t0
+def _timed(fn: Any, repeat: int = 1) -> tuple[Any, float]:
+    """``fn()``'s result and its median wall time over ``repeat`` runs."""
+    times = []
+    for _ in range(max(repeat, 1)):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return result, statistics.median(times)
 
 
 def classify_bench(args: argparse.Namespace, tokenizer: Path) -> dict[str, Any]:
@@ -77,33 +87,44 @@ def classify_bench(args: argparse.Namespace, tokenizer: Path) -> dict[str, Any]:
     margs = dataclasses.replace(QUICK_ARGS if args.quick else BENCH_ARGS, vocab_size=tok.vocab_size)
     n = args.prompts or (16 if args.quick else 64)
     model = build_model(margs, args.seed, torch.device("cpu"), torch.float32)
-    wl = make_workload(n, tok.vocab_size, args.seed, (32, 96) if not args.quick else (8, 24),
-                       (4, 4))
-    prompts = [[1] + p[1:] for p in wl.prompts]
     llm = LLM(model=model, tokenizer=tok, device="cpu", max_num_seqs=64)
-    report: dict[str, Any] = {"model": "quick" if args.quick else "bench", "rows": n,
-                              "prompt_tokens": sum(map(len, prompts)), "torch_threads": torch.get_num_threads(),
-                              "load_avg_before": os.getloadavg()[0]}
-    llm.generate(prompts[:2], SamplingParams(max_tokens=2))  # warm-up
-    gen, t_gen = _timed(lambda: llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True)))
-    report["generate_4_tokens_rows_per_s"] = round(n / t_gen, 2)
-    for name, choices in (("multi_token", CHOICES_MULTI), ("single_token", CHOICES_SINGLE)):
-        outs, t = _timed(lambda: llm.generate(prompts, SamplingParams(choices=choices)))
-        ids = [tok.encode(c, bos=False) for c in choices]
-        entry: dict[str, Any] = {"choices": choices, "choice_tokens": [len(c) for c in ids],
-                                 "engine_rows_per_s": round(n / t, 2),
-                                 "vs_generate_4": round(t_gen / t, 2)}
-        if not args.skip_hf:
-            from batchgen.bench.systems import build_hf
+    hf = None
+    if not args.skip_hf:
+        from batchgen.bench.systems import build_hf
 
-            hf = build_hf(model, torch.device("cpu"), torch.float32)
-            ref, t_hf = _timed(lambda: hf_scores(hf, prompts, ids, args.hf_batch))
-            entry["hf_rows_per_s"] = round(n / t_hf, 2)
-            entry["max_abs_diff_vs_hf"] = max(abs(a - b) for o, r in zip(outs, ref)
-                                              for a, b in zip(o.label_logprobs, r))
-        report[f"classify_{name}"] = entry
+        hf = build_hf(model, torch.device("cpu"), torch.float32)
+    report: dict[str, Any] = {"model": "quick" if args.quick else "bench", "rows": n,
+                              "torch_threads": torch.get_num_threads(), "load_avg_before": os.getloadavg()[0]}
+    llm.generate([[1, 5, 6, 7]] * 2, SamplingParams(max_tokens=2))  # warm-up
+
+    def cold(params: SamplingParams, prompts: list[list[int]]) -> Any:
+        llm.blocks.clear_prefix_cache()
+        return llm.generate(prompts, params)
+
+    for span in ((8, 24),) if args.quick else ((32, 96), (8, 24)):
+        wl = make_workload(n, tok.vocab_size, args.seed, span, (4, 4))
+        prompts = [[1] + p[1:] for p in wl.prompts]
+        part: dict[str, Any] = {"prompt_tokens": sum(map(len, prompts))}
+        gen, t_gen = _timed(lambda: cold(SamplingParams(max_tokens=4, ignore_eos=True), prompts), args.repeat)
+        assert all(o.ok for o in gen)
+        part["generate_4_tokens_rows_per_s"] = round(n / t_gen, 2)
+        # The floor of any answer: the prompt's prefill and one token (what single-token choices cost).
+        _, t_one = _timed(lambda: cold(SamplingParams(max_tokens=1), prompts), args.repeat)
+        part["generate_1_token_rows_per_s"] = round(n / t_one, 2)
+        for name, choices in (("multi_token", CHOICES_MULTI), ("single_token", CHOICES_SINGLE)):
+            outs, t = _timed(lambda: cold(SamplingParams(choices=choices), prompts), args.repeat)
+            ids = [tok.encode(c, bos=False) for c in choices]
+            entry: dict[str, Any] = {"choices": choices, "choice_tokens": [len(c) for c in ids],
+                                     "engine_rows_per_s": round(n / t, 2),
+                                     "vs_generate_4": round(t_gen / t, 2)}
+            if hf is not None:
+                ref, t_hf = _timed(lambda: hf_scores(hf, prompts, ids, args.hf_batch))
+                entry["hf_rows_per_s"] = round(n / t_hf, 2)
+                entry["max_abs_diff_vs_hf"] = max(abs(a - b) for o, r in zip(outs, ref)
+                                                  for a, b in zip(o.label_logprobs, r))
+            part[f"classify_{name}"] = entry
+        report[f"prompts_{span[0]}_{span[1]}"] = part
     report["load_avg_after"] = os.getloadavg()[0]
-    assert all(o.ok for o in gen)
     return report
 
 

@@ -48,7 +48,10 @@ class AttentionMetadata:
     Prefill continuing a cached prefix: after the ``cu_seqlens`` sequences come the new tokens of
     sequences whose first ``ctx_starts[i]`` tokens are already in the cache; ``ctx_cu_seqlens``
     bounds them within that last part (it starts at 0) and ``ctx_block_tables`` [S, W] holds
-    their block tables (padded with 0).
+    their block tables (padded with 0). ``ctx_branch_starts``, when given, holds for each of
+    those new tokens the index in its sequence where its branch starts: the token sees the
+    cached prefix and its own branch up to itself, not the other branches (a classification
+    row's choices side by side, ``engine/classify.py``); a plain sequence's tokens give its start.
     """
 
     is_prefill: bool
@@ -63,6 +66,7 @@ class AttentionMetadata:
     ctx_starts: list[int] = field(default_factory=list)  # [S] cached tokens before each one's new ones
     ctx_block_tables: Optional[torch.Tensor] = None  # [S, W] their block tables
     decode_shared_blocks: Optional[torch.Tensor] = None  # [N] blocks in several decode rows (with block_owner)
+    ctx_branch_starts: Optional[list[int]] = None  # [ctx tokens] where each one's branch starts (see above)
 
 
 class PagedAttention:
@@ -140,7 +144,15 @@ class PagedAttention:
             # Query i of sequence s sits at position starts[s] + i and sees keys up to there.
             # Padding queries see key 0 at least, so their (unused) rows stay finite.
             limit = torch.tensor(starts, device=dev)[:, None] + torch.arange(Lq, device=dev)  # [S, Lq]
-            self.ctx_mask = (torch.arange(W * block_size, device=dev) <= limit[..., None]).unsqueeze(1)
+            keys = torch.arange(W * block_size, device=dev)
+            mask = keys <= limit[..., None]  # [S, Lq, W * block_size]
+            if metadata.ctx_branch_starts is not None:
+                # A branch token also skips the keys of the branches before its own.
+                lo = torch.tensor(starts, device=dev).repeat_interleave(Lq)  # padding queries: no branch
+                lo[self.ctx_pad_index] = torch.tensor(metadata.ctx_branch_starts, device=dev)
+                start = torch.tensor(starts, device=dev)[:, None, None]
+                mask &= (keys < start) | (keys >= lo.view(S, Lq, 1))
+            self.ctx_mask = mask.unsqueeze(1)
 
     def __call__(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = update_cache(self.cache, layer_id, self.moves, self.write, k, v)

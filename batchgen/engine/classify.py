@@ -3,13 +3,18 @@
 A classification request (``SamplingParams.choices``) is prefilled like any other. Its
 last-position logits give every choice's first-token log-probability; when every choice is one
 token that is the whole answer and the request finishes in that same step. Otherwise the request
-*forks*: one child per multi-token choice, holding the prompt and the choice's tokens but its
-last. A child starts from the prompt's KV blocks (the full blocks shared, the partial last block
-copied: ``BlockManager.fork``) and is prefilled in the next step like a request that continues a
-cached prefix: its choice tokens in one go, with the logits at every one of them
-(``Request.num_logit_rows``), which score the choice's later tokens. So a row costs its prompt's
-prefill plus one more step for all its choices, however long they are, and the prompt is never
-run again. A child that finds no free block for its fork waits in the queue like a new request
+*forks* one child that starts from the prompt's KV blocks (the full blocks shared, the partial
+last block copied: ``BlockManager.fork``) and holds every multi-token choice's tokens but its
+last side by side, as branches after the prompt. The next step prefills the child like a request
+continuing a cached prefix, with two twists: each branch's positions start right after the
+prompt, and each branch token sees the prompt and its own branch only
+(``AttentionMetadata.ctx_branch_starts``). The logits at every branch token
+(``Request.num_logit_rows``) score the choices' later tokens. So a row costs its prompt's prefill
+plus one step, whatever its choices, and the prompt is never run again.
+
+Where a branched child cannot be used (no free block for the fork, or the flex backend, whose
+masks know no branches) each multi-token choice gets a child of its own that is one plain
+sequence, the prompt then the choice's tokens but the last; without blocks it waits in the queue
 and prefills its prompt too (from the prefix cache where the prompt's blocks are still there).
 The parent's reference to its blocks goes at the fork; the shared blocks themselves are freed
 when the last child holding them finishes.
@@ -50,11 +55,12 @@ class ChoiceRun:
 
 @dataclass(eq=False)
 class ChoiceChild:
-    """One multi-token choice, scored against its parent's prompt KV in one prefill."""
+    """Multi-token choices being scored against their parent's prompt KV in one prefill:
+    ``parts`` lists ``(choice, first logits row)`` of each choice the child holds."""
 
     parent: Request
     run: ChoiceRun
-    index: int  # which choice
+    parts: list[tuple[int, int]]
 
     def fill(self, out: CompletionOutput) -> None:  # children never produce an output row
         return None
@@ -67,30 +73,48 @@ def first_token_logprobs(run: ChoiceRun, logits: torch.Tensor) -> None:
     run.sums = [float(x) for x in first]
 
 
-def make_children(parent: Request, run: ChoiceRun, max_model_len: int, device: torch.device) -> list[Request]:
-    """The child requests of ``parent``'s multi-token choices: each is the prompt followed by the
-    choice's tokens but the last, and needs the logits at each of those tokens (see
-    :func:`child_scores`)."""
-    kids = []
-    for j, ids in enumerate(run.choice_ids):
-        if len(ids) < 2:
-            continue
-        child = Request(f"{parent.request_id}\x00choice{j}", parent.prompt_token_ids + ids[:-1],
-                        SamplingParams(max_tokens=1), max_model_len, device, parent.adapter_id, parent.lora_slot)
-        child.num_logit_rows = len(ids) - 1
-        child.scoring = ChoiceChild(parent, run, j)
-        kids.append(child)
-    return kids
+def _child(parent: Request, run: ChoiceRun, tag: str, choices: list[int], max_model_len: int,
+           device: torch.device) -> Request:
+    prompt = parent.prompt_token_ids
+    tokens, parts = list(prompt), []
+    for j in choices:
+        parts.append((j, len(tokens) - len(prompt)))
+        tokens += run.choice_ids[j][:-1]
+    child = Request(f"{parent.request_id}\x00{tag}", tokens, SamplingParams(max_tokens=1), max_model_len, device,
+                    parent.adapter_id, parent.lora_slot)
+    child.num_logit_rows = len(tokens) - len(prompt)
+    child.scoring = ChoiceChild(parent, run, parts)
+    return child
+
+
+def branched_child(parent: Request, run: ChoiceRun, max_model_len: int, device: torch.device) -> Optional[Request]:
+    """One child holding every multi-token choice of ``parent`` as a branch after its prompt (None
+    when every choice is one token): prefill it only against the forked prompt KV."""
+    multi = [j for j, ids in enumerate(run.choice_ids) if len(ids) > 1]
+    if not multi:
+        return None
+    child = _child(parent, run, "choices", multi, max_model_len, device)
+    n = len(parent.prompt_token_ids)
+    child.branch_starts = [n + off for j, off in child.scoring.parts for _ in run.choice_ids[j][:-1]]
+    return child
+
+
+def plain_children(parent: Request, run: ChoiceRun, max_model_len: int, device: torch.device) -> list[Request]:
+    """One child per multi-token choice of ``parent``: the prompt followed by the choice's tokens
+    but the last, an ordinary sequence that can also be prefilled from scratch."""
+    return [_child(parent, run, f"choice{j}", [j], max_model_len, device)
+            for j, ids in enumerate(run.choice_ids) if len(ids) > 1]
 
 
 def child_scores(child: Request, logits: torch.Tensor) -> None:
-    """Add the log-probabilities of the child's choice tokens after its first; ``logits``
-    [len(choice) - 1, vocab] are those at the choice's tokens but the last, in order."""
+    """Add the log-probabilities of the child's choices' tokens after their first; ``logits``
+    [num_logit_rows, vocab] are those at the child's tokens past the prompt, in order."""
     sc: ChoiceChild = child.scoring
-    later = sc.run.choice_ids[sc.index][1:]
-    lp = torch.log_softmax(logits.float(), dim=-1)  # [k - 1, vocab]
-    picked = lp[torch.arange(len(later), device=lp.device), torch.tensor(later, device=lp.device)]
-    sc.run.sums[sc.index] += float(picked.double().sum())
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [rows, vocab]
+    for j, row in sc.parts:
+        later = sc.run.choice_ids[j][1:]
+        rows = torch.arange(row, row + len(later), device=lp.device)
+        sc.run.sums[j] += float(lp[rows, torch.tensor(later, device=lp.device)].double().sum())
 
 
 def longest_choice(run: Optional[ChoiceRun]) -> int:

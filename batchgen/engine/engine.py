@@ -323,15 +323,23 @@ class LLM:
             return
         run: ChoiceRun = req.scoring
         classify.first_token_logprobs(run, logits[-1])
-        kids = classify.make_children(req, run, self.max_model_len, self.device)
+        # One child with every multi-token choice as a branch, where the backend masks branches
+        # and a fork has the blocks; else a plain child per choice (see engine/classify.py).
+        child = classify.branched_child(req, run, self.max_model_len, self.device) if self.runner.flex is None else None
+        table = self.blocks.fork(req, req.num_cached, len(child)) if child is not None else None
+        if table is not None:
+            kids = [child]
+        else:
+            kids = classify.plain_children(req, run, self.max_model_len, self.device)
         run.pending = len(kids)
-        for child in kids:
-            table = self.blocks.fork(req, req.num_cached, len(child))
+        for kid in kids:
+            if kid is not child:
+                table = self.blocks.fork(req, req.num_cached, len(kid))
             if table is None:  # no free blocks: the child waits and prefills its prompt too
-                self.scheduler.add(child)
+                self.scheduler.add(kid)
                 continue
-            child.block_table, child.num_cached = table, req.num_cached
-            self.scheduler.add_ready(child)
+            kid.block_table, kid.num_cached = table, req.num_cached
+            self.scheduler.add_ready(kid)
         self.scheduler.finish(req)  # the parent's own hold on its blocks; children keep theirs
         if not kids:
             self._finish_parent(req)

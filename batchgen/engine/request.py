@@ -132,6 +132,10 @@ class Request:
         # The last positions whose logits a prefill must return: 1 (the next token's), or one per
         # choice token a classification child scores (never read from the prefix cache).
         self.num_logit_rows = 1
+        # A classification row's choices side by side after its prompt (``engine/classify.py``):
+        # for each token past the prompt, the index where its branch starts. Such a request is
+        # not one sequence: its blocks past the prompt are never indexed for sharing.
+        self.branch_starts: Optional[list[int]] = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
             if params.seed is None:

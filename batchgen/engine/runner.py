@@ -84,18 +84,26 @@ class ModelRunner:
         # request order.
         order = prefill_order(prefill)
         cu, ctx_cu, ctx_starts, ctx_tables = [0], [0], [], []
+        branch_starts: list[int] = []  # of the ctx tokens, when a request holds branches
+        branched = any(req.branch_starts is not None for req in prefill)
         for i in order:
             req = prefill[i]
             start, n = req.num_cached, len(req)
             ids.extend(req.token_ids[start:])
-            positions.extend(range(start, n))
             slots.extend(self._slot(req, p) for p in range(start, n))
+            if req.branch_starts is None:
+                positions.extend(range(start, n))
+            else:  # each branch continues the cached prompt: its first token sits right after it
+                assert req.branch_starts[0] == start, "a branched request prefills its branches only"
+                positions.extend(start + p - b for p, b in zip(range(start, n), req.branch_starts))
             if start == 0:
                 cu.append(cu[-1] + n)
             else:
                 ctx_cu.append(ctx_cu[-1] + n - start)
                 ctx_starts.append(start)
                 ctx_tables.append(req.block_table)
+                if branched:
+                    branch_starts.extend(req.branch_starts or [start] * (n - start))
             m = min(req.num_logit_rows, n - start)
             rows[len(decode) + i] = list(range(len(ids) - m, len(ids)))
 
@@ -105,6 +113,7 @@ class ModelRunner:
         if ctx_starts:
             width = max(len(t) for t in ctx_tables)
             metadata.ctx_cu_seqlens, metadata.ctx_starts = ctx_cu, ctx_starts
+            metadata.ctx_branch_starts = branch_starts if branched else None
             metadata.ctx_block_tables = self._to([t + [0] * (width - len(t)) for t in ctx_tables])
         if decode:
             width = max(len(req.block_table) for req in decode)
@@ -159,7 +168,8 @@ class ModelRunner:
         reqs = decode + prefill
         for req in reqs:
             req.num_cached = len(req)
-            self.blocks.commit(req)  # its full blocks now hold K/V: index them for sharing
+            if req.branch_starts is None:  # (branches are not a sequence another request could share)
+                self.blocks.commit(req)  # its full blocks now hold K/V: index them for sharing
         self.step_logits, self.spans = logits, spans
         if len(spans) != logits.shape[0]:
             logits = logits[self._to([end - 1 for _, end in spans])]  # [B, vocab]: each one's last token

@@ -68,7 +68,7 @@ from batchgen.engine.request import CompletionOutput
 from batchgen.model import Transformer
 from batchgen.tokenizer import Tokenizer, load_tokenizer
 
-HEADER_LEN = 128
+HEADER_LEN = 192
 _OP_STOP, _OP_STEP, _OP_NOOP = 0, 1, 2
 _KIND_NONE, _KIND_TENSOR, _KIND_INT, _KIND_BOOL, _KIND_INTS = range(5)
 _DESC = 8  # ints per item: kind, value/dtype, on_host, ndim, up to 4 dims
