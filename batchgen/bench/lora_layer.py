@@ -6,26 +6,20 @@ and w2) against the LoRA updates of all seven projections for rows spread over 4
 rank 16 (plus some base rows), in each :func:`batchgen.engine.adapters.lora_forward` form, the adapters
 stacked with the same fusion; each update is added into a stand-in of its base output.
 
-Measured 2026-12-06 on the shared 2-core dev box while other jobs ran (load average 9-23, so
-+-50 %; rerun on a quiet machine before quoting), min of N reps, ms per layer; LoRA columns
-show the extra time as a fraction of the base matmuls' time. The 1-thread rows predate ``out=``
-(each update returned as a new [T, out] tensor); the 2-thread rows add into the output:
+Rows are sorted by adapter, as the engine packs a step. Measured 2026-12-06 on the quiet 2-core
+AMD EPYC, 2 torch threads, min of 20 reps, ms per layer (share of the base matmuls' time):
 
-    rows   threads  base    grouped        masked         gathered
-    16     1        4.8     1.29 (27 %)    1.25 (26 %)    10.3 (215 %)
-    64     1        12.3    2.17 (18 %)    3.09 (25 %)    47.1 (383 %)
-    256    1        124     6.8  (5.5 %)   26.0 (21 %)    800  (644 %)
-    2048   1        522     101  (19 %)    142  (27 %)    4191 (803 %)
-    16     2        2.6     1.49 (57 %)    1.46 (55 %)    16.7 (632 %)
-    64     2        24.0    2.60 (11 %)    2.92 (12 %)    146  (609 %)
-    256    2        45.7    10.9 (24 %)    20.9 (46 %)    348  (760 %)
-    2048   2        438     252  (58 %)    213  (49 %)    3995 (912 %)
+    rows   base   segments      grouped       masked        gathered
+    16     2.44   0.84 (35 %)   0.91 (37 %)   0.95 (39 %)   3.09 (127 %)
+    64     5.52   1.07 (19 %)   1.46 (26 %)   1.85 (34 %)   23.9 (432 %)
+    256    17.7   2.02 (11 %)   2.82 (16 %)   5.72 (32 %)   155  (874 %)
+    2048   146    8.06 (5.5 %)  14.1 (9.7 %)  49.1 (34 %)   1303 (895 %)
 
-The gathered form copies every row's factors and loses by 2-9x everywhere: out. Grouped and
-masked are within this machine's noise of each other; grouped does the fewest flops (its share
-of the base flops is ~3-7 % here), masked has no host sync. Small steps are bound by per-op
-dispatch (~28 small ops a layer). These are matmuls only: a whole step (attention, norms,
-logits) adds time to the base and not to the updates.
+Segments (the engine's form) does the fewest flops and copies nothing; grouped copies each
+adapter's rows out and back and multiplies the fused projections' block-diagonal B whole; masked
+does every adapter's work for every row; gathered copies every row's factors. Small steps are
+bound by per-op dispatch. These are matmuls only: a whole step (attention, norms, logits) adds
+time to the base and not to the updates (bench/NOTES.md, "LoRA adapters").
 """
 
 from __future__ import annotations
