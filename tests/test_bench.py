@@ -23,7 +23,7 @@ from batchgen.bench import (QUICK_ARGS, Workload, compare_tokens, linear_flops_p
 from batchgen.bench.core import print_report as _print_report
 from batchgen.bench.gpu import single_stream_decode
 from batchgen import ops
-from batchgen.checkpoint import save_hf
+from batchgen.checkpoint_save import save_hf
 from batchgen.model import Transformer
 from reference import reference_greedy, sharp_model
 

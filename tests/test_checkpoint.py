@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from batchgen.checkpoint import CheckpointError, detect_layout, load_args, load_model, save_hf, save_meta
+from batchgen.checkpoint import CheckpointError, detect_layout, load_args, load_model
+from batchgen.checkpoint_save import save_hf, save_meta
 from batchgen.model import ModelArgs, Transformer, split_fused_weights
 
 COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from batchgen.checkpoint import save_hf
+from batchgen.checkpoint_save import save_hf
 from batchgen.model import ModelArgs, Transformer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from batchgen.checkpoint import load_args, load_model, save_meta
+from batchgen.checkpoint import load_args, load_model
+from batchgen.checkpoint_save import save_meta
 from batchgen.engine.adapters import LoraStack, lora_forward, lora_rows
 from batchgen.lora import AdapterError, LoraAdapter, LoraWeights, load_adapter, merge_into_state_dict
 from batchgen.lora import save_adapter as bg_save_adapter

@@ -123,7 +123,8 @@ def test_tp2_mixed_adapters_equal_peft(setup: dict[str, Any], references: dict) 
 def test_meta_layout_base_with_unmerged_adapters_matches_peft(setup: dict[str, Any], references: dict,
                                                               tmp_path: Path) -> None:
     """The same HF-trained adapters on the base saved in Meta's layout (q/k rows in Meta's order)."""
-    from batchgen.checkpoint import load_args, load_model, save_meta
+    from batchgen.checkpoint import load_args, load_model
+    from batchgen.checkpoint_save import save_meta
 
     base = setup["dir"] / "base"
     save_meta(load_model(base, dtype="float32", device="cpu").state_dict(), load_args(base), tmp_path / "meta")

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from batchgen.checkpoint import load_args, load_model, save_hf, save_meta
+from batchgen.checkpoint import load_args, load_model
+from batchgen.checkpoint_save import save_hf, save_meta
 from reference import model_greedy, reference_greedy
 
 transformers = pytest.importorskip("transformers", reason="transformers is needed for parity tests")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchgen.checkpoint import save_hf
+from batchgen.checkpoint_save import save_hf
 from batchgen.model import ModelArgs, Transformer, count_parameters
 from batchgen.plan import GB, PlanError, add_plan_args, format_plan, params_per_rank, plan_layout, run_plan
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from batchgen.checkpoint import save_hf, save_meta
+from batchgen.checkpoint_save import save_hf, save_meta
 from batchgen.engine import LLM, SamplingParams
 from batchgen.engine.tp import TPError, TPLeaderLLM, destroy_tp_group, follower_loop, init_tp_group
 from batchgen.model import ModelArgs, Transformer

@@ -23,7 +23,7 @@ import pytest
 import ray
 import torch
 
-from batchgen.checkpoint import save_hf
+from batchgen.checkpoint_save import save_hf
 from batchgen.engine import LLM, SamplingParams
 from batchgen.model import ModelArgs, Transformer
 from reference import random_adapter, sharp_model

@@ -78,7 +78,7 @@ class PipelineBench:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from batchgen.checkpoint import save_hf
+        from batchgen.checkpoint_save import save_hf
         from batchgen.tokenizer import Tokenizer
 
         self.model, self.wl, self.workdir, self.replicas = model, wl, workdir, replicas

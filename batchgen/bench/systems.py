@@ -20,7 +20,7 @@ def build_hf(model: Transformer, device: torch.device, dtype: torch.dtype) -> An
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from batchgen.checkpoint import save_hf
+    from batchgen.checkpoint_save import save_hf
 
     hf_logging.disable_progress_bar()  # a progress bar on stderr for a local file is noise
     with tempfile.TemporaryDirectory(prefix="batchgen-bench-") as tmp:

@@ -31,7 +31,7 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from batchgen.checkpoint import save_hf
+from batchgen.checkpoint_save import save_hf
 from batchgen.demo.task import KINDS, kind_of, make_examples, score
 from batchgen.model import ModelArgs, Transformer, count_parameters
 from batchgen.tokenizer import Tokenizer

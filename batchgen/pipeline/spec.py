@@ -19,7 +19,6 @@ This module imports neither ray nor pyarrow: the engine side may use :func:`row_
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import io
 import json
@@ -35,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from pydantic_core import PydanticCustomError
 
 from batchgen.limits import MAX_CONTEXT
+from batchgen.pipeline.spec_errors import field_errors, model_in, unknown_field_message
 from batchgen.pipeline.spec_tasks import LABEL_COLUMNS, ClassifySpec, check_constraint_fields, load_json_schema
 from batchgen.prompts import PRESETS, Preset, PromptError, check_no_marker, get_preset, parse_template
 
@@ -472,62 +472,9 @@ def spec_fingerprint(spec: JobSpec) -> str:
 
 # --------------------------------------------------------------------------------------- loading
 
-def _section_model(loc: Sequence[str]) -> type[BaseModel] | None:
-    """The pydantic model reached by following field names ``loc`` from :class:`JobSpec`."""
-    model: type[BaseModel] = JobSpec
-    for name in loc:
-        field = model.model_fields.get(name)
-        if field is None:
-            return None
-        found = _model_in(field.annotation)
-        if found is None:
-            return None
-        model = found
-    return model
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _unknown_field_message(model: type[BaseModel] | None, name: str) -> str:
-    if model is None:
-        return "unknown field"
-    allowed = list(model.model_fields)
-    close = difflib.get_close_matches(name, allowed, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown field; {hint}allowed: {', '.join(allowed)}"
-
-
-def _format_loc(loc: Sequence[Any]) -> str:
-    out = ""
-    for part in loc:
-        if part == "[key]":  # pydantic marks dict-key errors this way; the key itself is already there
-            continue
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def _convert(exc: ValidationError, source: str | None = None) -> SpecError:
     """Turn a pydantic ``ValidationError`` into a :class:`SpecError` with dotted field paths."""
-    errors: list[tuple[str, str]] = []
-    for err in exc.errors():
-        loc = list(err["loc"])
-        msg = err["msg"]
-        if err["type"] == "batchgen_field":
-            loc += err["ctx"]["batchgen_field"].split(".")
-        elif err["type"] == "extra_forbidden":
-            msg = _unknown_field_message(_section_model([str(p) for p in loc[:-1]]), str(loc[-1]))
-        elif err["type"] == "value_error":
-            msg = msg.removeprefix("Value error, ")
-        errors.append((_format_loc(loc), msg))
-    return SpecError(errors, source=source)
+    return SpecError(field_errors(exc, JobSpec), source=source)
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -548,9 +495,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         if model is None:  # inside a free-form dict: any key is fine, pydantic checks the values
             field_model = None
         elif part not in model.model_fields:
-            raise SpecError(prefix, f"{_unknown_field_message(model, part)} (in --set {assignment})")
+            raise SpecError(prefix, f"{unknown_field_message(model, part)} (in --set {assignment})")
         else:
-            field_model = _model_in(model.model_fields[part].annotation)
+            field_model = model_in(model.model_fields[part].annotation)
         if i == len(parts) - 1:
             try:
                 node[part] = yaml.safe_load(raw)
