@@ -17,7 +17,7 @@ import yaml
 
 from batchgen.demo import task
 from batchgen.pipeline.driver import run_job
-from batchgen.pipeline.spec import SpecError, load_spec, spec_fingerprint, validate_spec
+from batchgen.pipeline.spec import SpecError, spec_fingerprint, validate_spec
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is a test dependency")
 
