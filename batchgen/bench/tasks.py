@@ -52,13 +52,14 @@ def default_tokenizer(quick: bool) -> Path:
 def hf_scores(hf: Any, prompts: list[list[int]], choice_ids: list[list[int]], batch: int) -> list[list[float]]:
     """Every row's choice scores (summed token log-probs) by transformers, ``batch`` rows per forward."""
     out: list[list[float]] = []
+    device = next(hf.parameters()).device
     with torch.inference_mode():
         for b in range(0, len(prompts), batch):
             seqs = [p + c for p in prompts[b:b + batch] for c in choice_ids]
             width = max(map(len, seqs))
-            ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-            lp = torch.log_softmax(hf(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+            lp = torch.log_softmax(hf(input_ids=ids, attention_mask=mask).logits.float(), dim=-1).cpu()
             k = 0
             for p in prompts[b:b + batch]:
                 row = []
@@ -86,20 +87,27 @@ def classify_bench(args: argparse.Namespace, tokenizer: Path) -> dict[str, Any]:
     # The model's vocabulary is the tokenizer's: generated ids must decode.
     margs = dataclasses.replace(QUICK_ARGS if args.quick else BENCH_ARGS, vocab_size=tok.vocab_size)
     n = args.prompts or (16 if args.quick else 64)
-    model = build_model(margs, args.seed, torch.device("cpu"), torch.float32)
-    llm = LLM(model=model, tokenizer=tok, device="cpu", max_num_seqs=64)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = build_model(margs, args.seed, device, dtype)
+    llm = LLM(model=model, tokenizer=tok, device=str(device), max_num_seqs=64)
     hf = None
     if not args.skip_hf:
         from batchgen.bench.systems import build_hf
 
-        hf = build_hf(model, torch.device("cpu"), torch.float32)
-    report: dict[str, Any] = {"model": "quick" if args.quick else "bench", "rows": n,
+        hf = build_hf(model, device, dtype)
+    report: dict[str, Any] = {"model": "quick" if args.quick else "bench", "rows": n, "device": str(device),
+                              "dtype": str(dtype).removeprefix("torch."),
                               "torch_threads": torch.get_num_threads(), "load_avg_before": os.getloadavg()[0]}
     llm.generate([[1, 5, 6, 7]] * 2, SamplingParams(max_tokens=2))  # warm-up
 
     def cold(params: SamplingParams, prompts: list[list[int]]) -> Any:
         llm.blocks.clear_prefix_cache()
-        return llm.generate(prompts, params)
+        outs = llm.generate(prompts, params)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return outs
 
     for span in ((8, 24),) if args.quick else ((32, 96), (8, 24)):
         wl = make_workload(n, tok.vocab_size, args.seed, span, (4, 4))
