@@ -42,7 +42,6 @@ class ChoiceRun:
     normalize: str
     sums: list[float] = field(default_factory=list)
     pending: int = 0  # children still scoring
-    children: list[Request] = field(default_factory=list)
 
     def fill(self, out: CompletionOutput) -> None:
         """Put the label and the scores into ``out`` (a finished classification row)."""
@@ -110,11 +109,16 @@ def child_scores(child: Request, logits: torch.Tensor) -> None:
     """Add the log-probabilities of the child's choices' tokens after their first; ``logits``
     [num_logit_rows, vocab] are those at the child's tokens past the prompt, in order."""
     sc: ChoiceChild = child.scoring
-    lp = torch.log_softmax(logits.float(), dim=-1)  # [rows, vocab]
+    rows, tokens, owner = [], [], []
     for j, row in sc.parts:
         later = sc.run.choice_ids[j][1:]
-        rows = torch.arange(row, row + len(later), device=lp.device)
-        sc.run.sums[j] += float(lp[rows, torch.tensor(later, device=lp.device)].double().sum())
+        rows += range(row, row + len(later))
+        tokens += later
+        owner += [j] * len(later)
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [rows, vocab]
+    picked = lp[torch.tensor(rows, device=lp.device), torch.tensor(tokens, device=lp.device)].double().tolist()
+    for j, x in zip(owner, picked):  # one read back for all the child's choices
+        sc.run.sums[j] += x
 
 
 def longest_choice(run: Optional[ChoiceRun]) -> int:

@@ -312,7 +312,8 @@ class LLM:
         return done
 
     def _score(self, req: Request, logits: torch.Tensor) -> None:
-        """A classification row's step: its prefill (score first tokens, fork) or a child's forced token."""
+        """A classification row's step: its prefill (score the first tokens, fork) or its child's
+        (score the choices' later tokens; the row is done when its last child is)."""
         if isinstance(req.scoring, ChoiceChild):
             classify.child_scores(req, logits)
             self.scheduler.finish(req)

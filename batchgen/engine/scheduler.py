@@ -4,9 +4,10 @@ Each step decodes one token for every running request and, in the same batch, pr
 prompts of waiting requests while a slot, KV blocks and the prefill token budget allow: the
 linear layers then run once over both, and a finished row's slot is refilled on the very next
 step. Requests that already hold their blocks (a classification row's forked children,
-``add_ready``) are prefilled first, ahead of the queue. With prefix caching, a waiting request's cached prefix blocks are shared and only the
-rest of it is prefilled (and counted against the token budget). When a decode runs out of KV blocks, the youngest running request is preempted: its
-blocks are freed and it goes back to the front of the queue, to be recomputed later.
+``add_ready``) are prefilled first, ahead of the queue. With prefix caching, a waiting request's
+cached prefix blocks are shared and only the rest of it is prefilled (and counted against the
+token budget). When a decode runs out of KV blocks, the youngest running request is preempted:
+its blocks are freed and it goes back to the front of the queue, to be recomputed later.
 """
 
 from __future__ import annotations
