@@ -277,3 +277,35 @@ def test_block_manager_shares_copies_and_compacts_shared_blocks() -> None:
     bm.release(c1)
     bm.release(c2)
     assert bm.num_free == 40 and not any(bm.refs)
+
+
+def test_a_crowded_engine_mixing_adapters_choices_and_generation_gives_what_each_row_gives_alone(
+        model_dir: Path) -> None:
+    """Rows on the base model and on an unmerged adapter, generating and classifying (single- and
+    multi-token choices), through a KV cache small enough to preempt and to send forks down the
+    plain-children fallback: every row's output equals that row run alone on a roomy engine."""
+    desc = model_dir.parent / "adapters" / "desc"
+    rng = random.Random(7)
+    ps = prompts(24, seed=7)
+    rows = []
+    for i, p in enumerate(ps):
+        adapter = "desc" if i % 2 else None
+        if i % 3 == 0:
+            rows.append(SamplingParams(max_tokens=8, adapter=adapter))
+        else:
+            ans = task.answer(p)
+            extra = ["sun cat frog dog", "7 8 9 1 2", "5"][: 1 + rng.randrange(3)]
+            rows.append(SamplingParams(choices=[ans, " ".join(reversed(ans.split())), *extra], adapter=adapter))
+    crowded = LLM(model_dir, dtype="float32", device="cpu", adapters={"desc": desc}, block_size=4,
+                  num_kv_blocks=24, max_num_seqs=6)
+    outs = crowded.generate(ps, rows)
+    assert crowded.scheduler.num_preemptions > 0
+    roomy = LLM(model_dir, dtype="float32", device="cpu", adapters={"desc": desc})
+    for p, r, o in zip(ps, rows, outs):
+        [alone] = roomy.generate([p], r)
+        assert o.finish_reason == alone.finish_reason and o.error is None
+        if r.choices is None:
+            assert o.token_ids == alone.token_ids
+        else:
+            assert o.label == alone.label and o.label_logprobs == pytest.approx(alone.label_logprobs, abs=1e-4)
+    assert crowded.blocks.num_free == crowded.blocks.num_blocks and not any(crowded.blocks.refs)

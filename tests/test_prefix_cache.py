@@ -73,6 +73,17 @@ def test_shared_prefix_is_prefilled_once_and_tokens_equal_a_cold_cache(model: Tr
     assert llm.blocks.num_cached_blocks > 0  # kept after every request finished
 
 
+def test_one_token_prefills_packed_out_of_request_order_get_their_own_logits(model: Transformer) -> None:
+    """A step of sequences with one new token each, where the packing (nothing cached first) is
+    not the request order: every token is a logits row, but each request must still get its own."""
+    prompt = torch.randint(3, 300, (2 * BS + 1,), generator=torch.Generator().manual_seed(9)).tolist()
+    llm = LLM(model=model, device="cpu", block_size=BS)
+    llm.generate([prompt], greedy(1))  # caches the prompt's 2 full blocks: a rerun computes 1 token
+    first = llm.generate([prompt, [17]], greedy(6))  # cached one first, then a 1-token prompt
+    alone = [LLM(model=model, device="cpu", block_size=BS).generate([p], greedy(6))[0] for p in (prompt, [17])]
+    assert [o.token_ids for o in first] == [o.token_ids for o in alone]
+
+
 def test_seeded_sampling_with_caching_equals_without(model: Transformer) -> None:
     prompts = templated_prompts(seed=8)
     params = [SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=40 + i, ignore_eos=True, logprobs=True)

@@ -138,7 +138,7 @@ class ModelRunner:
             ) -> tuple[list[int], list[float] | None]:
         """One forward step; returns the next token (and logprob) of each request, decode first."""
         # Steps with adapter rows run eagerly: the captured graphs hold the base model only (the
-        # grouped LoRA form's per-step shapes cannot be captured; see engine/graphs.py).
+        # LoRA update's per-step shapes cannot be captured; see engine/graphs.py).
         adapted = self.lora is not None and any(req.lora_slot >= 0 for req in decode + prefill)
         if (self.graphs is not None and decode and not prefill and not moves and not adapted
                 and self.graphs.fits(len(decode), max(len(req.block_table) for req in decode))):
@@ -160,7 +160,8 @@ class ModelRunner:
                 lora = step_lora(self.lora, slots, self.device)
             hidden = self.model(ids, positions_t, attn, lora)  # [T, dim]
             flat = [r for rs in rows for r in rs]
-            if len(flat) != hidden.shape[0]:
+            # In request order, which the packing may not be even when every token is wanted.
+            if flat != list(range(hidden.shape[0])):
                 hidden = hidden[self._to(flat)]  # [rows, dim]: only the tokens whose logits are needed
             logits = self.model.compute_logits(hidden)  # [rows, vocab] fp32
             ends = list(itertools.accumulate(len(rs) for rs in rows))
