@@ -17,6 +17,7 @@ import torch
 
 from batchgen.demo import task
 from batchgen.engine import LLM, SamplingParams
+from batchgen.engine.classify import ChoiceChild
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
 
@@ -121,7 +122,7 @@ def test_per_row_choices_mixed_with_generation_under_preemption(llm: LLM, hf) ->
                                        normalize="tokens" if i % 2 else "none"))
     # A KV cache this small preempts generation rows, and some forks find no free block: those
     # children wait in the queue and prefill their prompt again.
-    small = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4, num_kv_blocks=14, max_num_seqs=8)
+    small = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4, num_kv_blocks=16, max_num_seqs=6)
     outs = small.generate(ps, rows)
     assert small.scheduler.num_preemptions > 0
     alone = llm.generate([p for p, r in zip(ps, rows) if r.choices is None], SamplingParams(max_tokens=10))
@@ -281,9 +282,10 @@ def test_block_manager_shares_copies_and_compacts_shared_blocks() -> None:
 
 def test_a_crowded_engine_mixing_adapters_choices_and_generation_gives_what_each_row_gives_alone(
         model_dir: Path) -> None:
-    """Rows on the base model and on an unmerged adapter, generating and classifying (single- and
-    multi-token choices), through a KV cache small enough to preempt and to send forks down the
-    plain-children fallback: every row's output equals that row run alone on a roomy engine."""
+    """Rows on the base model and on an unmerged adapter, generating (free or under a regex) and
+    classifying (single- and multi-token choices), through a KV cache small enough to preempt and
+    to send forks down the plain-children fallback: every row's output equals that row run alone
+    on a roomy engine."""
     desc = model_dir.parent / "adapters" / "desc"
     rng = random.Random(7)
     ps = prompts(24, seed=7)
@@ -292,14 +294,20 @@ def test_a_crowded_engine_mixing_adapters_choices_and_generation_gives_what_each
         adapter = "desc" if i % 2 else None
         if i % 3 == 0:
             rows.append(SamplingParams(max_tokens=8, adapter=adapter))
+        elif i % 5 == 0:  # structured output in the same steps
+            rows.append(SamplingParams(max_tokens=8, constraint=("regex", r"\d \d( \d)*"), adapter=adapter))
         else:
             ans = task.answer(p)
             extra = ["sun cat frog dog", "7 8 9 1 2", "5"][: 1 + rng.randrange(3)]
             rows.append(SamplingParams(choices=[ans, " ".join(reversed(ans.split())), *extra], adapter=adapter))
     crowded = LLM(model_dir, dtype="float32", device="cpu", adapters={"desc": desc}, block_size=4,
-                  num_kv_blocks=24, max_num_seqs=6)
+                  num_kv_blocks=16, max_num_seqs=6)
+    waited: list = []  # children whose fork found no free block (they queue and prefill anew)
+    queue = crowded.scheduler.add
+    crowded.scheduler.add = lambda req: (waited.append(req) if isinstance(req.scoring, ChoiceChild) else None,
+                                         queue(req))[1]
     outs = crowded.generate(ps, rows)
-    assert crowded.scheduler.num_preemptions > 0
+    assert crowded.scheduler.num_preemptions > 0 and waited
     roomy = LLM(model_dir, dtype="float32", device="cpu", adapters={"desc": desc})
     for p, r, o in zip(ps, rows, outs):
         [alone] = roomy.generate([p], r)
