@@ -24,6 +24,7 @@ from batchgen.model import ModelArgs, Transformer
 from reference import sharp_model
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "batchgen" / "demo"
 # Greedy continuation of [BOS] by stories260K, checked against llama2.c and transformers.
 STORIES_FIRST_TEN = [461, 461, 401, 401, 401, 461, 378, 455, 473, 456]
 SETUP_TIMEOUT_S = 120.0  # process start and model loading on a busy 2-core machine
@@ -83,6 +84,35 @@ def _prefix_prompts() -> list[list[int]]:
 _PREFIX_ENGINE = {"max_num_seqs": 4, "block_size": 8, "kv_cache_bytes": 12 * 8 * 2 * 2 * 1 * 16 * 4}
 
 
+def _crowded_rows() -> tuple[list[str], list[SamplingParams]]:
+    """The demo task's prompts on the base model and on its ``desc`` adapter: free and
+    regex-constrained generation, and classification with single- and multi-token choices."""
+    import random
+
+    from batchgen.demo import task
+
+    rng = random.Random(3)
+    prompts = [task.random_prompt(rng) for _ in range(18)]
+    params = []
+    for i, p in enumerate(prompts):
+        adapter = "desc" if i % 2 else None
+        if i % 3 == 0:
+            params.append(SamplingParams(max_tokens=8, adapter=adapter))
+        elif i % 5 == 0:
+            params.append(SamplingParams(max_tokens=8, constraint=("regex", r"\d \d( \d)*"), adapter=adapter))
+        else:
+            ans = task.answer(p)
+            params.append(SamplingParams(choices=[ans, " ".join(reversed(ans.split())), "sun cat frog dog", "5"],
+                                         adapter=adapter))
+    return prompts, params
+
+
+# The demo model (2 KV heads: one per rank), its adapter on each rank, and a cache of 16 blocks
+# of 4 tokens (4 layers x K and V x 1 KV head x head_dim 32 x fp32 per token and rank): crowded.
+_ADAPTERS = {"desc": str(DEMO_DIR / "adapters" / "desc")}
+_CROWDED_ENGINE = {"max_num_seqs": 6, "block_size": 4, "kv_cache_bytes": 16 * 4 * 4 * 2 * 32 * 4, "adapters": _ADAPTERS}
+
+
 def _warm_imports() -> None:
     # Building on the meta device imports a lot of torch lazily (seconds on a busy machine); do
     # it before the group exists so that no rank's first collective waits on another's imports.
@@ -103,6 +133,7 @@ def _rank_main(rank: int, world: int, port: int, device: str, jobs: list[dict], 
                 with TPLeaderLLM(job["dir"], dtype="float32", device=dev, **job["engine"]) as llm:
                     outs = llm.generate(job["prompts"], job["params"])
                     results[job["name"]] = {"outs": [(o.token_ids, o.finish_reason, o.logprobs) for o in outs],
+                                            "labels": [(o.label, o.label_logprobs) for o in outs],
                                             "preemptions": llm.scheduler.num_preemptions,
                                             "prefill_computed": llm.scheduler.num_prefill_tokens_computed,
                                             "prefill_submitted": llm.scheduler.num_prefill_tokens_submitted}
@@ -250,6 +281,11 @@ def _jobs(checkpoints: dict[str, Path]) -> list[dict]:
     # Prefix caching (on by default): rows sharing a prefix, shared blocks under preemption.
     jobs.append({"name": "gqa-hf-prefix", "dir": str(checkpoints["gqa-hf"]), "prompts": _prefix_prompts(),
                  "params": _greedy(), "engine": _PREFIX_ENGINE})
+    # Adapters, classification (branched children), constraints, preemption: all on two ranks.
+    prompts, params = _crowded_rows()
+    jobs.append({"name": "demo-crowded", "dir": str(DEMO_DIR / "model"), "prompts": prompts, "params": params,
+                 "engine": _CROWDED_ENGINE, "follower": {"adapters": _ADAPTERS,
+                                                         "kv_cache_bytes": _CROWDED_ENGINE["kv_cache_bytes"]}})
     if SHARED_DIR.is_dir():
         for layout in ("meta", "hf"):
             d = SHARED_DIR / "models" / f"stories260K-{layout}"
@@ -308,6 +344,18 @@ def test_tp2_prefix_caching_shares_blocks_and_keeps_tokens_exact(checkpoints: di
     expected = [o.token_ids for o in llm.generate(_prefix_prompts(), _greedy())]
     assert [o[0] for o in result["outs"]] == expected
     assert result["prefill_computed"] < result["prefill_submitted"]
+
+
+def test_tp2_crowded_engine_with_adapters_choices_and_constraints_equals_one_rank(tp2_results: dict) -> None:
+    result = tp2_results["demo-crowded"]
+    assert result["preemptions"] > 0, "the small cache was meant to force preemption"
+    prompts, params = _crowded_rows()
+    one = LLM(DEMO_DIR / "model", dtype="float32", device="cpu", adapters=_ADAPTERS)
+    want = one.generate(prompts, params)
+    for i, ((tok, reason, _), (label, scores), w) in enumerate(zip(result["outs"], result["labels"], want)):
+        assert (tok, reason, label) == (w.token_ids, w.finish_reason, w.label), f"row {i}"
+        if w.label_logprobs is not None:
+            assert scores == pytest.approx(w.label_logprobs, abs=1e-4), f"row {i}"
 
 
 def test_tp2_real_checkpoint_from_both_layouts(tp2_results: dict) -> None:
