@@ -54,20 +54,24 @@ class StackedProj:
 
     ``A`` [N + 1, R, in] and ``Bt`` [N + 1, R, out] (B transposed, the scale folded in) are
     zero-padded to the stack's rank R, with a final all-zero slot for base rows (index -1).
-    ``groups`` lists ``(slot, rank)`` of the slots that adapt this projection. A fused entry
-    (``wqkv``) holds its parts' A stacked along R and their B block-diagonally; ``parts`` gives,
-    per slot, each adapted part's rows of A/Bt and columns of the output, ``(r0, r1, c0, c1)``,
-    so that the ``segments`` form multiplies only the diagonal blocks.
+    A fused entry (``wqkv``) holds its parts' A stacked along R and their B block-diagonally;
+    ``parts`` gives, for each slot that adapts this projection, each adapted part's rows of A/Bt
+    and columns of the output, ``(r0, r1, c0, c1)``, so that the ``segments`` form multiplies
+    only the diagonal blocks.
     """
 
     A: torch.Tensor
     Bt: torch.Tensor
-    groups: list[tuple[int, int]]
-    parts: dict[int, list[tuple[int, int, int, int]]] = field(default_factory=dict)
+    parts: dict[int, list[tuple[int, int, int, int]]]
 
     @property
     def width(self) -> int:
         return self.A.shape[1]
+
+    @property
+    def groups(self) -> list[tuple[int, int]]:
+        """``(slot, rows of A used)`` of each slot that adapts this projection."""
+        return [(slot, blocks[-1][1]) for slot, blocks in self.parts.items()]
 
 
 class LoraStack:
@@ -116,9 +120,8 @@ class LoraStack:
                 in_f = shapes[0][1]
                 A = torch.zeros(n + 1, R * len(parts), in_f, dtype=dtype, device=device)
                 Bt = torch.zeros(n + 1, R * len(parts), sum(outs), dtype=dtype, device=device)
-                groups, blocks = [], {}
+                blocks: dict[int, list[tuple[int, int, int, int]]] = {}
                 for i, a in enumerate(adapters):
-                    used = 0
                     for j, p in enumerate(parts):
                         w = a.weights.get((layer, p))
                         if w is None:
@@ -126,11 +129,8 @@ class LoraStack:
                         o0 = sum(outs[:j])
                         A[i, j * R:j * R + w.rank] = w.A.to(device=device, dtype=dtype)
                         Bt[i, j * R:j * R + w.rank, o0:o0 + outs[j]] = (w.B.float() * w.scale).T.to(device=device, dtype=dtype)
-                        used = j * R + w.rank
-                        blocks.setdefault(i, []).append((j * R, used, o0, o0 + outs[j]))
-                    if used:
-                        groups.append((i, used))
-                self.projs[(layer, name)] = sp = StackedProj(A, Bt, groups, blocks)
+                        blocks.setdefault(i, []).append((j * R, j * R + w.rank, o0, o0 + outs[j]))
+                self.projs[(layer, name)] = sp = StackedProj(A, Bt, blocks)
                 self.nbytes += sp.A.numel() * sp.A.element_size() + sp.Bt.numel() * sp.Bt.element_size()
 
     def slot(self, name: str) -> int:
@@ -152,6 +152,7 @@ class LoraRows:
     _groups: Optional[dict[int, torch.Tensor]] = None
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)
     _runs: Optional[list[tuple[int, int, int]]] = None
+    _few_runs: Optional[bool] = None
 
     @property
     def runs(self) -> list[tuple[int, int, int]]:
@@ -168,6 +169,14 @@ class LoraRows:
                     start = i
             self._runs = runs
         return self._runs
+
+    @property
+    def few_runs(self) -> bool:
+        """Whether the rows form at most 4 runs per adapter (``auto`` then takes ``segments``)."""
+        if self._few_runs is None:
+            runs = self.runs
+            self._few_runs = len(runs) <= 4 * len({s for s, _, _ in runs})
+        return self._few_runs
 
     @property
     def groups(self) -> dict[int, torch.Tensor]:
@@ -231,8 +240,7 @@ def lora_forward(x: torch.Tensor, proj: str, layer: int, rows: LoraRows | torch.
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             method = "masked"
         else:
-            runs = rows.runs
-            method = "segments" if len(runs) <= 4 * len({s for s, _, _ in runs}) else "grouped"
+            method = "segments" if rows.few_runs else "grouped"
     xf = x.to(sp.A.dtype)
     n, width, in_f = len(stack.names), sp.width, sp.A.shape[2]
     if method == "segments":

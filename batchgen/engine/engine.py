@@ -329,20 +329,19 @@ class LLM:
         child = classify.branched_child(req, run, self.max_model_len, self.device) if self.runner.flex is None else None
         table = self.blocks.fork(req, req.num_cached, len(child)) if child is not None else None
         if table is not None:
-            kids = [child]
+            forks = [(child, table)]
         else:
-            kids = classify.plain_children(req, run, self.max_model_len, self.device)
-        run.pending = len(kids)
-        for kid in kids:
-            if kid is not child:
-                table = self.blocks.fork(req, req.num_cached, len(kid))
+            forks = [(kid, self.blocks.fork(req, req.num_cached, len(kid)))
+                     for kid in classify.plain_children(req, run, self.max_model_len, self.device)]
+        run.pending = len(forks)
+        for kid, table in forks:
             if table is None:  # no free blocks: the child waits and prefills its prompt too
                 self.scheduler.add(kid)
                 continue
             kid.block_table, kid.num_cached = table, req.num_cached
             self.scheduler.add_ready(kid)
         self.scheduler.finish(req)  # the parent's own hold on its blocks; children keep theirs
-        if not kids:
+        if not forks:
             self._finish_parent(req)
 
     def _finish_parent(self, req: Request) -> None:
