@@ -29,25 +29,13 @@ from batchgen.pipeline.planning import check_model
 from batchgen.pipeline.worker import output_table
 from batchgen.pipeline.rows import build_prompts
 from batchgen.pipeline.shards import list_input_files, plan_shards
-from batchgen.pipeline.spec import SpecError, validate_spec
+from batchgen.pipeline.spec import SpecError
 from batchgen.pipeline.writer import OutputError
+from specs import make_spec
 from reference import sharp_model
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL = pafs.LocalFileSystem()
-
-
-def spec_for(tmp_path: Path, **changes: Any):
-    """A spec over ``tmp_path/in`` writing ``tmp_path/out``; ``changes`` update whole sections."""
-    data: dict[str, Any] = {
-        "model": {"path": "m"},
-        "input": {"path": str(tmp_path / "in"), "id_column": "id", "prompt_column": "text"},
-        "output": {"path": str(tmp_path / "out")},
-        "execution": {"shard_rows": 10},
-    }
-    for section, values in changes.items():
-        data.setdefault(section, {}).update(values)
-    return validate_spec(data)
 
 
 # ------------------------------------------------------------------ 1. cell bytes, before tokenising
@@ -77,7 +65,7 @@ def test_prompt_too_long_says_how_to_truncate(demo_llm: LLM) -> None:
 
 
 def test_oversized_cells_become_error_rows_before_decoding(tmp_path: Path) -> None:
-    spec = spec_for(tmp_path)
+    spec = make_spec(tmp_path)
     cap = max_prompt_bytes(16)
     table = pa.table({"id": [1, 2, 3], "text": ["ok", "é" * (cap // 2 + 1), "y" * cap]})
     rows = build_prompts(table, spec, context=16)
@@ -88,14 +76,14 @@ def test_oversized_cells_become_error_rows_before_decoding(tmp_path: Path) -> No
 
 
 def test_template_of_small_cells_over_the_cap_and_a_big_conversation(tmp_path: Path) -> None:
-    spec = spec_for(tmp_path, input={"prompt_column": None, "template": "{a} and {b}"})
+    spec = make_spec(tmp_path, input={"prompt_column": None, "template": "{a} and {b}"})
     half = max_prompt_bytes(8) // 2
     rows = build_prompts(pa.table({"id": [1, 2], "a": ["x" * half, "big" * half], "b": ["y" * half, "z"]}), spec, context=8)
     assert rows[0].error.startswith("prompt_too_long: the rendered prompt has")
     assert rows[1].error.startswith("prompt_too_long: column 'a' has")  # not "template prompt_too_long"
     conv = pa.array([[{"role": "user", "content": "x" * half}, {"role": "assistant", "content": "y" * half},
                       {"role": "user", "content": "hi"}], [{"role": "user", "content": "hi"}]])
-    chat = spec_for(tmp_path, input={"prompt_column": None, "messages_column": "m"})
+    chat = make_spec(tmp_path, input={"prompt_column": None, "messages_column": "m"})
     rows = build_prompts(pa.table({"id": [1, 2], "m": conv}), chat, context=8)
     assert rows[0].error.startswith("prompt_too_long: the conversation in column 'm' has") and rows[1].error is None
 
@@ -117,19 +105,19 @@ def test_truncated_rows_say_what_was_cut(demo_llm: LLM, tmp_path: Path) -> None:
     assert long.truncated_tokens == len(demo_llm.tokenizer.encode("1+2= " * 40, bos=True)) - 32
     assert len(long.token_ids) == 32 and long.finish_reason == "length"  # the rest of the context
     assert short.truncated_tokens == 0
-    spec = spec_for(tmp_path, input={"truncate_prompt": True})
+    spec = make_spec(tmp_path, input={"truncate_prompt": True})
     table = output_table(spec, pa.table({"id": [1, 2, 3]}), [long, short, "bad row"])
     assert table.column("truncated_tokens").to_pylist() == [long.truncated_tokens, 0, 0]
-    assert "truncated_tokens" not in output_table(spec_for(tmp_path), pa.table({"id": [1]}), [short]).column_names
+    assert "truncated_tokens" not in output_table(make_spec(tmp_path), pa.table({"id": [1]}), [short]).column_names
     with pytest.raises(SpecError, match="clash with an output column"):
-        spec_for(tmp_path, input={"keep_columns": ["truncated_tokens"]})
+        make_spec(tmp_path, input={"keep_columns": ["truncated_tokens"]})
 
 
 # ------------------------------------------------------------------ 2. context length
 
 def test_max_seq_len_has_a_hard_ceiling_in_the_spec(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="model.max_seq_len: Input should be less than or equal to 1048576"):
-        spec_for(tmp_path, model={"max_seq_len": 10**9})
+        make_spec(tmp_path, model={"max_seq_len": 10**9})
     with pytest.raises(ValueError, match="max_model_len must be in"):
         LLM(model=sharp_model(), max_model_len=MAX_CONTEXT + 1, device="cpu")
 
@@ -139,14 +127,14 @@ def test_max_seq_len_is_bounded_by_the_checkpoints_context(tmp_path: Path, share
     tok = str(REPO / "batchgen" / "demo" / "model" / "tokenizer.model")
     with pytest.raises(SpecError, match=r"model.max_seq_len: 513 is longer than the model's context: the "
                                         r"checkpoint's .* is 512.*model.allow_longer_context: true"):
-        check_model(spec_for(tmp_path, model={"path": hf, "tokenizer": tok, "max_seq_len": 513}))
-    check_model(spec_for(tmp_path, model={"path": hf, "tokenizer": tok, "max_seq_len": 512}))
-    check_model(spec_for(tmp_path, model={"path": hf, "tokenizer": tok, "max_seq_len": 4096,
+        check_model(make_spec(tmp_path, model={"path": hf, "tokenizer": tok, "max_seq_len": 513}))
+    check_model(make_spec(tmp_path, model={"path": hf, "tokenizer": tok, "max_seq_len": 512}))
+    check_model(make_spec(tmp_path, model={"path": hf, "tokenizer": tok, "max_seq_len": 4096,
                                           "allow_longer_context": True}))
     meta = str(shared_dir / "models" / "stories260K-meta")  # params.json records no context
-    check_model(spec_for(tmp_path, model={"path": meta, "tokenizer": tok, "max_seq_len": 4096}))
+    check_model(make_spec(tmp_path, model={"path": meta, "tokenizer": tok, "max_seq_len": 4096}))
     with pytest.raises(SpecError, match="records no context length .* at most 4096"):
-        check_model(spec_for(tmp_path, model={"path": meta, "tokenizer": tok, "max_seq_len": 4097}))
+        check_model(make_spec(tmp_path, model={"path": meta, "tokenizer": tok, "max_seq_len": 4097}))
 
 
 # ------------------------------------------------------------------ 4. config dimensions
@@ -177,7 +165,7 @@ def test_absurd_config_dims_are_refused_before_any_model_is_built(
         load_model(d, device="cpu")
     assert built == []
     with pytest.raises(SpecError, match="model.path: .*" + message):
-        check_model(spec_for(tmp_path, model={"path": str(d)}))
+        check_model(make_spec(tmp_path, model={"path": str(d)}))
 
 
 def test_a_checkpoint_missing_layers_builds_the_meta_model_once(shared_dir: Path, tmp_path: Path,
@@ -198,7 +186,7 @@ def planned(tmp_path: Path):
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"id": list(range(20)), "text": ["t"] * 20}), tmp_path / "in" / "a.parquet",
                    row_group_size=10)
-    spec = spec_for(tmp_path)
+    spec = make_spec(tmp_path)
     files = list_input_files(spec.input)
     return spec, plan_shards(spec.input, 10, files)
 

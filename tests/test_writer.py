@@ -18,26 +18,11 @@ import pytest
 
 from batchgen.pipeline import writer
 from batchgen.pipeline.shards import Shard, input_fingerprint, list_input_files, plan_shards
-from batchgen.pipeline.spec import JobSpec, SpecError, validate_spec
+from batchgen.pipeline.spec import JobSpec, SpecError
 from batchgen.pipeline.writer import OutputError
+from specs import make_spec
 
 LOCAL = pafs.LocalFileSystem()
-
-
-def make_spec(tmp_path: Path, **changes: Any) -> JobSpec:
-    """A spec over ``tmp_path/in`` writing ``tmp_path/out``; ``changes`` update whole sections."""
-    data: dict[str, Any] = {
-        "model": {"path": "m"},
-        "input": {"path": str(tmp_path / "in"), "id_column": "id", "prompt_column": "text"},
-        "output": {"path": str(tmp_path / "out")},
-        "execution": {"shard_rows": 10},
-    }
-    for section, values in changes.items():
-        if isinstance(values, dict):
-            data.setdefault(section, {}).update(values)
-        else:
-            data[section] = values
-    return validate_spec(data)
 
 
 @pytest.fixture
