@@ -17,7 +17,6 @@ import torch
 
 from batchgen.demo import task
 from batchgen.engine import LLM, SamplingParams
-from batchgen.engine.classify import ChoiceChild
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
 
@@ -114,18 +113,17 @@ def test_per_row_choices_mixed_with_generation_under_preemption(llm: LLM, hf) ->
     ps = prompts(10, seed=3)
     rows = []
     for i, p in enumerate(ps):
-        if i % 3 == 2:
-            rows.append(SamplingParams(max_tokens=10))  # a generation row in the same batches
+        if i % 3 == 2:  # a generation row in the same batches, long enough to need more blocks
+            rows.append(SamplingParams(max_tokens=24, ignore_eos=True))
         else:
             ans = task.answer(p)
             rows.append(SamplingParams(choices=[ans, ans[::-1] + " 1", "sun cat frog dog"][: 2 + i % 2],
                                        normalize="tokens" if i % 2 else "none"))
-    # A KV cache this small preempts generation rows, and some forks find no free block: those
-    # children wait in the queue and prefill their prompt again.
+    # A KV cache this small preempts generation rows.
     small = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4, num_kv_blocks=16, max_num_seqs=6)
     outs = small.generate(ps, rows)
     assert small.scheduler.num_preemptions > 0
-    alone = llm.generate([p for p, r in zip(ps, rows) if r.choices is None], SamplingParams(max_tokens=10))
+    alone = llm.generate([p for p, r in zip(ps, rows) if r.choices is None], SamplingParams(max_tokens=24, ignore_eos=True))
     gen = iter(alone)
     for p, r, o in zip(ps, rows, outs):
         if r.choices is None:
@@ -135,9 +133,9 @@ def test_per_row_choices_mixed_with_generation_under_preemption(llm: LLM, hf) ->
     assert small.blocks.num_free == small.blocks.num_blocks and not any(small.blocks.refs)
 
 
-def test_every_choice_of_a_row_is_scored_in_one_step_after_the_prefill(llm: LLM, hf) -> None:
-    """However long the choices, a row costs its prefill plus one step: each child's choice
-    tokens are prefilled together against the forked prompt KV, not fed one per decode step."""
+def test_every_choice_of_a_row_is_scored_in_its_prefill(llm: LLM, hf) -> None:
+    """However long the choices, a row costs one step: its choices' tokens are prefilled with its
+    prompt, side by side as branches, not fed one per decode step nor in a step of their own."""
     choices = ["1 2 3 4 5 6 7", "7 6 5 4 3 2 1", "sun cat frog dog", "9"]
     ps = prompts(3, seed=5)
     e = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4, num_kv_blocks=200,
@@ -146,28 +144,36 @@ def test_every_choice_of_a_row_is_scored_in_one_step_after_the_prefill(llm: LLM,
     outs = e.generate(ps, SamplingParams(choices=choices))
     lens = [len(llm.tokenizer.encode(c, bos=False)) for c in choices]
     assert max(lens) >= 7
-    assert seen == [sum(len(llm.tokenizer.encode(p, bos=True)) for p in ps), len(ps) * sum(n - 1 for n in lens)]
+    assert seen == [sum(len(llm.tokenizer.encode(p, bos=True)) for p in ps) + len(ps) * sum(n - 1 for n in lens)]
     for p, o in zip(ps, outs):
         check(o, reference_scores(hf, llm.tokenizer, p, choices), choices)
+        assert o.token_ids == []
 
 
-def test_forks_that_find_no_free_block_wait_and_score_the_same(llm: LLM, hf) -> None:
-    p = "sort: 5 1 3 ="
-    choices = ["1 3 5", "5 3 1 1 1 1 1"]
-    n = len(llm.tokenizer.encode(p, bos=True))
-    longest = max(len(llm.tokenizer.encode(c, bos=False)) for c in choices)
-    # Room for the prompt and its longest choice, not for the prompt and both forks at once.
-    e = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4,
-            num_kv_blocks=-(-(n + longest - 1) // 4), prefix_caching=False)
+def test_branches_after_a_cached_prompt_prefix_score_the_same(llm: LLM, hf) -> None:
+    """Rows whose prompt is partly in the prefix cache prefill the rest of the prompt and their
+    branches in one step, both as continuations of the cache; prompts of whole blocks and ones
+    ending mid-block alike. Only prompt blocks are indexed for sharing, never branch blocks."""
+    e = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4, num_kv_blocks=64)
+    choices = ["1 2 3", "3 2 1 1", "9"]
+    base = "sort: 5 1 3 7 ="
+    n = len(llm.tokenizer.encode(base, bos=True))
+    check(e.generate([base], SamplingParams(choices=choices))[0], reference_scores(hf, llm.tokenizer, base, choices), choices)
+    assert e.blocks.num_cached_blocks == n // 4  # the prompt's full blocks only
     seen = count_tokens(e)
-    [o] = e.generate([p], SamplingParams(choices=choices))
-    check(o, reference_scores(hf, llm.tokenizer, p, choices), choices)
-    assert len(seen) == 3 and seen[0] == n  # the prefill, one child forked, one recomputed from scratch
+    branch_tokens = sum(len(llm.tokenizer.encode(c, bos=False)) - 1 for c in choices)
+    for extra in ("", " 2", " 2 4", " 2 4 6", " 2 4 6 8 1"):
+        p = base + extra
+        [o] = e.generate([p], SamplingParams(choices=choices))
+        check(o, reference_scores(hf, llm.tokenizer, p, choices), choices)
+        m = len(llm.tokenizer.encode(p, bos=True))
+        cached = m + branch_tokens - seen[-1]  # whole blocks of the prompt read from the cache
+        assert cached % 4 == 0 and 0 < cached < m
     assert e.blocks.num_free == e.blocks.num_blocks and not any(e.blocks.refs)
 
 
 def test_multi_token_choices_run_with_the_rows_adapter(model_dir: Path) -> None:
-    """Every choice token is scored with the row's unmerged adapter (the forked children too):
+    """Every choice token is scored with the row's unmerged adapter (its branches too):
     the scores equal those of the same adapter merged into the weights."""
     desc = model_dir.parent / "adapters" / "desc"
     ps = [p for p in prompts(40, seed=6) if task.kind_of(p) == "sort"][:6]
@@ -213,17 +219,6 @@ def test_bad_classification_rows_are_error_rows(llm: LLM) -> None:
         SamplingParams(choices=["a"], constraint=("regex", "a"))
     with pytest.raises(ValueError, match="normalize"):
         SamplingParams(choices=["a"], normalize="mean")
-
-
-def test_abort_drops_a_forked_row_and_its_children(llm: LLM) -> None:
-    e = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4, num_kv_blocks=64)
-    rid = e.add_request("12+4=", SamplingParams(choices=["57 1 2 3", "58 9 9"]))
-    assert len(e.tokenizer.encode("12+4=", bos=True)) % 4  # a partial last block: copied per child
-    e.step()  # the prefill: the row forks into its children
-    assert len(e.scheduler.ready) == 1 and len(e.blocks.pending_copies) == 1  # one child: both choices
-    e.abort([rid])
-    assert not e.has_unfinished()
-    assert e.blocks.num_free == e.blocks.num_blocks and not any(e.blocks.refs)
 
 
 def test_bench_classify_quick_agrees_with_transformers() -> None:
@@ -283,9 +278,9 @@ def test_block_manager_shares_copies_and_compacts_shared_blocks() -> None:
 def test_a_crowded_engine_mixing_adapters_choices_and_generation_gives_what_each_row_gives_alone(
         model_dir: Path) -> None:
     """Rows on the base model and on an unmerged adapter, generating (free or under a regex) and
-    classifying (single- and multi-token choices), through a KV cache small enough to preempt and
-    to send forks down the plain-children fallback: every row's output equals that row run alone
-    on a roomy engine."""
+    classifying (single- and multi-token choices, each row's branches beside its prompt), through
+    a KV cache small enough to preempt: every row's output equals that row run alone on a roomy
+    engine."""
     desc = model_dir.parent / "adapters" / "desc"
     rng = random.Random(7)
     ps = prompts(24, seed=7)
@@ -293,7 +288,7 @@ def test_a_crowded_engine_mixing_adapters_choices_and_generation_gives_what_each
     for i, p in enumerate(ps):
         adapter = "desc" if i % 2 else None
         if i % 3 == 0:
-            rows.append(SamplingParams(max_tokens=8, adapter=adapter))
+            rows.append(SamplingParams(max_tokens=24, ignore_eos=True, adapter=adapter))
         elif i % 5 == 0:  # structured output in the same steps
             rows.append(SamplingParams(max_tokens=8, constraint=("regex", r"\d \d( \d)*"), adapter=adapter))
         else:
@@ -302,12 +297,8 @@ def test_a_crowded_engine_mixing_adapters_choices_and_generation_gives_what_each
             rows.append(SamplingParams(choices=[ans, " ".join(reversed(ans.split())), *extra], adapter=adapter))
     crowded = LLM(model_dir, dtype="float32", device="cpu", adapters={"desc": desc}, block_size=4,
                   num_kv_blocks=16, max_num_seqs=6)
-    waited: list = []  # children whose fork found no free block (they queue and prefill anew)
-    queue = crowded.scheduler.add
-    crowded.scheduler.add = lambda req: (waited.append(req) if isinstance(req.scoring, ChoiceChild) else None,
-                                         queue(req))[1]
     outs = crowded.generate(ps, rows)
-    assert crowded.scheduler.num_preemptions > 0 and waited
+    assert crowded.scheduler.num_preemptions > 0
     roomy = LLM(model_dir, dtype="float32", device="cpu", adapters={"desc": desc})
     for p, r, o in zip(ps, rows, outs):
         [alone] = roomy.generate([p], r)

@@ -181,3 +181,11 @@ def test_flex_engine_scores_multi_token_choices_like_the_default_backend(model_d
     got = flex.generate(prompts, params)
     for g, w in zip(got, want):
         assert g.label == w.label and g.label_logprobs == pytest.approx(w.label_logprobs, abs=1e-4)
+    # Aborting a row after its prefill drops its children, and every block comes back.
+    rid = flex.add_request("12+4=", SamplingParams(choices=["57 1 2 3", "58 9 9"]))
+    assert len(tok.encode("12+4=", bos=True)) % 4  # a partial last block: copied per child
+    flex.step()
+    assert len(flex.scheduler.ready) == 2 and len(flex.blocks.pending_copies) == 2
+    flex.abort([rid])
+    assert not flex.has_unfinished()
+    assert flex.blocks.num_free == flex.blocks.num_blocks and not any(flex.blocks.refs)

@@ -96,8 +96,8 @@ def _crowded_rows() -> tuple[list[str], list[SamplingParams]]:
     params = []
     for i, p in enumerate(prompts):
         adapter = "desc" if i % 2 else None
-        if i % 3 == 0:
-            params.append(SamplingParams(max_tokens=8, adapter=adapter))
+        if i % 3 == 0:  # long enough to outgrow the small cache
+            params.append(SamplingParams(max_tokens=24, ignore_eos=True, adapter=adapter))
         elif i % 5 == 0:
             params.append(SamplingParams(max_tokens=8, constraint=("regex", r"\d \d( \d)*"), adapter=adapter))
         else:
@@ -281,7 +281,7 @@ def _jobs(checkpoints: dict[str, Path]) -> list[dict]:
     # Prefix caching (on by default): rows sharing a prefix, shared blocks under preemption.
     jobs.append({"name": "gqa-hf-prefix", "dir": str(checkpoints["gqa-hf"]), "prompts": _prefix_prompts(),
                  "params": _greedy(), "engine": _PREFIX_ENGINE})
-    # Adapters, classification (branched children), constraints, preemption: all on two ranks.
+    # Adapters, classification (choices as branches after the prompt), constraints, preemption: all on two ranks.
     prompts, params = _crowded_rows()
     jobs.append({"name": "demo-crowded", "dir": str(DEMO_DIR / "model"), "prompts": prompts, "params": params,
                  "engine": _CROWDED_ENGINE, "follower": {"adapters": _ADAPTERS,

@@ -1,8 +1,8 @@
 """``batchgen bench --classify`` and ``--masks``: classification and structured-output costs.
 
 ``--classify``: the same rows (random prompt ids on the bench model's random weights) three ways,
-rows/s each: the engine classifying them (``SamplingParams.choices``: one prefill per row, then
-one more step for multi-token choices), the engine generating 4 greedy tokens for them (what a
+rows/s each: the engine classifying them (``SamplingParams.choices``: one prefill per row, the
+multi-token choices' tokens side by side after the prompt), the engine generating 4 greedy tokens for them (what a
 "generate a label and hope" job does), and transformers computing the same scores in batches of
 ``--hf-batch`` rows (every prompt + choice sequence, right-padded, one forward per batch); and,
 as the floor no answer can beat, generating one token (the prompts' prefill alone). It
@@ -34,7 +34,7 @@ from batchgen.bench.core import BENCH_ARGS, QUICK_ARGS, build_model, make_worklo
 from batchgen.engine import LLM, SamplingParams
 from batchgen.tokenizer import Tokenizer
 
-CHOICES_MULTI = ["toxic", "non-toxic", "spam"]  # 2-4 LLaMA tokens each: children are forked
+CHOICES_MULTI = ["toxic", "non-toxic", "spam"]  # 2-4 LLaMA tokens each: 5 branch tokens a row
 CHOICES_SINGLE = ["yes", "no"]  # one LLaMA token each: the prefill is the whole answer
 
 _REPO = Path(__file__).resolve().parents[2]

@@ -46,7 +46,8 @@ class AttentionMetadata:
     rows hold are listed in ``decode_shared_blocks``: every row's query meets them separately.
 
     Prefill continuing a cached prefix: after the ``cu_seqlens`` sequences come the new tokens of
-    sequences whose first ``ctx_starts[i]`` tokens are already in the cache; ``ctx_cu_seqlens``
+    sequences whose first ``ctx_starts[i]`` tokens are in the cache (or are written by this very
+    step before it attends: a classification row's prompt, whose branches follow); ``ctx_cu_seqlens``
     bounds them within that last part (it starts at 0) and ``ctx_block_tables`` [S, W] holds
     their block tables (padded with 0). ``ctx_branch_starts``, when given, holds for each of
     those new tokens the index in its sequence where its branch starts: the token sees the

@@ -2,22 +2,22 @@
 
 A classification request (``SamplingParams.choices``) is prefilled like any other. Its
 last-position logits give every choice's first-token log-probability; when every choice is one
-token that is the whole answer and the request finishes in that same step. Otherwise the request
-*forks* one child that starts from the prompt's KV blocks (the full blocks shared, the partial
-last block copied: ``BlockManager.fork``) and holds every multi-token choice's tokens but its
-last side by side, as branches after the prompt. The next step prefills the child like a request
-continuing a cached prefix, with two twists: each branch's positions start right after the
-prompt, and each branch token sees the prompt and its own branch only
-(``AttentionMetadata.ctx_branch_starts``). The logits at every branch token
-(``Request.num_logit_rows``) score the choices' later tokens. So a row costs its prompt's prefill
-plus one step, whatever its choices, and the prompt is never run again.
+token that is the whole answer. Otherwise the request holds, after its prompt, every multi-token
+choice's tokens but the last side by side, as *branches* (:func:`add_branches`), and the same
+prefill runs them: each branch's positions start right after the prompt, and each branch token
+sees the prompt and its own branch only. The model runner packs the prompt as any prefill and
+the branches as a continuation of it (``AttentionMetadata.ctx_branch_starts``); within a layer
+every new K/V is written before any attention reads, so the branches read the prompt's K/V of
+that very step. The logits at the prompt's last token and at every branch token
+(``Request.num_logit_rows``) score every choice: a row costs one prefill, whatever its choices,
+and the prompt is run once.
 
-Where a branched child cannot be used (no free block for the fork, or the flex backend, whose
-masks know no branches) each multi-token choice gets a child of its own that is one plain
-sequence, the prompt then the choice's tokens but the last; without blocks it waits in the queue
-and prefills its prompt too (from the prefix cache where the prompt's blocks are still there).
-The parent's reference to its blocks goes at the fork; the shared blocks themselves are freed
-when the last child holding them finishes.
+The flex backend's masks know no branches. There each multi-token choice gets a child of its own
+after the prefill (:func:`plain_children`), one plain sequence: the prompt then the choice's
+tokens but the last, starting from the prompt's forked KV blocks (``BlockManager.fork``) or,
+when no block is free, waiting in the queue and prefilling its prompt too (from the prefix cache
+where the prompt's blocks are still there). The parent's reference to its blocks goes at the
+fork; the shared blocks themselves are freed when the last child holding them finishes.
 
 See ``batchgen.engine.scoring`` for the definition of a choice's log-probability.
 """
@@ -41,12 +41,15 @@ class ChoiceRun:
     choice_ids: list[list[int]]
     normalize: str
     sums: list[float] = field(default_factory=list)
-    pending: int = 0  # children still scoring
+    pending: int = 0  # children still scoring (flex backend)
+    # (choice, index of its first token among the branch tokens) of each branched choice.
+    branches: list[tuple[int, int]] = field(default_factory=list)
 
     def fill(self, out: CompletionOutput) -> None:
         """Put the label and the scores into ``out`` (a finished classification row)."""
         scores = finish_scores(self.sums, [len(c) for c in self.choice_ids], self.normalize)  # type: ignore[arg-type]
         out.text = None
+        out.token_ids = []  # the branches are not output
         out.label = scores.label(self.choices)
         out.label_logprobs = scores.logprobs
         out.label_probs = scores.probs
@@ -86,16 +89,20 @@ def _child(parent: Request, run: ChoiceRun, tag: str, choices: list[int], max_mo
     return child
 
 
-def branched_child(parent: Request, run: ChoiceRun, max_model_len: int, device: torch.device) -> Optional[Request]:
-    """One child holding every multi-token choice of ``parent`` as a branch after its prompt (None
-    when every choice is one token): prefill it only against the forked prompt KV."""
-    multi = [j for j, ids in enumerate(run.choice_ids) if len(ids) > 1]
-    if not multi:
-        return None
-    child = _child(parent, run, "choices", multi, max_model_len, device)
-    n = len(parent.prompt_token_ids)
-    child.branch_starts = [n + off for j, off in child.scoring.parts for _ in run.choice_ids[j][:-1]]
-    return child
+def add_branches(req: Request, run: ChoiceRun) -> None:
+    """Append every multi-token choice's tokens but the last to ``req`` as branches after its
+    prompt, to be prefilled with it (nothing to do when every choice is one token)."""
+    n = len(req.prompt_token_ids)
+    starts: list[int] = []
+    for j, ids in enumerate(run.choice_ids):
+        if len(ids) > 1:
+            run.branches.append((j, len(starts)))
+            starts += [n + len(starts)] * (len(ids) - 1)
+            req.token_ids += ids[:-1]
+    if starts:
+        req.branch_starts = starts
+        req.num_logit_rows = 1 + len(starts)  # the prompt's last token, then every branch token
+        req.max_total_len = len(req)
 
 
 def plain_children(parent: Request, run: ChoiceRun, max_model_len: int, device: torch.device) -> list[Request]:
@@ -105,20 +112,37 @@ def plain_children(parent: Request, run: ChoiceRun, max_model_len: int, device: 
             for j, ids in enumerate(run.choice_ids) if len(ids) > 1]
 
 
-def child_scores(child: Request, logits: torch.Tensor) -> None:
-    """Add the log-probabilities of the child's choices' tokens after their first; ``logits``
-    [num_logit_rows, vocab] are those at the child's tokens past the prompt, in order."""
-    sc: ChoiceChild = child.scoring
+def later_scores(run: ChoiceRun, parts: list[tuple[int, int]], logits: torch.Tensor) -> None:
+    """Add the log-probabilities of the choices' tokens after their first: ``parts`` lists
+    ``(choice, row)``, where ``logits[row]`` [vocab] are the logits after the choice's first token
+    and the next rows follow its later ones."""
     rows, tokens, owner = [], [], []
-    for j, row in sc.parts:
-        later = sc.run.choice_ids[j][1:]
+    for j, row in parts:
+        later = run.choice_ids[j][1:]
         rows += range(row, row + len(later))
         tokens += later
         owner += [j] * len(later)
+    if not rows:
+        return
     lp = torch.log_softmax(logits.float(), dim=-1)  # [rows, vocab]
     picked = lp[torch.tensor(rows, device=lp.device), torch.tensor(tokens, device=lp.device)].double().tolist()
-    for j, x in zip(owner, picked):  # one read back for all the child's choices
-        sc.run.sums[j] += x
+    for j, x in zip(owner, picked):  # one read back for all the choices
+        run.sums[j] += x
+
+
+def row_scores(req: Request, logits: torch.Tensor) -> None:
+    """Score a classification row from its prefill's logits [num_logit_rows, vocab]: the prompt's
+    last token's, then each branch token's."""
+    run: ChoiceRun = req.scoring
+    first_token_logprobs(run, logits[0])
+    later_scores(run, run.branches, logits[1:])
+
+
+def child_scores(child: Request, logits: torch.Tensor) -> None:
+    """Add the log-probabilities of a plain child's choice tokens after the first; ``logits``
+    [num_logit_rows, vocab] are those at the child's tokens past the prompt, in order."""
+    sc: ChoiceChild = child.scoring
+    later_scores(sc.run, sc.parts, logits)
 
 
 def longest_choice(run: Optional[ChoiceRun]) -> int:

@@ -220,8 +220,10 @@ class LLM:
         req.truncated_tokens = cut
         req.scoring, req.constraint_state = run, state
         if run is not None:
-            # What the KV cache must hold for it: the prompt, then each choice's tokens but the last.
             req.max_total_len = len(ids) + max(1, extra)
+            if error is None and self.runner.flex is None:
+                # The prompt, then every multi-token choice's tokens but the last: one prefill.
+                classify.add_branches(req, run)
         if error is None and self.blocks.blocks_needed(req.max_total_len) > self.blocks.num_blocks:
             error = f"prompt_too_long: {req.max_total_len} tokens do not fit the KV cache ({self.kv_cache_tokens} tokens)"
         if error is not None:
@@ -294,7 +296,7 @@ class LLM:
             decode.sort(key=lambda r: r.lora_slot)
         reqs = decode + prefill
         if reqs:
-            # Block copies of forked classification rows first; else keep the blocks in use
+            # Block copies of forked classification rows (flex) first; else keep the blocks in use
             # packed at the low ids (decode attention reads up to the top one).
             copies = self.blocks.take_copies()
             moves = copies or self.blocks.compact(self.scheduler.holding)
@@ -312,8 +314,9 @@ class LLM:
         return done
 
     def _score(self, req: Request, logits: torch.Tensor) -> None:
-        """A classification row's step: its prefill (score the first tokens, fork) or its child's
-        (score the choices' later tokens; the row is done when its last child is)."""
+        """A classification row's prefill (its branches too: every choice scored, the row is done)
+        or, on the flex backend, the prefill of a row without branches (fork a plain child per
+        multi-token choice) or of such a child (the row is done when its last child is)."""
         if isinstance(req.scoring, ChoiceChild):
             classify.child_scores(req, logits)
             self.scheduler.finish(req)
@@ -323,16 +326,10 @@ class LLM:
                 self._finish_parent(req.scoring.parent)
             return
         run: ChoiceRun = req.scoring
-        classify.first_token_logprobs(run, logits[-1])
-        # One child with every multi-token choice as a branch, where the backend masks branches
-        # and a fork has the blocks; else a plain child per choice (see engine/classify.py).
-        child = classify.branched_child(req, run, self.max_model_len, self.device) if self.runner.flex is None else None
-        table = self.blocks.fork(req, req.num_cached, len(child)) if child is not None else None
-        if table is not None:
-            forks = [(child, table)]
-        else:
-            forks = [(kid, self.blocks.fork(req, req.num_cached, len(kid)))
-                     for kid in classify.plain_children(req, run, self.max_model_len, self.device)]
+        classify.row_scores(req, logits)
+        forks = ([] if req.branch_starts is not None else
+                 [(kid, self.blocks.fork(req, req.num_cached, len(kid)))
+                  for kid in classify.plain_children(req, run, self.max_model_len, self.device)])
         run.pending = len(forks)
         for kid, table in forks:
             if table is None:  # no free blocks: the child waits and prefills its prompt too
@@ -340,7 +337,7 @@ class LLM:
                 continue
             kid.block_table, kid.num_cached = table, req.num_cached
             self.scheduler.add_ready(kid)
-        self.scheduler.finish(req)  # the parent's own hold on its blocks; children keep theirs
+        self.scheduler.finish(req)  # the row's own hold on its blocks; children keep theirs
         if not forks:
             self._finish_parent(req)
 

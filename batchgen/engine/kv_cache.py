@@ -147,7 +147,8 @@ class BlockManager:
     reference goes stays cached but evictable; :meth:`_take` hands out never-registered free
     blocks lowest id first, then evicts the least recently released cached one.
 
-    Others that hold blocks (:meth:`fork`: a classification child sharing its parent's prompt) take references with
+    Others that hold blocks (:meth:`fork`: a classification child sharing its parent's prompt on the
+    flex backend) take references with
     :meth:`share` and give them back with :meth:`release_blocks`.
     """
 
@@ -244,10 +245,11 @@ class BlockManager:
             self.refs[b] += 1
 
     def commit(self, req: Request) -> None:
-        """Register ``req``'s full blocks whose K/V are now in the cache (``req.num_cached``)."""
+        """Register ``req``'s full blocks whose K/V are now in the cache (``req.num_cached``), within
+        its ``sequence_len`` (a classification row's branches are no sequence another could share)."""
         if not self.prefix_caching:
             return
-        n = min(req.num_cached // self.block_size, len(req.block_table))
+        n = min(min(req.num_cached, req.sequence_len) // self.block_size, len(req.block_table))
         for i, h in enumerate(self._hashes(req, n)):
             b = req.block_table[i]
             if b in self.hash_of:

@@ -130,11 +130,11 @@ class Request:
         self.constraint_state: Any = None  # a ConstraintState for a constrained row
         self.scoring: Any = None  # classification: a ChoiceRun (parent) or ChoiceChild (engine/classify.py)
         # The last positions whose logits a prefill must return: 1 (the next token's), or one per
-        # choice token a classification child scores (never read from the prefix cache).
+        # choice token a classification row scores (never read from the prefix cache).
         self.num_logit_rows = 1
         # A classification row's choices side by side after its prompt (``engine/classify.py``):
         # for each token past the prompt, the index where its branch starts. Such a request is
-        # not one sequence: its blocks past the prompt are never indexed for sharing.
+        # not one sequence: only its prompt is (``sequence_len``).
         self.branch_starts: Optional[list[int]] = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
@@ -149,6 +149,12 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def sequence_len(self) -> int:
+        """Its leading tokens that are one sequence, which other requests may share (the prefix
+        cache indexes blocks within them): all of them, or the prompt of a row with branches."""
+        return len(self) if self.branch_starts is None else self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:

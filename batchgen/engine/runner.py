@@ -3,9 +3,10 @@
 A step packs the last token of every decoding request first (the rest of their context is read
 from the paged cache), then every uncached token of the requests being prefilled: those with
 nothing cached first, then those that continue a cached prefix (``req.num_cached`` tokens
-shared through the block manager's prefix index, or a classification child's forked prompt).
-Logits are computed for each request's last token only, or for its last ``num_logit_rows``
-tokens (a classification child scores each of its choice tokens).
+shared through the block manager's prefix index, or a classification child's forked prompt)
+and the branches of classification rows (``engine/classify.py``). Logits are computed for each
+request's last token only, or for its last ``num_logit_rows`` tokens (a classification row scores
+its choices' tokens at its prompt's last token and at every branch token).
 """
 
 from __future__ import annotations
@@ -25,11 +26,21 @@ from batchgen.engine.sampler import sample
 from batchgen.model import Transformer
 
 
-def prefill_order(prefill: list[Request]) -> list[int]:
-    """The order a step packs its prefilled sequences in: those with nothing cached first (one
-    causal SDPA over their new tokens), then those continuing a cached prefix; within each, by
-    LoRA slot, so that each adapter's tokens are one run (``engine.adapters``)."""
-    return sorted(range(len(prefill)), key=lambda i: (prefill[i].num_cached > 0, prefill[i].lora_slot))
+def prefill_pieces(prefill: list[Request]) -> list[tuple[int, int, int]]:
+    """``(request index, first token, end)`` of each run of tokens a step prefills, in packing
+    order: those starting at 0 first (one causal SDPA over their tokens), then those continuing a
+    cached prefix; within each, by LoRA slot, so that each adapter's tokens are one run
+    (``engine.adapters``). A request holding branches (a classification row) is two pieces: its
+    prompt, packed as any prefill, and its branches, packed with the continuations (their prefix
+    being the prompt, whose K/V the same layer writes before it attends)."""
+    pieces = []
+    for i, req in enumerate(prefill):
+        trunk = req.sequence_len
+        if req.num_cached < trunk:
+            pieces.append((i, req.num_cached, trunk))
+        if trunk < len(req):
+            pieces.append((i, trunk, len(req)))
+    return sorted(pieces, key=lambda p: (p[1] > 0, prefill[p[0]].lora_slot))
 
 
 class ModelRunner:
@@ -78,34 +89,39 @@ class ModelRunner:
         ``moves`` are the block copies (src, dst) of a compaction, made before the step runs.
         """
         ids, positions, slots = self._decode_inputs(decode)
-        rows: list[list[int]] = [[i] for i in range(len(decode))] + [[] for _ in prefill]
         # Sequences that start at 0 first (one causal SDPA over their new tokens), then those
-        # that continue a cached prefix (they also read it from the cache); ``rows`` keeps
-        # request order.
-        order = prefill_order(prefill)
+        # that continue a cached prefix (they also read it from the cache).
         cu, ctx_cu, ctx_starts, ctx_tables = [0], [0], [], []
         branch_starts: list[int] = []  # of the ctx tokens, when a request holds branches
         branched = any(req.branch_starts is not None for req in prefill)
-        for i in order:
+        where: list[list[tuple[int, int, int]]] = [[] for _ in prefill]  # (start, end, row in ids) of each piece
+        for i, start, end in prefill_pieces(prefill):
             req = prefill[i]
-            start, n = req.num_cached, len(req)
-            ids.extend(req.token_ids[start:])
-            slots.extend(self._slot(req, p) for p in range(start, n))
-            if req.branch_starts is None:
-                positions.extend(range(start, n))
-            else:  # each branch continues the cached prompt: its first token sits right after it
-                assert req.branch_starts[0] == start, "a branched request prefills its branches only"
-                positions.extend(start + p - b for p, b in zip(range(start, n), req.branch_starts))
-            if start == 0:
-                cu.append(cu[-1] + n)
+            where[i].append((start, end, len(ids)))
+            ids.extend(req.token_ids[start:end])
+            slots.extend(self._slot(req, p) for p in range(start, end))
+            n = req.num_prompt_tokens
+            if req.branch_starts is not None and start >= n:
+                # Each branch continues the prompt: its first token sits right after it.
+                branches = req.branch_starts[start - n:end - n]
+                positions.extend(n + p - b for p, b in zip(range(start, end), branches))
             else:
-                ctx_cu.append(ctx_cu[-1] + n - start)
+                branches = [start] * (end - start)  # one sequence: every token sees all before it
+                positions.extend(range(start, end))
+            if start == 0:
+                cu.append(cu[-1] + end)
+            else:
+                ctx_cu.append(ctx_cu[-1] + end - start)
                 ctx_starts.append(start)
                 ctx_tables.append(req.block_table)
                 if branched:
-                    branch_starts.extend(req.branch_starts or [start] * (n - start))
-            m = min(req.num_logit_rows, n - start)
-            rows[len(decode) + i] = list(range(len(ids) - m, len(ids)))
+                    branch_starts.extend(branches)
+        # Per request, in request order: the rows of the tokens whose logits it needs (its last
+        # ``num_logit_rows``), wherever its pieces were packed.
+        rows: list[list[int]] = [[i] for i in range(len(decode))]
+        for req, pieces in zip(prefill, where):
+            begin = len(req) - min(req.num_logit_rows, len(req) - req.num_cached)
+            rows.append([at + p - start for start, end, at in sorted(pieces) for p in range(max(start, begin), end)])
 
         metadata = AttentionMetadata(is_prefill=bool(prefill), cu_seqlens=cu if prefill else [],
                                      slot_mapping=self._to(slots), num_decode=len(decode),
@@ -146,17 +162,16 @@ class ModelRunner:
             spans = [(i, i + 1) for i in range(len(decode))]
         else:
             ids, positions_t, metadata, rows = self.prepare(decode, prefill, moves)
-            order = prefill_order(prefill)  # how prepare packed the prefilled sequences
             if self.flex is None:
                 attn = PagedAttention(self.cache, metadata)
-            else:  # flex reads every prefilled sequence in token order (``prepare``'s)
-                packed = [prefill[i] for i in order]
+            else:  # flex reads every prefilled sequence in token order (``prepare``'s); no branches there
+                packed = [prefill[i] for i, _, _ in prefill_pieces(prefill)]
                 attn = self.flex.step(self.cache, metadata, [r.block_table for r in packed], [len(r) for r in packed])
             lora = None
-            if adapted:  # one slot per token row: decode rows first, then each prefill's uncached tokens
+            if adapted:  # one slot per token row: decode rows first, then the prefilled pieces
                 slots = [req.lora_slot for req in decode]
-                for i in order:
-                    slots.extend([prefill[i].lora_slot] * (len(prefill[i]) - prefill[i].num_cached))
+                for i, start, end in prefill_pieces(prefill):
+                    slots.extend([prefill[i].lora_slot] * (end - start))
                 lora = step_lora(self.lora, slots, self.device)
             hidden = self.model(ids, positions_t, attn, lora)  # [T, dim]
             flat = [r for rs in rows for r in rs]
@@ -169,8 +184,7 @@ class ModelRunner:
         reqs = decode + prefill
         for req in reqs:
             req.num_cached = len(req)
-            if req.branch_starts is None:  # (branches are not a sequence another request could share)
-                self.blocks.commit(req)  # its full blocks now hold K/V: index them for sharing
+            self.blocks.commit(req)  # its full blocks now hold K/V: index them for sharing
         self.step_logits, self.spans = logits, spans
         if len(spans) != logits.shape[0]:
             logits = logits[self._to([end - 1 for _, end in spans])]  # [B, vocab]: each one's last token

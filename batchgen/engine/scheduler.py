@@ -3,8 +3,8 @@
 Each step decodes one token for every running request and, in the same batch, prefills the
 prompts of waiting requests while a slot, KV blocks and the prefill token budget allow: the
 linear layers then run once over both, and a finished row's slot is refilled on the very next
-step. Requests that already hold their blocks (a classification row's forked children,
-``add_ready``) are prefilled first, ahead of the queue. With prefix caching, a waiting request's
+step. Requests that already hold their blocks (a classification row's forked children on the
+flex backend, ``add_ready``) are prefilled first, ahead of the queue. With prefix caching, a waiting request's
 cached prefix blocks are shared and only the rest of it is prefilled (and counted against the
 token budget). When a decode runs out of KV blocks, the youngest running request is preempted:
 its blocks are freed and it goes back to the front of the queue, to be recomputed later.
@@ -27,7 +27,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         # Requests whose blocks are already allocated and whose uncached tokens the next step
-        # prefills (forked classification children): they need no admission, only a slot.
+        # prefills (forked classification children, flex): they need no admission, only a slot.
         self.ready: deque[Request] = deque()
         self.num_preemptions = 0
         # Prompt (and recomputed) tokens admitted, and how many of them were prefilled rather
