@@ -84,7 +84,8 @@ class ModelRunner:
     def prepare(self, decode: list[Request], prefill: list[Request], moves: list[tuple[int, int]]
                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[list[int]]]:
         """Token ids, positions, attention metadata and, per request, the token rows whose logits
-        it needs (its last token's; a classification child's last ``num_logit_rows``).
+        it needs (its last token's; a classification row's last ``num_logit_rows``: its prompt's
+        last token and its branches).
 
         ``moves`` are the block copies (src, dst) of a compaction, made before the step runs.
         """
