@@ -57,8 +57,8 @@ class ChoiceRun:
 
 @dataclass(eq=False)
 class ChoiceChild:
-    """Multi-token choices being scored against their parent's prompt KV in one prefill:
-    ``parts`` lists ``(choice, first logits row)`` of each choice the child holds."""
+    """A multi-token choice being scored against its parent's prompt KV (flex backend): ``parts``
+    lists ``(choice, its first logits row)`` of each choice the child holds."""
 
     parent: Request
     run: ChoiceRun
@@ -66,13 +66,6 @@ class ChoiceChild:
 
     def fill(self, out: CompletionOutput) -> None:  # children never produce an output row
         return None
-
-
-def first_token_logprobs(run: ChoiceRun, logits: torch.Tensor) -> None:
-    """Set every choice's sum to its first token's log-probability at the prompt's last position."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    first = lp[torch.tensor([ids[0] for ids in run.choice_ids], device=lp.device)].double().tolist()
-    run.sums = [float(x) for x in first]
 
 
 def _child(parent: Request, run: ChoiceRun, tag: str, choices: list[int], max_model_len: int,
@@ -112,37 +105,42 @@ def plain_children(parent: Request, run: ChoiceRun, max_model_len: int, device: 
             for j, ids in enumerate(run.choice_ids) if len(ids) > 1]
 
 
-def later_scores(run: ChoiceRun, parts: list[tuple[int, int]], logits: torch.Tensor) -> None:
-    """Add the log-probabilities of the choices' tokens after their first: ``parts`` lists
-    ``(choice, row)``, where ``logits[row]`` [vocab] are the logits after the choice's first token
-    and the next rows follow its later ones."""
-    rows, tokens, owner = [], [], []
-    for j, row in parts:
-        later = run.choice_ids[j][1:]
-        rows += range(row, row + len(later))
-        tokens += later
-        owner += [j] * len(later)
-    if not rows:
+def score_step(items: list[tuple[Request, int]], logits: torch.Tensor) -> None:
+    """Score every classification request of a step.
+
+    ``items`` pairs each (a row, or a flex child) with its first row in the step's ``logits``
+    [rows, vocab]. A row's rows are its prompt's last token's (every choice's first token), then
+    its branch tokens' (the choices' later tokens); a child's are its choice tokens but the last.
+    Each request's log-softmax runs on its own rows (a view: one [rows, vocab] temporary for the
+    whole step would be tens of MB that a CPU allocator maps afresh every step), and the picked
+    log-probabilities of the whole step are read back at once (one device sync, not one per row).
+    """
+    picked: list[torch.Tensor] = []
+    owners: list[tuple[ChoiceRun, int]] = []
+    for req, first in items:
+        rows: list[int] = []
+        tokens: list[int] = []
+        if isinstance(req.scoring, ChoiceChild):
+            run, parts, base = req.scoring.run, req.scoring.parts, 0
+        else:
+            run, parts, base = req.scoring, req.scoring.branches, 1
+            run.sums = [0.0] * len(run.choice_ids)
+            for j, ids in enumerate(run.choice_ids):
+                rows.append(0)
+                tokens.append(ids[0])
+                owners.append((run, j))
+        for j, row in parts:
+            later = run.choice_ids[j][1:]
+            rows += range(base + row, base + row + len(later))
+            tokens += later
+            owners += [(run, j)] * len(later)
+        if rows:
+            lp = torch.log_softmax(logits[first:first + max(rows) + 1].float(), dim=-1)  # [rows, vocab]
+            picked.append(lp[torch.tensor(rows, device=lp.device), torch.tensor(tokens, device=lp.device)])
+    if not picked:
         return
-    lp = torch.log_softmax(logits.float(), dim=-1)  # [rows, vocab]
-    picked = lp[torch.tensor(rows, device=lp.device), torch.tensor(tokens, device=lp.device)].double().tolist()
-    for j, x in zip(owner, picked):  # one read back for all the choices
+    for (run, j), x in zip(owners, torch.cat(picked).double().tolist()):  # a choice's first token, then the rest in order
         run.sums[j] += x
-
-
-def row_scores(req: Request, logits: torch.Tensor) -> None:
-    """Score a classification row from its prefill's logits [num_logit_rows, vocab]: the prompt's
-    last token's, then each branch token's."""
-    run: ChoiceRun = req.scoring
-    first_token_logprobs(run, logits[0])
-    later_scores(run, run.branches, logits[1:])
-
-
-def child_scores(child: Request, logits: torch.Tensor) -> None:
-    """Add the log-probabilities of a plain child's choice tokens after the first; ``logits``
-    [num_logit_rows, vocab] are those at the child's tokens past the prompt, in order."""
-    sc: ChoiceChild = child.scoring
-    later_scores(sc.run, sc.parts, logits)
 
 
 def longest_choice(run: Optional[ChoiceRun]) -> int:

@@ -302,9 +302,12 @@ class LLM:
             moves = copies or self.blocks.compact(self.scheduler.holding)
             tokens, logprobs = self.runner.run(decode, prefill, moves)
             self.blocks.copies_done(copies)
+            scored = [(req, self.runner.spans[i][0]) for i, req in enumerate(reqs) if req.scoring is not None]
+            if scored:  # every classification row of the step in one go
+                classify.score_step(scored, self.runner.step_logits)
             for i, (req, tok) in enumerate(zip(reqs, tokens)):
                 if req.scoring is not None:
-                    self._score(req, self.runner.logits_of(i))
+                    self._scored(req)
                     continue
                 req.token_ids.append(tok)
                 if req.params.logprobs and logprobs is not None:
@@ -313,12 +316,11 @@ class LLM:
         done, self._finished = self._finished, []
         return done
 
-    def _score(self, req: Request, logits: torch.Tensor) -> None:
-        """A classification row's prefill (its branches too: every choice scored, the row is done)
-        or, on the flex backend, the prefill of a row without branches (fork a plain child per
-        multi-token choice) or of such a child (the row is done when its last child is)."""
+    def _scored(self, req: Request) -> None:
+        """After a classification request's step (``classify.score_step`` scored it): a row with
+        its branches is done; on the flex backend a row forks a plain child per multi-token choice,
+        and the row is done when its last child is."""
         if isinstance(req.scoring, ChoiceChild):
-            classify.child_scores(req, logits)
             self.scheduler.finish(req)
             run = req.scoring.run
             run.pending -= 1
@@ -326,7 +328,6 @@ class LLM:
                 self._finish_parent(req.scoring.parent)
             return
         run: ChoiceRun = req.scoring
-        classify.row_scores(req, logits)
         forks = ([] if req.branch_starts is not None else
                  [(kid, self.blocks.fork(req, req.num_cached, len(kid)))
                   for kid in classify.plain_children(req, run, self.max_model_len, self.device)])

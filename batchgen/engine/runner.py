@@ -56,7 +56,8 @@ class ModelRunner:
         self.block_size = blocks.block_size
         self.device = device
         self.graphs = graphs  # small decode-only steps replay from these (see engine/graphs.py)
-        # The last step's logits rows and each request's span of them (classification reads them).
+        # The last step's logits rows and each request's span of them (classification reads them:
+        # ``classify.score_step``).
         self.step_logits: Optional[torch.Tensor] = None  # [rows, vocab]
         self.spans: list[tuple[int, int]] = []
         self.flex = flex  # attention on FlexAttention instead of PagedAttention (engine/flex.py)
@@ -74,12 +75,6 @@ class ModelRunner:
         positions = [len(req) - 1 for req in decode]
         return ([req.token_ids[-1] for req in decode], positions,
                 [self._slot(req, p) for req, p in zip(decode, positions)])
-
-    def logits_of(self, i: int) -> torch.Tensor:
-        """[n, vocab]: the last step's logits of its ``i``-th request (decode first), one row per
-        position it asked for (``num_logit_rows``), its last token's last."""
-        start, end = self.spans[i]
-        return self.step_logits[start:end]
 
     def prepare(self, decode: list[Request], prefill: list[Request], moves: list[tuple[int, int]]
                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[list[int]]]:
