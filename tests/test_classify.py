@@ -150,6 +150,33 @@ def test_every_choice_of_a_row_is_scored_in_its_prefill(llm: LLM, hf) -> None:
         assert o.token_ids == []
 
 
+def test_a_step_packs_a_rows_prompt_as_a_prefill_and_its_branches_as_its_continuation(llm: LLM) -> None:
+    """What the runner builds for a classification row beside a generation row: the prompts first
+    (one causal batch), then the row's branches, each positioned right after its prompt and
+    masked from the others; the row asks for the logits at its prompt's last token and at every
+    branch token, the generation row at its last token."""
+    e = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4, num_kv_blocks=64,
+            prefix_caching=False)
+    choices = ["1 3 5", "cat", "5 3 1 1"]
+    lens = [len(llm.tokenizer.encode(c, bos=False)) for c in choices]
+    assert lens[1] == 1 and min(lens[0], lens[2]) > 1
+    e.add_request("sort: 5 1 3 =", SamplingParams(choices=choices))
+    e.add_request("12+4=", SamplingParams(max_tokens=2))
+    decode, prefill = e.scheduler.schedule()
+    row, gen = prefill
+    P, G = row.num_prompt_tokens, len(gen)
+    B = len(row) - P
+    assert B == (lens[0] - 1) + (lens[2] - 1) and row.num_logit_rows == 1 + B
+    ids, positions, md, rows = e.runner.prepare(decode, prefill, [])
+    assert md.cu_seqlens == [0, P, P + G] and md.ctx_starts == [P] and md.ctx_cu_seqlens == [0, B]
+    first, second = [P] * (lens[0] - 1), [P + lens[0] - 1] * (lens[2] - 1)
+    assert md.ctx_branch_starts == first + second
+    branch_positions = list(range(P, P + lens[0] - 1)) + list(range(P, P + lens[2] - 1))
+    assert positions.tolist() == list(range(P)) + list(range(G)) + branch_positions
+    assert ids.tolist() == row.token_ids[:P] + gen.token_ids + row.token_ids[P:]
+    assert rows == [[P - 1] + list(range(P + G, P + G + B)), [P + G - 1]]
+
+
 def test_branches_after_a_cached_prompt_prefix_score_the_same(llm: LLM, hf) -> None:
     """Rows whose prompt is partly in the prefix cache prefill the rest of the prompt and their
     branches in one step, both as continuations of the cache; prompts of whole blocks and ones
