@@ -120,3 +120,34 @@ def test_bf16_flex_backend_replayed_picks_the_top_token_at_every_step() -> None:
             with torch.inference_mode():
                 logits = reference_logits(reference, prompt + out.token_ids[:t])[-1]
             assert float(logits.max() - logits[token]) <= 0.25, (prompt, t, token)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_classification_on_the_device_scores_as_on_the_cpu(model_dir: Path, dtype: str) -> None:
+    """Classification rows (multi-token choices as branches in each row's own prefill, per-row
+    choices) beside generation rows, with decode steps replayed: fp32 scores equal the CPU
+    engine's within 1e-4; bf16 ones within bf16's rounding, with the same label wherever the CPU's
+    best choice leads by more than that."""
+    import random
+
+    from batchgen.demo import task
+
+    rng = random.Random(11)
+    prompts = [task.random_prompt(rng) for _ in range(12)]
+    params = []
+    for i, p in enumerate(prompts):
+        ans = task.answer(p)
+        params.append(SamplingParams(max_tokens=12, ignore_eos=True) if i % 4 == 3 else
+                      SamplingParams(choices=[ans, " ".join(reversed(ans.split())) + " 1", "sun cat", "7"]))
+    cpu = LLM(model_dir, dtype="float32", device="cpu", max_num_seqs=8)
+    dev = device_llm(True, model_dir, dtype=dtype, max_num_seqs=8)
+    want, got = cpu.generate(prompts, params), dev.generate(prompts, params)
+    tol = 1e-4 if dtype == "float32" else 0.25
+    for w, g in zip(want, got):
+        assert g.finish_reason == w.finish_reason and g.error is None
+        if w.label_logprobs is None:
+            continue
+        assert g.label_logprobs == pytest.approx(w.label_logprobs, abs=tol)
+        runner_up = sorted(w.label_logprobs)[-2]
+        if max(w.label_logprobs) - runner_up > 2 * tol:
+            assert g.label == w.label
