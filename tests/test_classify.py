@@ -242,6 +242,11 @@ def test_bad_classification_rows_are_error_rows(llm: LLM) -> None:
     long_prompt = "sort: " + " ".join("1" * 40) + " ="
     [o] = llm.generate([long_prompt], SamplingParams(choices=["1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1"]))
     assert o.finish_reason == "error" and "prompt_too_long" in o.error and "choice" in o.error
+    # Many choices side by side can outgrow a small KV cache while every one fits the context.
+    small = LLM(model=llm.model, tokenizer=llm.tokenizer, device="cpu", block_size=4, num_kv_blocks=8)
+    [o] = small.generate(["sort: 4 1 3 2 ="], SamplingParams(choices=[f"{d} {d} {d} {d}" for d in range(1, 8)]))
+    assert o.finish_reason == "error" and "prompt_too_long" in o.error, o.error
+    assert "its choices' 49 side by side" in o.error and "KV cache (32 tokens)" in o.error, o.error
     with pytest.raises(ValueError, match="exclude"):
         SamplingParams(choices=["a"], constraint=("regex", "a"))
     with pytest.raises(ValueError, match="normalize"):

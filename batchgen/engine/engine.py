@@ -225,7 +225,10 @@ class LLM:
                 # The prompt, then every multi-token choice's tokens but the last: one prefill.
                 classify.add_branches(req, run)
         if error is None and self.blocks.blocks_needed(req.max_total_len) > self.blocks.num_blocks:
-            error = f"prompt_too_long: {req.max_total_len} tokens do not fit the KV cache ({self.kv_cache_tokens} tokens)"
+            what = (f"{req.max_total_len} tokens" if req.branch_starts is None else
+                    f"{req.max_total_len} tokens (the prompt's {req.num_prompt_tokens} and its choices' "
+                    f"{len(req.branch_starts)} side by side)")
+            error = f"prompt_too_long: {what} do not fit the KV cache ({self.kv_cache_tokens} tokens)"
         if error is not None:
             req.finish_reason, req.error = "error", error
             self._finished.append(req.to_output())
