@@ -57,29 +57,14 @@ class ChoiceRun:
 
 @dataclass(eq=False)
 class ChoiceChild:
-    """A multi-token choice being scored against its parent's prompt KV (flex backend): ``parts``
-    lists ``(choice, its first logits row)`` of each choice the child holds."""
+    """A multi-token choice being scored against its parent's prompt KV (flex backend)."""
 
     parent: Request
     run: ChoiceRun
-    parts: list[tuple[int, int]]
+    index: int  # which choice
 
     def fill(self, out: CompletionOutput) -> None:  # children never produce an output row
         return None
-
-
-def _child(parent: Request, run: ChoiceRun, tag: str, choices: list[int], max_model_len: int,
-           device: torch.device) -> Request:
-    prompt = parent.prompt_token_ids
-    tokens, parts = list(prompt), []
-    for j in choices:
-        parts.append((j, len(tokens) - len(prompt)))
-        tokens += run.choice_ids[j][:-1]
-    child = Request(f"{parent.request_id}\x00{tag}", tokens, SamplingParams(max_tokens=1), max_model_len, device,
-                    parent.adapter_id, parent.lora_slot)
-    child.num_logit_rows = len(tokens) - len(prompt)
-    child.scoring = ChoiceChild(parent, run, parts)
-    return child
 
 
 def add_branches(req: Request, run: ChoiceRun) -> None:
@@ -100,9 +85,17 @@ def add_branches(req: Request, run: ChoiceRun) -> None:
 
 def plain_children(parent: Request, run: ChoiceRun, max_model_len: int, device: torch.device) -> list[Request]:
     """One child per multi-token choice of ``parent``: the prompt followed by the choice's tokens
-    but the last, an ordinary sequence that can also be prefilled from scratch."""
-    return [_child(parent, run, f"choice{j}", [j], max_model_len, device)
-            for j, ids in enumerate(run.choice_ids) if len(ids) > 1]
+    but the last, an ordinary sequence that can also be prefilled from scratch, asking for the
+    logits at each of those choice tokens."""
+    kids = []
+    for j, ids in enumerate(run.choice_ids):
+        if len(ids) > 1:
+            child = Request(f"{parent.request_id}\x00choice{j}", parent.prompt_token_ids + ids[:-1],
+                            SamplingParams(max_tokens=1), max_model_len, device, parent.adapter_id, parent.lora_slot)
+            child.num_logit_rows = len(ids) - 1
+            child.scoring = ChoiceChild(parent, run, j)
+            kids.append(child)
+    return kids
 
 
 def score_step(items: list[tuple[Request, int]], logits: torch.Tensor) -> None:
@@ -121,7 +114,7 @@ def score_step(items: list[tuple[Request, int]], logits: torch.Tensor) -> None:
         rows: list[int] = []
         tokens: list[int] = []
         if isinstance(req.scoring, ChoiceChild):
-            run, parts, base = req.scoring.run, req.scoring.parts, 0
+            run, parts, base = req.scoring.run, [(req.scoring.index, 0)], 0
         else:
             run, parts, base = req.scoring, req.scoring.branches, 1
             run.sums = [0.0] * len(run.choice_ids)
