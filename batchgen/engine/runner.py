@@ -76,13 +76,15 @@ class ModelRunner:
         return ([req.token_ids[-1] for req in decode], positions,
                 [self._slot(req, p) for req, p in zip(decode, positions)])
 
-    def prepare(self, decode: list[Request], prefill: list[Request], moves: list[tuple[int, int]]
+    def prepare(self, decode: list[Request], prefill: list[Request], moves: list[tuple[int, int]],
+                pieces: Optional[list[tuple[int, int, int]]] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[list[int]]]:
         """Token ids, positions, attention metadata and, per request, the token rows whose logits
         it needs (its last token's; a classification row's last ``num_logit_rows``: its prompt's
         last token and its branches).
 
-        ``moves`` are the block copies (src, dst) of a compaction, made before the step runs.
+        ``moves`` are the block copies (src, dst) of a compaction, made before the step runs;
+        ``pieces`` is ``prefill_pieces(prefill)`` when the caller has it already.
         """
         ids, positions, slots = self._decode_inputs(decode)
         # Sequences that start at 0 first (one causal SDPA over their new tokens), then those
@@ -91,7 +93,7 @@ class ModelRunner:
         branch_starts: list[int] = []  # of the ctx tokens, when a request holds branches
         branched = any(req.branch_starts is not None for req in prefill)
         where: list[list[tuple[int, int, int]]] = [[] for _ in prefill]  # (start, end, row in ids) of each piece
-        for i, start, end in prefill_pieces(prefill):
+        for i, start, end in pieces if pieces is not None else prefill_pieces(prefill):
             req = prefill[i]
             where[i].append((start, end, len(ids)))
             ids.extend(req.token_ids[start:end])
@@ -157,16 +159,17 @@ class ModelRunner:
             logits = self.graphs.run(*self._decode_inputs(decode), [req.block_table for req in decode])
             spans = [(i, i + 1) for i in range(len(decode))]
         else:
-            ids, positions_t, metadata, rows = self.prepare(decode, prefill, moves)
+            pieces = prefill_pieces(prefill)
+            ids, positions_t, metadata, rows = self.prepare(decode, prefill, moves, pieces)
             if self.flex is None:
                 attn = PagedAttention(self.cache, metadata)
             else:  # flex reads every prefilled sequence in token order (``prepare``'s); no branches there
-                packed = [prefill[i] for i, _, _ in prefill_pieces(prefill)]
+                packed = [prefill[i] for i, _, _ in pieces]
                 attn = self.flex.step(self.cache, metadata, [r.block_table for r in packed], [len(r) for r in packed])
             lora = None
             if adapted:  # one slot per token row: decode rows first, then the prefilled pieces
                 slots = [req.lora_slot for req in decode]
-                for i, start, end in prefill_pieces(prefill):
+                for i, start, end in pieces:
                     slots.extend([prefill[i].lora_slot] * (end - start))
                 lora = step_lora(self.lora, slots, self.device)
             hidden = self.model(ids, positions_t, attn, lora)  # [T, dim]
